@@ -1,0 +1,34 @@
+# One command to set up and run the demo, one to set up and run the tests (see README).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export MLFLOW_DISABLE_TELEMETRY := true
+export DAGSTER_HOME := $(CURDIR)/var/dagster_home
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-slow dev clean
+
+# torch==2.13.0 resolves to the local CPU wheel; constraints.txt pins the tested set for reproducible installs.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[test,qlora]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/grouplora demo
+
+test: install
+	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+
+test-slow: install
+	$(PY) -m pytest -q -m slow -p no:cacheprovider
+
+dev: install
+	$(VENV)/bin/grouplora ui
+
+clean:
+	rm -rf var

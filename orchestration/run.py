@@ -1,0 +1,128 @@
+"""Run the pipeline from the command line through a real, project-local Dagster instance.
+
+Every run goes through Dagster (same runs, logs and materializations the UI shows), with the multiprocess
+executor, so what works here works when a daemon or a cluster executor launches the same jobs.
+"""
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import dagster as dg
+
+from grouplora.orchestration import settings
+
+DAGSTER_YAML = """\
+# Project-local Dagster instance (written by grouplora). Runs, events and schedules live in this folder.
+telemetry:
+  enabled: false
+nux:
+  enabled: false
+run_coordinator:
+  module: dagster.core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    max_concurrent_runs: 2
+"""
+
+
+def dagster_home() -> Path:
+    """DAGSTER_HOME under GROUPLORA_HOME (created with its dagster.yaml on first use)."""
+    path = Path(os.environ.get("DAGSTER_HOME") or settings.home() / "dagster_home")
+    path.mkdir(parents=True, exist_ok=True)
+    config = path / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML)
+    os.environ["DAGSTER_HOME"] = str(path)
+    return path
+
+
+def get_instance() -> dg.DagsterInstance:
+    dagster_home()
+    return dg.DagsterInstance.get()
+
+
+def _job(name: str) -> dg.JobDefinition:
+    from grouplora.orchestration.definitions import defs
+
+    return defs.resolve_job_def(name)
+
+
+def dataset_job() -> dg.JobDefinition:
+    return _job("dataset_job")
+
+
+def report_job() -> dg.JobDefinition:
+    return _job("report_job")
+
+
+def _latest(instance: dg.DagsterInstance, asset: str, partition: str) -> dg.EventLogRecord | None:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
+    return records[0] if records else None
+
+
+def is_current(instance: dg.DagsterInstance, partition: str, version: str, assets: list[str]) -> bool:
+    """True when the dataset partition holds `version` and every later per-dataset asset was built after it."""
+    first = _latest(instance, assets[0], partition)
+    if first is None or first.asset_materialization is None:
+        return False
+    if (first.asset_materialization.tags or {}).get("dagster/data_version") != version:
+        return False
+    later = [_latest(instance, a, partition) for a in assets[1:]]
+    return all(r is not None and r.storage_id > first.storage_id for r in later)
+
+
+def _root_cause(error) -> str:
+    """The user's own exception (e.g. a DatasetError naming file and row), not Dagster's wrapper around it."""
+    while getattr(error, "cause", None) is not None:
+        error = error.cause
+    return error.message.strip()
+
+
+def run_job(instance: dg.DagsterInstance, job_fn: Callable[[], dg.JobDefinition], tags: dict[str, str] | None = None,
+            asset_selection: list[dg.AssetKey] | None = None) -> str:
+    """One run of a job through the multiprocess executor; raise with the failing step's error if it fails."""
+    quiet = {"loggers": {"console": {"config": {"log_level": os.environ.get("GROUPLORA_LOG_LEVEL", "INFO")}}}}
+    with dg.execute_job(dg.reconstructable(job_fn), instance=instance, tags=tags or {}, run_config=quiet,
+                        asset_selection=asset_selection, raise_on_error=False) as result:
+        if not result.success:
+            errors = [f"{e.step_key}: {_root_cause(e.event_specific_data.error)}"
+                      for e in result.all_events if e.is_step_failure and e.event_specific_data is not None
+                      and getattr(e.event_specific_data, "error", None) is not None]
+            raise RuntimeError(f"run {result.run_id} of {result.job_def.name} failed:\n" + "\n".join(errors))
+        return result.run_id
+
+
+PER_DATASET_ASSETS = ["dataset", "zero_shot_scores"]
+
+
+def run_datasets(names: Iterable[str], versions: dict[str, str], *,
+                 progress: Callable[[str, str], None] | None = None) -> list[str]:
+    """Materialize the per-dataset assets for each name; a partition that is already current is skipped (so a
+    rerun resumes where it stopped). Returns the names that ran."""
+    from grouplora.assets.datasets import dataset_partitions
+
+    instance = get_instance()
+    names = sorted(names)
+    known = set(instance.get_dynamic_partitions(dataset_partitions.name))
+    new = [n for n in names if n not in known]
+    if new:
+        instance.add_dynamic_partitions(dataset_partitions.name, new)
+    ran = []
+    for name in names:
+        if is_current(instance, name, versions[name], PER_DATASET_ASSETS):
+            if progress:
+                progress(name, "current")
+            continue
+        if progress:
+            progress(name, "running")
+        run_job(instance, dataset_job, tags={"dagster/partition": name})
+        ran.append(name)
+        if progress:
+            progress(name, "done")
+    return ran
+
+
+def run_reports() -> None:
+    run_job(get_instance(), report_job)

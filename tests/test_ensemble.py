@@ -1,0 +1,280 @@
+"""Per-dataset ensemble weights, the Ensemble description and its predictions, and boosting rounds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from scipy.special import log_softmax, softmax
+
+from grouplora.ml.boosting import (boost_adapter_from_w, keep_round, loss_weights, negative_gradient, ridge_boost,
+                                   train_boost_adapter)
+from grouplora.ml.ensemble import (AdapterSpec, DatasetSpec, Ensemble, combine, ensemble_loss, fit_all, fit_weights,
+                                   loaded_model, predict, release, weights_for)
+from grouplora.ml.lora import load_adapter
+from grouplora.ml.model import label_token_ids, load_base_model, model_fingerprint
+from grouplora.ml.projection import Projection
+from grouplora.ml.scoring import encode, label_logits, predict_logprobs
+from grouplora.ml.training import TrainConfig, TrainExample, save_fresh_adapter
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_base_model("tiny")
+
+
+def has_lora(model) -> bool:
+    return any("lora_A" in n for n, _ in model.named_modules())
+
+
+# ------------------------------------------------------------------------------------------- weights
+
+
+def planted_logits(rng, n: int, c: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """K = 3 adapters: informative, pure noise, anti-informative (prefers a wrong class)."""
+    y = rng.integers(0, c, n)
+    onehot = np.eye(c)[y]
+    good = 1.5 * onehot + rng.normal(0, 1, (n, c))
+    noise = rng.normal(0, 3, (n, c))
+    anti = -2.0 * onehot + rng.normal(0, 1, (n, c))
+    return np.stack([good, noise, anti]), y
+
+
+def test_fit_weights_beats_uniform_and_stays_nonnegative():
+    rng = np.random.default_rng(0)
+    z, y = planted_logits(rng, 600)
+    a = fit_weights(z, y)
+    uniform = np.full(3, 1 / 3)
+    assert a.shape == (3,) and np.all(a >= 0)
+    assert a[2] < 1e-6  # the anti-informative adapter would want α < 0: projected to 0
+    assert a[0] > 5 * a[1]
+    assert ensemble_loss(z, y, a) < ensemble_loss(z, y, uniform) - 0.3
+    # not just overfitting: it also wins on fresh draws of the same adapters
+    z2, y2 = planted_logits(rng, 600)
+    assert ensemble_loss(z2, y2, a) < ensemble_loss(z2, y2, uniform) - 0.3
+    # logits or log-probs: per-row shifts change nothing
+    a_lp = fit_weights(log_softmax(z, axis=-1) - 7.0, y)
+    np.testing.assert_allclose(a_lp, a, atol=1e-4)
+
+
+def test_combine_is_the_weighted_sum():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(1, 5, 4))
+    assert np.array_equal(combine(z, np.array([1.0])), z[0])
+    z3 = rng.normal(size=(3, 5, 4))
+    np.testing.assert_allclose(combine(z3, np.array([0.5, 0.0, 2.0])), 0.5 * z3[0] + 2.0 * z3[2])
+    with pytest.raises(ValueError):
+        combine(z3, np.ones(2))
+
+
+def test_fit_all_per_dataset():
+    rng = np.random.default_rng(2)
+    z, y = planted_logits(rng, 200)
+    z2 = rng.normal(size=(2, 50, 2))
+    out = fit_all({"a": (z, y), "b": (z2, rng.integers(0, 2, 50))})
+    assert out["a"].shape == (3,) and out["b"].shape == (2,)
+    assert all(np.all(w >= 0) for w in out.values())
+
+
+def test_ensemble_json_round_trip(tmp_path):
+    e = Ensemble(base_model="tiny", base_fingerprint="abc",
+                 adapters=[AdapterSpec("g0", "adapters/g0", ["senti", "claim"]), AdapterSpec("b1", "/abs/b1", ["claim"])],
+                 weights={"senti": {"g0": 1.25}, "claim": {"g0": 0.5, "b1": 0.75}},
+                 datasets={"senti": DatasetSpec([" positive", " negative"], "Review: {text} Sentiment:", [315, 309]),
+                           "claim": DatasetSpec([" true", " false"], "Claim: {text} Verdict:")},
+                 meta={"rounds": 1})
+    path = e.save(tmp_path / "ens" / "ensemble.json")
+    back = Ensemble.load(path)
+    assert back.to_dict() == e.to_dict()
+    assert json.loads(path.read_text())["weights"]["claim"]["b1"] == 0.75
+    assert back.adapter_path("g0") == (tmp_path / "ens" / "adapters" / "g0").resolve()  # relative to the JSON
+    assert back.adapter_path("b1") == Path("/abs/b1")
+    bad = e.to_dict()
+    bad["weights"]["senti"] = {"nope": 1.0}
+    with pytest.raises(ValueError, match="unknown adapters"):
+        Ensemble.from_dict(bad)
+    bad["weights"]["senti"] = {"g0": -1.0}
+    with pytest.raises(ValueError, match=">= 0"):
+        Ensemble.from_dict(bad)
+
+
+# ------------------------------------------------------------------------------------------ boosting
+
+
+def test_ridge_boost_recovers_a_planted_w():
+    rng = np.random.default_rng(3)
+    G = rng.normal(size=(300, 20))
+    w_true = rng.normal(size=20)
+    r = G @ w_true + 0.01 * rng.normal(size=300)
+    w = ridge_boost(G, r, lam=1e-3)
+    assert np.linalg.norm(w - w_true) < 0.02 * np.linalg.norm(w_true)
+    # a large λ shrinks toward 0
+    assert np.linalg.norm(ridge_boost(G, r, lam=1e5)) < 0.1 * np.linalg.norm(w_true)
+    # wide G (d > N) goes through the dual: same minimiser as the primal normal equations
+    Gw, rw = rng.normal(size=(15, 60)), rng.normal(size=15)
+    primal = np.linalg.solve(Gw.T @ Gw + 0.5 * np.eye(60), Gw.T @ rw)
+    np.testing.assert_allclose(ridge_boost(Gw, rw, lam=0.5), primal, atol=1e-10)
+    # an integer sample weight == repeating the row
+    s = np.ones(300)
+    s[:10] = 3
+    rep = np.concatenate([G, G[:10], G[:10]]), np.concatenate([r, r[:10], r[:10]])
+    np.testing.assert_allclose(ridge_boost(G, r, 2.0, sample_weight=s), ridge_boost(*rep, 2.0), atol=1e-10)
+
+
+def test_negative_gradient_and_loss_weights():
+    m = np.array([-3.0, 0.0, 2.0])
+    eps = 1e-6
+    num = -(np.log1p(np.exp(-(m + eps))) - np.log1p(np.exp(-(m - eps)))) / (2 * eps)
+    np.testing.assert_allclose(negative_gradient(m), num, atol=1e-6)
+    w = loss_weights(np.array([0.1, 0.3, 0.6, 0.0]))
+    np.testing.assert_allclose(w, [0.4, 1.2, 2.4, 0.0])
+    with pytest.raises(ValueError):
+        loss_weights(np.zeros(3))
+
+
+def test_keep_round():
+    assert keep_round(1.0, 0.9, min_gain=0.05)
+    assert not keep_round(1.0, 0.97, min_gain=0.05)
+    assert not keep_round(1.0, 1.0)  # no gain, no round
+    assert not keep_round(1.0, 1.2)
+    assert not keep_round(1.0, float("nan"))
+    assert keep_round(float("inf"), 2.0)  # the first round always beats "nothing yet"
+
+
+class RankTwoDelta:
+    """A projection whose Pw is a full ΔW = w0·u1v1ᵀ + w1·u2v2ᵀ on one base module."""
+
+    def __init__(self, module: str, out_dim: int, in_dim: int):
+        g = torch.Generator().manual_seed(0)
+        self.module, self.u, self.v = module, torch.randn(out_dim, 2, generator=g), torch.randn(in_dim, 2, generator=g)
+
+    def unproject(self, w):
+        w = torch.as_tensor(w, dtype=torch.float32)
+        return {self.module: (self.u * w) @ self.v.T}
+
+
+def test_boost_full_delta_writes_an_equivalent_lora(tiny, tmp_path):
+    model, tok = tiny
+    proj = RankTwoDelta("model.layers.1.self_attn.o_proj", 64, 64)
+    w = np.array([0.3, -0.2])
+    out = boost_adapter_from_w(None, proj, w, tmp_path / "boost", r=4)
+    enc = encode(tok, ["Review: it was wonderful. Sentiment:", "Claim: fire. Verdict:"], 32)
+    labels = torch.tensor(label_token_ids(tok, [" positive", " negative", " true"]))
+    with torch.no_grad():
+        merged = load_base_model("tiny")[0]
+        merged.model.layers[1].self_attn.o_proj.weight += proj.unproject(w)["model.layers.1.self_attn.o_proj"]
+        want = label_logits(merged, enc["input_ids"], enc["attention_mask"], labels)
+        pm = PeftModel.from_pretrained(model, str(out))
+        got = label_logits(pm, enc["input_ids"], enc["attention_mask"], labels)
+        n_lora = sum(1 for n, _ in pm.named_modules() if n.endswith("lora_A"))
+        pm.unload()
+        base = label_logits(model, enc["input_ids"], enc["attention_mask"], labels)
+    assert n_lora == 1  # only the module that was given a delta
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (want - base).abs().max() > 1e-3
+
+
+def boosted_pair(model, tok, root: Path) -> tuple[Path, Path, Path, Projection]:
+    """θ0 (fresh LoRA) and two adapters θ0 + P w_i written by boost_adapter_from_w with the real Projection."""
+    fresh = save_fresh_adapter((model, tok), TrainConfig(r=4, alpha=8, seed=11), root / "fresh")
+    pm = load_adapter(model, fresh)
+    proj = Projection.for_model(pm, d=16, seed=0)
+    pm.unload()
+    rng = np.random.default_rng(4)
+    a = boost_adapter_from_w(fresh, proj, 3 * rng.normal(size=16), root / "a")
+    b = boost_adapter_from_w(fresh, proj, 3 * rng.normal(size=16), root / "b")
+    return fresh, a, b, proj
+
+
+def test_boost_from_fresh_lora_moves_only_b(tiny, tmp_path):
+    model, tok = tiny
+    fresh, a, _, proj = boosted_pair(model, tok, tmp_path)
+    w = 3 * np.random.default_rng(4).normal(size=16)
+    s0, s1 = load_file(fresh / "adapter_model.safetensors"), load_file(a / "adapter_model.safetensors")
+    delta = proj.unproject(w)
+    assert s0.keys() == s1.keys() and all(k.endswith("lora_B") for k in delta)
+    for k in s0:
+        canon = k.removeprefix("base_model.model.").removesuffix(".weight")
+        if "lora_A" in k:
+            assert torch.equal(s1[k], s0[k])
+        else:
+            torch.testing.assert_close(s1[k], s0[k] + delta[canon])
+            assert s1[k].abs().sum() > 0
+    assert json.loads((a / "adapter_config.json").read_text()) == json.loads((fresh / "adapter_config.json").read_text())
+
+
+def test_train_boost_adapter_runs_on_weighted_examples(tiny, tmp_path):
+    model, tok = tiny
+    lab = label_token_ids(tok, [" yes", " no"])
+    ex = [TrainExample(f"Question: is it {w}? Answer:", i % 2, lab) for i, w in enumerate(["blue", "cold"] * 3)]
+    res = train_boost_adapter((model, tok), ex, np.linspace(0.1, 2.0, len(ex)),
+                              TrainConfig(max_steps=2, batch_size=3, lr=1e-2), tmp_path / "tb")
+    assert res.steps == 2 and (tmp_path / "tb" / "adapter_model.safetensors").exists()
+    assert not has_lora(model)
+
+
+# ------------------------------------------------------------------------------------------- predict
+
+
+def test_predict_combines_adapters_with_the_dataset_weights(tiny, tmp_path):
+    model, tok = tiny
+    _, a, b, _ = boosted_pair(model, tok, tmp_path / "adapters")
+    senti_words, claim_words = [" positive", " negative"], [" true", " false", " neither"]
+    ens = Ensemble(
+        base_model="tiny", base_fingerprint=model_fingerprint(model),
+        adapters=[AdapterSpec("a.0", "adapters/a", ["senti"]), AdapterSpec("b", "adapters/b", ["claim"])],
+        weights={"senti": weights_for(["a.0", "b"], np.array([0.7, 1.3])), "claim": {"a.0": 1.0, "b": 0.0}},
+        datasets={"senti": DatasetSpec(senti_words, "Review: {text} Sentiment:"),
+                  "claim": DatasetSpec(claim_words, "Claim: {text} Verdict:",
+                                       label_token_ids(tok, claim_words))})
+    ens = Ensemble.load(ens.save(tmp_path / "ensemble.json"))
+    senti = [f"Review: {w} Sentiment:" for w in ["it was wonderful.", "a boring film.", "the plot!", "ok"]]
+    claim = [f"Claim: {w} Verdict:" for w in ["fire", "water boils at sea level", "the moon is cheese"]]
+
+    # reference: each adapter loaded on its own, its log-probs combined by hand
+    def alone(path: Path, prompts, words):
+        pm = PeftModel.from_pretrained(model, str(path))
+        lp = predict_logprobs(pm, tok, prompts, label_token_ids(tok, words))
+        pm.unload()
+        return lp
+
+    ref_senti = softmax(0.7 * alone(a, senti, senti_words) + 1.3 * alone(b, senti, senti_words), axis=-1)
+    ref_claim = softmax(alone(a, claim, claim_words), axis=-1)
+    assert np.abs(ref_senti - softmax(alone(a, senti, senti_words), axis=-1)).max() > 1e-4  # b matters
+
+    try:
+        labels, probs = predict(ens, model, tok, "senti", senti)
+        np.testing.assert_allclose(probs, ref_senti, atol=1e-5)
+        assert np.array_equal(labels, ref_senti.argmax(-1)) and probs.shape == (4, 2)
+        labels, probs = predict(ens, model, tok, "claim", claim)
+        np.testing.assert_allclose(probs, ref_claim, atol=1e-5)
+        assert probs.shape == (3, 3)
+        # cached: a second call loads nothing new and gives the same answer
+        pm = loaded_model(model, {})
+        assert len(pm.peft_config) == 2
+        _, again = predict(ens, model, tok, "senti", senti)
+        assert len(loaded_model(model, {}).peft_config) == 2 and loaded_model(model, {}) is pm
+        np.testing.assert_allclose(again, ref_senti, atol=1e-5)
+        with pytest.raises(KeyError):
+            predict(ens, model, tok, "nope", senti)
+    finally:
+        release(model)
+    assert not has_lora(model) and model_fingerprint(model) == ens.base_fingerprint
+    other, tok2 = load_base_model("tiny")
+    with torch.no_grad():
+        other.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
+    with pytest.raises(ValueError, match="fingerprint"):
+        predict(ens, other, tok2, "senti", senti)

@@ -1,0 +1,104 @@
+"""Dagster end to end on a temporary folder of tiny datasets, with the tiny random model: real instance, real
+multiprocess runs, a real DuckDB file; then the sensor's view of added, changed and removed files."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pandas as pd
+import pytest
+
+from grouplora.assets.datasets import dataset_partitions
+
+
+def make_folder(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"text": [f"the film was {w} {i}" for i in range(12) for w in ("good", "bad")],
+                  "label": ["pos", "neg"] * 12}).to_csv(folder / "reviews.csv", index=False)
+    rows = [{"text": f"is {i} even", "label": "yes" if i % 2 == 0 else "no"} for i in range(18)]
+    (folder / "parity.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (folder / "datasets.yaml").write_text(
+        "defaults:\n  template: \"{text}\\nAnswer:\"\n"
+        "datasets:\n  reviews:\n    task_type: sentiment\n    label_words: {pos: ' positive', neg: ' negative'}\n"
+        "  parity:\n    task_type: yes_no_qa\n    label_words: {yes: ' yes', no: ' no'}\n")
+    return folder
+
+
+@pytest.fixture()
+def project(tmp_path, monkeypatch):
+    folder = make_folder(tmp_path / "datasets")
+    monkeypatch.setenv("GROUPLORA_HOME", str(tmp_path / "var"))
+    monkeypatch.setenv("GROUPLORA_DATASETS", str(folder))
+    monkeypatch.setenv("GROUPLORA_BASE_MODEL", "tiny")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "var" / "dagster_home"))
+    return tmp_path
+
+
+def test_dataset_assets_materialize_through_dagster_into_duckdb(project):
+    from grouplora.orchestration import run
+    from grouplora.orchestration.definitions import make_resources
+
+    sources = make_resources()["sources"]
+    versions = {n: sources.version(n) for n in sources.files()}
+    assert sorted(versions) == ["parity", "reviews"]
+    assert run.run_datasets(versions, versions) == ["parity", "reviews"]
+    run.run_reports()
+
+    db = project / "var" / "warehouse.duckdb"
+    with duckdb.connect(str(db), read_only=True) as con:
+        counts = dict(con.execute("SELECT dataset, count(*) FROM datasets GROUP BY 1").fetchall())
+        report = con.execute("SELECT dataset, split, n, accuracy, chance FROM zero_shot_report").fetchall()
+    assert counts == {"parity": 18, "reviews": 24}
+    assert {(d, s) for d, s, *_ in report} == {(d, s) for d in counts for s in ("train", "validation", "test")}
+    assert all(0.0 <= acc <= 1.0 and chance == 0.5 for *_, acc, chance in report)
+    assert sum(n for _, _, n, _, _ in report) == 42
+
+    instance = run.get_instance()
+    checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [dg.AssetCheckKey(dg.AssetKey("dataset"), "dataset_schema")])
+    assert checks, "the schema check ran"
+    # A rerun with nothing changed resumes: no partition runs again.
+    assert run.run_datasets(versions, versions) == []
+
+    # A bad new version fails with the file, row and problem, and leaves the previous good artifact in place.
+    stored = project / "var" / "storage" / "datasets" / "reviews.parquet"
+    good = stored.read_bytes()
+    (project / "datasets" / "reviews.csv").write_text("text,label\nonly,pos\nclass,pos\n")
+    versions["reviews"] = sources.version("reviews")
+    with pytest.raises(RuntimeError, match=r"reviews.csv: only one class \('pos'\)"):
+        run.run_datasets(["reviews"], versions)
+    assert stored.read_bytes() == good
+
+
+def test_sensor_adds_changes_and_removes_partitions(project):
+    from grouplora.orchestration.definitions import make_resources
+    from grouplora.orchestration.sensors import dataset_files_sensor
+
+    resources = {"sources": make_resources()["sources"]}
+    with dg.instance_for_test() as instance:
+        def tick(cursor):
+            ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
+            result = dataset_files_sensor(ctx)
+            for req in result.dynamic_partitions_requests:
+                if isinstance(req, dg.AddDynamicPartitionsRequest):
+                    instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+                else:
+                    for key in req.partition_keys:
+                        instance.delete_dynamic_partition(req.partitions_def_name, key)
+            return result
+
+        first = tick(None)
+        assert sorted(r.partition_key for r in first.run_requests) == ["parity", "reviews"]
+        assert sorted(instance.get_dynamic_partitions(dataset_partitions.name)) == ["parity", "reviews"]
+        assert tick(first.cursor).run_requests == []  # nothing changed, nothing runs
+
+        with open(project / "datasets" / "reviews.csv", "a") as f:
+            f.write("a brand new review,pos\n")
+        changed = tick(first.cursor)
+        assert [r.partition_key for r in changed.run_requests] == ["reviews"]
+
+        (project / "datasets" / "parity.jsonl").unlink()
+        removed = tick(changed.cursor)
+        assert removed.run_requests == []
+        assert instance.get_dynamic_partitions(dataset_partitions.name) == ["reviews"]

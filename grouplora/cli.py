@@ -34,16 +34,24 @@ def data_build(preset: str, out: Path | None, seed: int) -> None:
     click.echo(f"wrote {n} datasets to {out} in {time.perf_counter() - start:.1f}s")
 
 
+EXECUTOR = click.option(
+    "--executor", type=click.Choice(["in_process", "multiprocess"]), default="in_process", show_default=True,
+    help="in_process: a run's steps share one process (loads the model once per run: best on a small CPU); "
+         "multiprocess: one process per step, as the daemon and a cluster run them.")
+
+
 @main.command("run")
 @click.option("--datasets", "datasets_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Folder of dataset files (default $GROUPLORA_DATASETS or data/demo).")
-def run_cmd(datasets_dir: Path | None) -> None:
-    """Materialize every dataset's assets and the SQL reports through Dagster, then print the results."""
-    _run_pipeline(datasets_dir)
+@EXECUTOR
+def run_cmd(datasets_dir: Path | None, executor: str) -> None:
+    """Materialize every dataset's assets and the suite's assets through Dagster, then print the results."""
+    _run_pipeline(datasets_dir, executor)
 
 
 @main.command("demo")
-def demo_cmd() -> None:
+@EXECUTOR
+def demo_cmd(executor: str) -> None:
     """Build the demo data pack, run the whole pipeline on it with SmolLM2-135M-Instruct, print the results."""
     start = time.perf_counter()
     from grouplora.ml.datapack import build_datapack
@@ -51,7 +59,7 @@ def demo_cmd() -> None:
     out = Path("data") / "demo"
     click.echo("== building the demo data pack (cached after the first run)")
     build_datapack("demo", out, progress=True)
-    _run_pipeline(out)
+    _run_pipeline(out, executor)
     click.echo(f"\ndemo finished in {time.perf_counter() - start:.0f}s")
 
 
@@ -75,7 +83,7 @@ def ui_cmd(host: str, port: int) -> None:
         pass
 
 
-def _run_pipeline(datasets_dir: Path | None) -> None:
+def _run_pipeline(datasets_dir: Path | None, executor: str) -> None:
     if datasets_dir is not None:
         os.environ["GROUPLORA_DATASETS"] = str(Path(datasets_dir).resolve())
     from tqdm import tqdm
@@ -96,10 +104,11 @@ def _run_pipeline(datasets_dir: Path | None) -> None:
         if status in ("current", "done"):
             bar.update(1)
 
-    ran = run.run_datasets(names, versions, progress=progress)
+    ran = run.run_datasets(names, versions, executor=executor, progress=progress)
     bar.close()
     click.echo(f"ran {len(ran)} dataset partitions ({len(names) - len(ran)} already current)")
-    run.run_reports()
+    click.echo("== suite-wide assets (approximation error, SQL models)")
+    run.run_suite(executor)
     _print_zero_shot()
 
 

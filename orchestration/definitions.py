@@ -4,12 +4,14 @@
 import dagster as dg
 
 from grouplora.assets.datasets import dataset, dataset_class_balance, dataset_schema
+from grouplora.assets.estimates import subset_estimates
+from grouplora.assets.features import approximation_error, approximation_error_within_threshold, gradient_features
 from grouplora.assets.sql_models import build_sql_assets
 from grouplora.assets.zero_shot import zero_shot_scores
 from grouplora.orchestration import settings
-from grouplora.orchestration.jobs import dataset_job, report_job
-from grouplora.orchestration.resources import (BaseModelResource, DatasetSourceResource, StorageResource,
-                                               WarehouseResource)
+from grouplora.orchestration.jobs import dataset_job, report_job, suite_job
+from grouplora.orchestration.resources import (BaseModelResource, DatasetSourceResource, EstimationSettings,
+                                               GradientSettings, MlflowResource, StorageResource, WarehouseResource)
 from grouplora.orchestration.sensors import dataset_files_sensor
 
 
@@ -20,14 +22,20 @@ def make_resources() -> dict[str, dg.ConfigurableResource]:
         "storage": StorageResource(root=str(home / "storage")),
         "warehouse": WarehouseResource(path=str(home / "warehouse.duckdb")),
         "base_model": BaseModelResource(name=settings.base_model_name()),
+        "gradient_settings": GradientSettings(),
+        "estimation_settings": EstimationSettings(),
+        "mlflow_tracking": MlflowResource(tracking_uri=f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
+                                          artifact_root=str(home / "mlflow" / "artifacts")),
     }
 
 
 defs = dg.Definitions(
-    assets=[dataset, zero_shot_scores, *build_sql_assets()],
-    asset_checks=[dataset_schema, dataset_class_balance],
-    jobs=[dataset_job, report_job],
+    assets=[dataset, zero_shot_scores, gradient_features, approximation_error, subset_estimates,
+            *build_sql_assets()],
+    asset_checks=[dataset_schema, dataset_class_balance, approximation_error_within_threshold],
+    jobs=[dataset_job, suite_job, report_job],
     sensors=[dataset_files_sensor],
     resources=make_resources(),
-    executor=dg.multiprocess_executor.configured({"max_concurrent": 2}),
+    # Multiprocess by default (each step in its own process, as on a cluster); a run may ask for in_process.
+    executor=dg.multi_or_in_process_executor,
 )

@@ -4,13 +4,24 @@
 import dagster as dg
 
 from grouplora.assets.datasets import dataset, dataset_partitions
+from grouplora.assets.estimates import subset_estimates
+from grouplora.assets.features import approximation_error, gradient_features
 from grouplora.assets.zero_shot import zero_shot_scores
+
+# The per-dataset assets, in the order the data flows; the CLI runner checks them for currency in this order.
+PER_DATASET_ASSETS = [dataset, zero_shot_scores, gradient_features]
 
 dataset_job = dg.define_asset_job(
     "dataset_job",
-    selection=dg.AssetSelection.assets(dataset, zero_shot_scores),
+    selection=dg.AssetSelection.assets(*PER_DATASET_ASSETS),
     partitions_def=dataset_partitions,
-    description="Validate one dataset and score it zero-shot.",
+    description="Validate one dataset, score it zero-shot, and take its gradient features.",
+)
+
+suite_job = dg.define_asset_job(
+    "suite_job",
+    selection=dg.AssetSelection.assets(approximation_error, subset_estimates) | dg.AssetSelection.groups("sql"),
+    description="Suite-wide assets over all datasets: approximation error, subset estimates, SQL models.",
 )
 
 report_job = dg.define_asset_job("report_job", selection=dg.AssetSelection.groups("sql"),

@@ -81,12 +81,15 @@ class WarehouseResource(dg.ConfigurableResource):
         finally:
             con.close()
 
-    def register_parquet(self, view: str, glob: str) -> None:
-        """(Re)create a view over every Parquet file matching `glob` (new partitions appear automatically)."""
+    def register_parquet(self, view: str, glob: str, array_columns: dict[str, int] | None = None) -> None:
+        """(Re)create a view over every Parquet file matching `glob` (new partitions appear automatically).
+        array_columns: {column: k} exposes those list columns as DuckDB fixed-size FLOAT[k] arrays."""
         validate_name(view, "view name")
         literal = "'" + glob.replace("'", "''") + "'"  # a view's body cannot take prepared parameters
+        casts = ", ".join(f"{validate_name(c, 'column name')}::FLOAT[{int(k)}] AS {c}" for c, k in (array_columns or {}).items())
+        select = f"* REPLACE ({casts})" if casts else "*"
         with self.connect() as con:
-            con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet({literal}, union_by_name=true)")
+            con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT {select} FROM read_parquet({literal}, union_by_name=true)")
 
     def query(self, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
         with self.connect(read_only=True) as con:
@@ -129,3 +132,57 @@ def _load_model(name: str, dtype: str, device: str, load_in_4bit: bool) -> tuple
     from grouplora.ml.model import load_base_model
 
     return load_base_model(name, dtype=getattr(torch, dtype), device=device, load_in_4bit=load_in_4bit)
+
+
+class GradientSettings(dg.ConfigurableResource):
+    """How gradient features are taken. One setting for the whole suite: every partition's features must share
+    the projection (same d, seed, LoRA shape) for the estimator to combine them."""
+
+    d: int = 200
+    seed: int = 0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    target_modules: str = "q_proj,v_proj"
+    batch_size: int = 8
+    init_adapter: str = ""  # a meta-initialization adapter folder; empty = fresh LoRA (B = 0)
+    approx_max_error: float = 0.05  # the asset check fails when the mean relative error at 1% scale exceeds this
+
+    def modules(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.target_modules.split(",") if m.strip())
+
+    def fingerprint(self) -> str:
+        return f"d{self.d}-s{self.seed}-r{self.lora_r}-a{self.lora_alpha}-{'+'.join(self.modules())}" + \
+            (f"-init:{Path(self.init_adapter).name}" if self.init_adapter else "")
+
+
+class MlflowResource(dg.ConfigurableResource):
+    """MLflow tracking (a sqlite store under GROUPLORA_HOME; `grouplora ui` serves it on 127.0.0.1)."""
+
+    tracking_uri: str
+    artifact_root: str
+    experiment: str = "grouplora"
+
+    def client_setup(self) -> Any:
+        import os
+
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        if mlflow.get_experiment_by_name(self.experiment) is None:
+            try:
+                mlflow.create_experiment(self.experiment, artifact_location=Path(self.artifact_root).as_uri())
+            except mlflow.exceptions.MlflowException:
+                pass  # another process created it first
+        mlflow.set_experiment(self.experiment)
+        return mlflow
+
+
+class EstimationSettings(dg.ConfigurableResource):
+    """Which subsets to estimate and how: all singletons and pairs, plus n_random seeded subsets of `size`."""
+
+    n_random: int = 200
+    size: int = 3
+    seed: int = 0
+    lam: float = 1e-3
+    verify_subsets: int = 3  # subsets re-scored in 'forward' mode (the real model at θ0 + Pw) for comparison

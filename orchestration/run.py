@@ -7,10 +7,14 @@ executor, so what works here works when a daemon or a cluster executor launches 
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 
 from grouplora.orchestration import settings
+from grouplora.orchestration.jobs import PER_DATASET_ASSETS
+
+Executor = Literal["multiprocess", "in_process"]
 
 DAGSTER_YAML = """\
 # Project-local Dagster instance (written by grouplora). Runs, events and schedules live in this folder.
@@ -56,6 +60,10 @@ def report_job() -> dg.JobDefinition:
     return _job("report_job")
 
 
+def suite_job() -> dg.JobDefinition:
+    return _job("suite_job")
+
+
 def _latest(instance: dg.DagsterInstance, asset: str, partition: str) -> dg.EventLogRecord | None:
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
@@ -81,10 +89,14 @@ def _root_cause(error) -> str:
 
 
 def run_job(instance: dg.DagsterInstance, job_fn: Callable[[], dg.JobDefinition], tags: dict[str, str] | None = None,
-            asset_selection: list[dg.AssetKey] | None = None) -> str:
-    """One run of a job through the multiprocess executor; raise with the failing step's error if it fails."""
-    quiet = {"loggers": {"console": {"config": {"log_level": os.environ.get("GROUPLORA_LOG_LEVEL", "INFO")}}}}
-    with dg.execute_job(dg.reconstructable(job_fn), instance=instance, tags=tags or {}, run_config=quiet,
+            asset_selection: list[dg.AssetKey] | None = None, executor: Executor = "multiprocess") -> str:
+    """One run of a job; raise with the failing step's own error if it fails.
+
+    "multiprocess" runs every step in its own process (what the daemon and a cluster do); "in_process" runs
+    the steps of this run in one process, which on a small CPU saves loading torch and the model per step."""
+    run_config = {"loggers": {"console": {"config": {"log_level": os.environ.get("GROUPLORA_LOG_LEVEL", "INFO")}}},
+                  "execution": {"config": {executor: {}}}}
+    with dg.execute_job(dg.reconstructable(job_fn), instance=instance, tags=tags or {}, run_config=run_config,
                         asset_selection=asset_selection, raise_on_error=False) as result:
         if not result.success:
             errors = [f"{e.step_key}: {_root_cause(e.event_specific_data.error)}"
@@ -94,10 +106,7 @@ def run_job(instance: dg.DagsterInstance, job_fn: Callable[[], dg.JobDefinition]
         return result.run_id
 
 
-PER_DATASET_ASSETS = ["dataset", "zero_shot_scores"]
-
-
-def run_datasets(names: Iterable[str], versions: dict[str, str], *,
+def run_datasets(names: Iterable[str], versions: dict[str, str], *, executor: Executor = "multiprocess",
                  progress: Callable[[str, str], None] | None = None) -> list[str]:
     """Materialize the per-dataset assets for each name; a partition that is already current is skipped (so a
     rerun resumes where it stopped). Returns the names that ran."""
@@ -111,18 +120,22 @@ def run_datasets(names: Iterable[str], versions: dict[str, str], *,
         instance.add_dynamic_partitions(dataset_partitions.name, new)
     ran = []
     for name in names:
-        if is_current(instance, name, versions[name], PER_DATASET_ASSETS):
+        if is_current(instance, name, versions[name], [a.key.to_user_string() for a in PER_DATASET_ASSETS]):
             if progress:
                 progress(name, "current")
             continue
         if progress:
             progress(name, "running")
-        run_job(instance, dataset_job, tags={"dagster/partition": name})
+        run_job(instance, dataset_job, tags={"dagster/partition": name}, executor=executor)
         ran.append(name)
         if progress:
             progress(name, "done")
     return ran
 
 
-def run_reports() -> None:
-    run_job(get_instance(), report_job)
+def run_reports(executor: Executor = "multiprocess") -> None:
+    run_job(get_instance(), report_job, executor=executor)
+
+
+def run_suite(executor: Executor = "multiprocess") -> None:
+    run_job(get_instance(), suite_job, executor=executor)

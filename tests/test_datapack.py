@@ -384,7 +384,7 @@ def test_build_writes_contract_files(built, fake_cache):
         path = out / f"{name}.parquet"
         df = pd.read_parquet(path)
         assert list(df.columns) == ["text", "text_pair", "label", "split"]
-        assert df["text"].str.len().between(1, 400).all()
+        assert df["text"].str.len().between(1, dp.PRESETS["demo"].max_chars).all()
         assert (df["text"] == df["text"].str.split().str.join(" ")).all()
         assert {s: int(n) for s, n in df["split"].value_counts().items()} == {
             s: n for s, n in entry["counts"].items() if n}
@@ -481,6 +481,6 @@ def test_real_demo_pack(tmp_path):
         df = pd.read_parquet(tmp_path / "demo" / entry["file"])
         assert {s: int(n) for s, n in df["split"].value_counts().items()} == entry["counts"]
         assert df["label"].value_counts().to_dict() == entry["label_counts"]
-        assert entry["counts"] == {"train": 64, "validation": 32, "test": 64}
+        assert entry["counts"] == dp.PRESETS["demo"].sizes
         assert 2 <= len(entry["labels"]) <= 6
         load_dataset(tmp_path / "demo" / entry["file"], cfg.for_dataset(name))

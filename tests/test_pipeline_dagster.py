@@ -18,6 +18,8 @@ def make_folder(folder: Path) -> Path:
                   "label": ["pos", "neg"] * 12}).to_csv(folder / "reviews.csv", index=False)
     rows = [{"text": f"is {i} even", "label": "yes" if i % 2 == 0 else "no"} for i in range(18)]
     (folder / "parity.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    pd.DataFrame({"text": [f"is it {w} today {i}" for i in range(9) for w in ("true", "false")],
+                  "label": ["true", "false"] * 9}).to_parquet(folder / "facts.parquet")
     (folder / "datasets.yaml").write_text(
         "defaults:\n  template: \"{text}\\nAnswer:\"\n"
         "datasets:\n  reviews:\n    task_type: sentiment\n    label_words: {pos: ' positive', neg: ' negative'}\n"
@@ -35,24 +37,43 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_dataset_assets_materialize_through_dagster_into_duckdb(project):
+def test_pipeline_materializes_through_dagster_into_duckdb(project):
     from grouplora.orchestration import run
     from grouplora.orchestration.definitions import make_resources
 
     sources = make_resources()["sources"]
     versions = {n: sources.version(n) for n in sources.files()}
-    assert sorted(versions) == ["parity", "reviews"]
-    assert run.run_datasets(versions, versions) == ["parity", "reviews"]
-    run.run_reports()
+    assert sorted(versions) == ["facts", "parity", "reviews"]
+    # One dataset through the multiprocess executor (every step in its own process, as on a cluster), the
+    # others in process (faster): both must give the same kind of artifacts.
+    assert run.run_datasets(["facts"], versions, executor="multiprocess") == ["facts"]
+    assert run.run_datasets(versions, versions, executor="in_process") == ["parity", "reviews"]
+    run.run_suite(executor="in_process")
 
     db = project / "var" / "warehouse.duckdb"
     with duckdb.connect(str(db), read_only=True) as con:
         counts = dict(con.execute("SELECT dataset, count(*) FROM datasets GROUP BY 1").fetchall())
         report = con.execute("SELECT dataset, split, n, accuracy, chance FROM zero_shot_report").fetchall()
-    assert counts == {"parity": 18, "reviews": 24}
+        features = con.execute("SELECT dataset, split, f0, features FROM gradient_features").to_arrow_table()
+        fit_rows = con.execute("SELECT count(*) FROM datasets WHERE split IN ('train', 'validation')").fetchone()[0]
+        kinds = dict(con.execute("SELECT kind, count(DISTINCT subset_id) FROM subset_estimates "
+                                 "WHERE mode = 'linearized' GROUP BY 1").fetchall())
+        affinity = con.execute("SELECT target, source, n_subsets FROM subset_affinity").fetchall()
+        pairwise = con.execute("SELECT target, source, loss_reduction FROM pairwise_affinity").fetchall()
+        verified = con.execute("SELECT dataset, linearized_loss, forward_loss FROM estimate_verification").fetchall()
+        lines = con.execute("SELECT dataset, most_helpful FROM affinity_report").fetchall()
+    assert counts == {"facts": 18, "parity": 18, "reviews": 24}
     assert {(d, s) for d, s, *_ in report} == {(d, s) for d in counts for s in ("train", "validation", "test")}
     assert all(0.0 <= acc <= 1.0 and chance == 0.5 for *_, acc, chance in report)
-    assert sum(n for _, _, n, _, _ in report) == 42
+    assert sum(n for _, _, n, _, _ in report) == 60
+    # features: train + validation rows only, FLOAT[200] read back through Arrow
+    assert features.num_rows == fit_rows and set(features.column("split").to_pylist()) == {"train", "validation"}
+    assert features.schema.field("features").type.list_size == 200
+    assert kinds == {"singleton": 3, "pair": 3, "random": 1}
+    assert sorted(affinity) == [(t, s, 1) for t in sorted(counts) for s in sorted(counts)]
+    assert len(pairwise) == 6 and all(t != s for t, s, _ in pairwise)
+    assert verified and all(lin > 0 and fwd > 0 for _, lin, fwd in verified)
+    assert sorted(d for d, _ in lines) == sorted(counts)
 
     instance = run.get_instance()
     checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(
@@ -89,8 +110,8 @@ def test_sensor_adds_changes_and_removes_partitions(project):
             return result
 
         first = tick(None)
-        assert sorted(r.partition_key for r in first.run_requests) == ["parity", "reviews"]
-        assert sorted(instance.get_dynamic_partitions(dataset_partitions.name)) == ["parity", "reviews"]
+        assert sorted(r.partition_key for r in first.run_requests) == ["facts", "parity", "reviews"]
+        assert sorted(instance.get_dynamic_partitions(dataset_partitions.name)) == ["facts", "parity", "reviews"]
         assert tick(first.cursor).run_requests == []  # nothing changed, nothing runs
 
         with open(project / "datasets" / "reviews.csv", "a") as f:
@@ -101,4 +122,4 @@ def test_sensor_adds_changes_and_removes_partitions(project):
         (project / "datasets" / "parity.jsonl").unlink()
         removed = tick(changed.cursor)
         assert removed.run_requests == []
-        assert instance.get_dynamic_partitions(dataset_partitions.name) == ["reviews"]
+        assert sorted(instance.get_dynamic_partitions(dataset_partitions.name)) == ["facts", "reviews"]

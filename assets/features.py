@@ -1,0 +1,134 @@
+"""Gradient features: per example, f0 (log-odds of the gold label at θ0) and the projected LoRA gradient of f."""
+
+import copy
+import json
+import time
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from grouplora.assets.datasets import dataset, dataset_partitions
+from grouplora.ml.approx import SCALES, approximation_errors
+from grouplora.ml.atomic import atomic_path, write_json
+from grouplora.ml.features import compute_features
+from grouplora.ml.lora import add_lora, load_adapter
+from grouplora.ml.model import label_token_ids, model_fingerprint
+from grouplora.ml.plots import line_chart
+from grouplora.ml.projection import Projection
+from grouplora.orchestration.resources import (BaseModelResource, GradientSettings, MlflowResource, StorageResource,
+                                               WarehouseResource)
+
+FEATURE_SPLITS = ("train", "validation")
+
+
+def lora_model(base_model: BaseModelResource, settings: GradientSettings):
+    """θ0: a private copy of the base model with fresh LoRA (B = 0) or the meta-initialization adapter."""
+    model, tokenizer = base_model.load()
+    model = copy.deepcopy(model)  # peft edits the model in place; the process-wide cached base stays clean
+    if settings.init_adapter:
+        return load_adapter(model, settings.init_adapter), tokenizer
+    return add_lora(model, r=settings.lora_r, alpha=settings.lora_alpha, target_modules=settings.modules(),
+                    seed=settings.seed), tokenizer
+
+
+def features_table(df: pd.DataFrame, f0: np.ndarray, feats: np.ndarray) -> pa.Table:
+    d = feats.shape[1]
+    return pa.table({
+        "dataset": pa.array(df["dataset"].tolist()), "example_id": pa.array(df["example_id"].tolist()),
+        "split": pa.array(df["split"].tolist()), "label_id": pa.array(df["label_id"].to_numpy(), pa.int32()),
+        "f0": pa.array(f0.astype(np.float32)),
+        # FLOAT[d] in DuckDB: a fixed-size list keeps d in the schema and reads back to numpy through Arrow
+        "features": pa.FixedSizeListArray.from_arrays(pa.array(feats.astype(np.float32).ravel()), d),
+    })
+
+
+@dg.asset(
+    partitions_def=dataset_partitions,
+    deps=[dataset],
+    group_name="features",
+    kinds={"pytorch", "parquet", "duckdb"},
+    code_version="1",
+    description="Per train/validation example: f0 and the LoRA gradient of f projected to d dims (one backward per batch).",
+)
+def gradient_features(context: dg.AssetExecutionContext, storage: StorageResource, warehouse: WarehouseResource,
+                      base_model: BaseModelResource, gradient_settings: GradientSettings) -> dg.MaterializeResult:
+    name = context.partition_key
+    df = pd.read_parquet(storage.path("datasets", name))
+    df = df[df["split"].isin(FEATURE_SPLITS)].reset_index(drop=True)
+    card = json.loads(storage.path("datasets", name, ".json").read_text())
+    model, tokenizer = lora_model(base_model, gradient_settings)
+    projection = Projection.for_model(model, d=gradient_settings.d, seed=gradient_settings.seed)
+    label_ids = label_token_ids(tokenizer, card["label_words"])
+    start = time.perf_counter()
+    f0, feats = compute_features(model, tokenizer, df["prompt"].tolist(), df["label_id"].tolist(), label_ids,
+                                 projection, batch_size=gradient_settings.batch_size, max_length=base_model.max_length)
+    seconds = time.perf_counter() - start
+    if not np.isfinite(feats).all() or not np.isfinite(f0).all():
+        raise dg.Failure(f"{name}: non-finite gradient features; nothing written")
+    with atomic_path(storage.path("features", name)) as tmp:
+        pq.write_table(features_table(df, f0, feats), tmp)
+    write_json({"d": projection.d, "seed": projection.seed, "projection_checksum": projection.checksum(),
+                "settings": gradient_settings.fingerprint(), "model_fingerprint": model_fingerprint(model)},
+               storage.path("features", name, ".json"))
+    warehouse.register_parquet("gradient_features", storage.glob("features"), {"features": projection.d})
+    context.log.info(f"{name}: {len(df)} examples, d={projection.d}, {len(df) / seconds:.1f} examples/s")
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": len(df), "d": projection.d, "seed": projection.seed,
+        "settings": gradient_settings.fingerprint(), "model_fingerprint": model_fingerprint(model),
+        "projection_bytes": projection.nbytes, "seconds": round(seconds, 2),
+        "examples_per_s": round(len(df) / seconds, 2), "mean_f0": float(f0.mean()),
+        "feature_norm_median": float(np.median(np.linalg.norm(feats, axis=1)))})
+
+
+@dg.asset(
+    deps=[dataset],
+    group_name="features",
+    kinds={"pytorch", "mlflow"},
+    code_version="1",
+    description="First-order approximation error |f(θ0+Δ) − f0 − gᵀΔ| / |f(θ0+Δ)| for random LoRA perturbations.",
+)
+def approximation_error(context: dg.AssetExecutionContext, storage: StorageResource, base_model: BaseModelResource,
+                        gradient_settings: GradientSettings, mlflow_tracking: MlflowResource) -> dg.MaterializeResult:
+    names = sorted(p.stem for p in storage.folder("datasets").glob("*.parquet"))
+    model, tokenizer = lora_model(base_model, gradient_settings)
+    rows = []
+    for name in names[:4]:  # a few real examples from a few datasets: the full gradient per example is costly
+        df = pd.read_parquet(storage.path("datasets", name))
+        df = df[df["split"] == "validation"].head(4)
+        card = json.loads(storage.path("datasets", name, ".json").read_text())
+        label_ids = label_token_ids(tokenizer, card["label_words"])
+        for row in approximation_errors(model, tokenizer, df["prompt"].tolist(), df["label_id"].tolist(), label_ids,
+                                        scales=SCALES, n_draws=2, seed=gradient_settings.seed,
+                                        max_length=base_model.max_length):
+            rows.append({"dataset": name, **row})
+    table = pd.DataFrame(rows)
+    summary = table.groupby("scale")[["mean_rel_error", "median_rel_error"]].mean().reset_index()
+    png = line_chart(summary["scale"].tolist(), {"mean": summary["mean_rel_error"].tolist(),
+                                                 "median": summary["median_rel_error"].tolist()},
+                     storage.path("reports", "approximation_error", ".png"),
+                     title="First-order approximation error", xlabel="perturbation scale (relative norm)",
+                     ylabel="|f(θ0+Δ) − f0 − gᵀΔ| / |f(θ0+Δ)|")
+    table.to_csv(storage.path("reports", "approximation_error", ".csv"), index=False)
+    mlflow = mlflow_tracking.client_setup()
+    with mlflow.start_run(run_name="approximation_error") as run:
+        mlflow.log_params({"settings": gradient_settings.fingerprint(), "datasets": ",".join(names[:4])})
+        for r in summary.itertuples():
+            mlflow.log_metric("mean_rel_error", r.mean_rel_error, step=int(round(r.scale * 1000)))
+        mlflow.log_artifact(str(png))
+    at_1pct = float(summary.loc[np.isclose(summary["scale"], 0.01), "mean_rel_error"].iloc[0])
+    return dg.MaterializeResult(metadata={
+        "table": dg.MetadataValue.md(summary.to_markdown(index=False)),
+        "mean_rel_error_at_1pct": at_1pct, "plot": dg.MetadataValue.path(str(png)),
+        "mlflow_run_id": run.info.run_id, "max_allowed": gradient_settings.approx_max_error})
+
+
+@dg.asset_check(asset=approximation_error, description="Mean relative error at 1% perturbation stays under the threshold.")
+def approximation_error_within_threshold(context: dg.AssetCheckExecutionContext,
+                                         gradient_settings: GradientSettings) -> dg.AssetCheckResult:
+    event = context.instance.get_latest_materialization_event(dg.AssetKey("approximation_error"))
+    value = event.asset_materialization.metadata["mean_rel_error_at_1pct"].value
+    return dg.AssetCheckResult(passed=bool(value <= gradient_settings.approx_max_error),
+                               metadata={"mean_rel_error_at_1pct": value, "threshold": gradient_settings.approx_max_error})

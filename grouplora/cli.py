@@ -98,21 +98,52 @@ def _run_pipeline(datasets_dir: Path | None, executor: str) -> None:
     versions = {n: sources.version(n) for n in names}
     click.echo(f"== {len(names)} datasets in {sources.folder}; state in {settings.home()}")
     bar = tqdm(total=len(names), desc="datasets", unit="dataset")
+    ran = run.run_datasets(names, versions, executor=executor, progress=progress_for(bar))
+    bar.close()
+    click.echo(f"ran {len(ran)} dataset partitions ({len(names) - len(ran)} already current)")
+    click.echo("== suite-wide assets: approximation error, subset estimates, affinity tables, partition")
+    run.run_suite(executor)
+    _print_results()
 
+    import json
+
+    storage = make_resources()["storage"]
+    spec = json.loads(storage.path("partition", "task_partition", ".json").read_text())
+    adapters = [g["key"] for g in spec["groups"]] + [spec["baseline"]["key"]]
+    click.echo(f"\n== {spec['m']} groups: " + " | ".join(", ".join(g["members"]) for g in spec["groups"]))
+    bar = tqdm(total=len(adapters), desc="adapters", unit="adapter")
+    trained = run.run_adapters(adapters, executor=executor, progress=progress_for(bar))
+    bar.close()
+    click.echo(f"trained {len(trained)} adapters ({len(adapters) - len(trained)} unchanged)")
+    click.echo("== ensemble, boosting, results, registry")
+    run.run_ensemble(executor)
+    _print_ensemble()
+
+
+def progress_for(bar):
     def progress(name: str, status: str) -> None:
         bar.set_postfix_str(f"{name}: {status}")
         if status in ("current", "done"):
             bar.update(1)
 
-    ran = run.run_datasets(names, versions, executor=executor, progress=progress)
-    bar.close()
-    click.echo(f"ran {len(ran)} dataset partitions ({len(names) - len(ran)} already current)")
-    click.echo("== suite-wide assets (approximation error, SQL models)")
-    run.run_suite(executor)
-    _print_zero_shot()
+    return progress
 
 
-def _print_zero_shot() -> None:
+def _print_ensemble() -> None:
+    import pandas as pd
+
+    from grouplora.orchestration.definitions import make_resources
+
+    storage = make_resources()["storage"]
+    table = pd.read_parquet(storage.path("ensemble", "results")).set_index("dataset")
+    cols = ["zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble"]
+    table = table[cols]
+    table.loc["MEAN"] = table.mean()
+    click.echo("\nTest accuracy (demo scale: a few dozen test examples per dataset):")
+    click.echo(table.round(3).to_markdown())
+
+
+def _print_results() -> None:
     from grouplora.orchestration.definitions import make_resources
 
     warehouse = make_resources()["warehouse"]
@@ -122,6 +153,10 @@ def _print_zero_shot() -> None:
     table.loc["MEAN"] = table.mean()
     click.echo("\nZero-shot accuracy of the base model (label words' first tokens):")
     click.echo(table.round(3).to_markdown())
+    if "affinity_report" in warehouse.tables():
+        report = warehouse.query("SELECT * FROM affinity_report")
+        click.echo("\nEstimated fine-tuning (first-order, from gradient features) and the strongest transfers:")
+        click.echo(report.to_markdown(index=False))
 
 
 if __name__ == "__main__":

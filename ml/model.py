@@ -145,7 +145,7 @@ def _tiny(dtype: torch.dtype, device: str, load_in_4bit: bool, cache: Path):
         model = LlamaForCausalLM(cfg)
     if not load_in_4bit:
         return model.to(device=device, dtype=dtype), tok
-    # bnb quantises inside from_pretrained; go through a folder (the same one each time).
+    # bnb quantises inside from_pretrained: round-trip the seeded fp32 weights through a temporary folder.
     with tempfile.TemporaryDirectory(dir=cache if cache.exists() else None) as d:
         model.save_pretrained(d)
         return _from_folder(Path(d), dtype, device, True), tok

@@ -3,15 +3,20 @@
 
 import dagster as dg
 
+from grouplora.assets.adapters import adapter
 from grouplora.assets.datasets import dataset, dataset_class_balance, dataset_schema
+from grouplora.assets.ensemble import ensemble
+from grouplora.assets.partition import task_partition
 from grouplora.assets.estimates import subset_estimates
 from grouplora.assets.features import approximation_error, approximation_error_within_threshold, gradient_features
 from grouplora.assets.sql_models import build_sql_assets
 from grouplora.assets.zero_shot import zero_shot_scores
 from grouplora.orchestration import settings
-from grouplora.orchestration.jobs import dataset_job, report_job, suite_job
-from grouplora.orchestration.resources import (BaseModelResource, DatasetSourceResource, EstimationSettings,
-                                               GradientSettings, MlflowResource, StorageResource, WarehouseResource)
+from grouplora.orchestration.jobs import adapter_job, dataset_job, ensemble_job, report_job, suite_job
+from grouplora.orchestration.resources import (BaseModelResource, DatasetSourceResource, EnsembleSettings,
+                                               EstimationSettings, GradientSettings, MlflowResource,
+                                               PartitionSettings, StorageResource, TrainingSettings,
+                                               WarehouseResource)
 from grouplora.orchestration.sensors import dataset_files_sensor
 
 
@@ -24,6 +29,9 @@ def make_resources() -> dict[str, dg.ConfigurableResource]:
         "base_model": BaseModelResource(name=settings.base_model_name()),
         "gradient_settings": GradientSettings(),
         "estimation_settings": EstimationSettings(),
+        "partition_settings": PartitionSettings(),
+        "training_settings": TrainingSettings(),
+        "ensemble_settings": EnsembleSettings(),
         "mlflow_tracking": MlflowResource(tracking_uri=f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
                                           artifact_root=str(home / "mlflow" / "artifacts")),
     }
@@ -31,9 +39,9 @@ def make_resources() -> dict[str, dg.ConfigurableResource]:
 
 defs = dg.Definitions(
     assets=[dataset, zero_shot_scores, gradient_features, approximation_error, subset_estimates,
-            *build_sql_assets()],
+            *build_sql_assets(), task_partition, adapter, ensemble],
     asset_checks=[dataset_schema, dataset_class_balance, approximation_error_within_threshold],
-    jobs=[dataset_job, suite_job, report_job],
+    jobs=[dataset_job, suite_job, report_job, adapter_job, ensemble_job],
     sensors=[dataset_files_sensor],
     resources=make_resources(),
     # Multiprocess by default (each step in its own process, as on a cluster); a run may ask for in_process.

@@ -5,6 +5,7 @@ process (the multiprocess executor here, a cluster executor later).
 """
 
 
+import hashlib
 import random
 import time
 from contextlib import contextmanager
@@ -186,3 +187,47 @@ class EstimationSettings(dg.ConfigurableResource):
     seed: int = 0
     lam: float = 1e-3
     verify_subsets: int = 3  # subsets re-scored in 'forward' mode (the real model at θ0 + Pw) for comparison
+
+
+class PartitionSettings(dg.ConfigurableResource):
+    """How datasets are grouped: m groups (0 = choose m automatically), SDP or spectral clustering."""
+
+    m: int = 0
+    max_m: int = 4
+    method: str = "sdp"  # sdp | spectral
+    normalize: str = "row_zscore"  # affinity rows live on each dataset's own scale; see ml.clustering.symmetrize
+    seed: int = 0
+
+
+class TrainingSettings(dg.ConfigurableResource):
+    """One setting for every adapter (group, baseline, boosting) so their costs and results compare."""
+
+    lora_r: int = 8
+    lora_alpha: int = 16
+    target_modules: str = "q_proj,v_proj"
+    lr: float = 1e-3
+    epochs: int = 2
+    batch_size: int = 8
+    max_length: int = 160
+    qlora: bool = False
+    seed: int = 0
+
+    def config(self) -> Any:
+        from grouplora.ml.training import TrainConfig
+
+        return TrainConfig(r=self.lora_r, alpha=self.lora_alpha, lr=self.lr, epochs=self.epochs,
+                           batch_size=self.batch_size, max_length=self.max_length, qlora=self.qlora, seed=self.seed,
+                           target_modules=tuple(m.strip() for m in self.target_modules.split(",") if m.strip()),
+                           warmup_ratio=0.1)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(repr(self.config()).encode()).hexdigest()[:12]
+
+
+class EnsembleSettings(dg.ConfigurableResource):
+    """Boosting and the registry: boost a group when its train error stays above `boost_threshold`."""
+
+    boost_threshold: float = 0.2
+    boost_lam: float = 1.0
+    boost_rounds: int = 1
+    registered_name: str = "grouplora-ensemble"

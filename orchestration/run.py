@@ -133,6 +133,38 @@ def run_datasets(names: Iterable[str], versions: dict[str, str], *, executor: Ex
     return ran
 
 
+def adapter_job() -> dg.JobDefinition:
+    return _job("adapter_job")
+
+
+def ensemble_job() -> dg.JobDefinition:
+    return _job("ensemble_job")
+
+
+def run_adapters(keys: Iterable[str], *, executor: Executor = "multiprocess",
+                 progress: Callable[[str, str], None] | None = None) -> list[str]:
+    """Train each adapter partition that has no materialization yet (keys are content hashes: a key that
+    exists was trained on exactly these data and settings). Returns the keys that ran."""
+    instance = get_instance()
+    ran = []
+    for key in keys:
+        if _latest(instance, "adapter", key) is not None:
+            if progress:
+                progress(key, "current")
+            continue
+        if progress:
+            progress(key, "running")
+        run_job(instance, adapter_job, tags={"dagster/partition": key}, executor=executor)
+        ran.append(key)
+        if progress:
+            progress(key, "done")
+    return ran
+
+
+def run_ensemble(executor: Executor = "multiprocess") -> None:
+    run_job(get_instance(), ensemble_job, executor=executor)
+
+
 def run_reports(executor: Executor = "multiprocess") -> None:
     run_job(get_instance(), report_job, executor=executor)
 

@@ -75,6 +75,24 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
     assert verified and all(lin > 0 and fwd > 0 for _, lin, fwd in verified)
     assert sorted(d for d, _ in lines) == sorted(counts)
 
+    # partition -> one adapter per group + the all-datasets baseline -> ensemble and results table
+    spec = json.loads((project / "var" / "storage" / "partition" / "task_partition.json").read_text())
+    assert sorted(m for g in spec["groups"] for m in g["members"]) == sorted(counts)
+    keys = [g["key"] for g in spec["groups"]] + [spec["baseline"]["key"]]
+    assert run.run_adapters(keys, executor="in_process") == keys
+    assert run.run_adapters(keys, executor="in_process") == []  # content-keyed: nothing retrains
+    for key in keys:
+        folder = project / "var" / "storage" / "adapters" / key
+        assert (folder / "adapter_config.json").exists() and (folder / "adapter_model.safetensors").exists()
+    run.run_ensemble(executor="in_process")
+    results = pd.read_parquet(project / "var" / "storage" / "ensemble" / "results.parquet")
+    assert sorted(results["dataset"]) == sorted(counts)
+    for method in ("zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble"):
+        assert results[method].between(0, 1).all()
+    from grouplora.ml.ensemble import Ensemble
+    ens = Ensemble.load(project / "var" / "storage" / "ensemble" / "current" / "ensemble.json")
+    assert set(ens.weights) == set(counts) and all((ens.root / a.path).is_dir() for a in ens.adapters)
+
     instance = run.get_instance()
     checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(
         [dg.AssetCheckKey(dg.AssetKey("dataset"), "dataset_schema")])

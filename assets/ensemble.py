@@ -1,0 +1,183 @@
+"""The ensemble: per-dataset weights over the adapters, cheap boosting where a group's error stays high, and
+the results table (zero-shot, one adapter on all, grouped, + boosting, ensemble) on test."""
+
+import json
+import shutil
+import time
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from grouplora.assets.adapters import adapter, train_examples
+from grouplora.assets.estimates import read_features
+from grouplora.assets.features import gradient_features, lora_model
+from grouplora.assets.partition import png_markdown
+from grouplora.assets.zero_shot import zero_shot_scores
+from grouplora.ml.atomic import atomic_dir, write_json, write_parquet
+from grouplora.ml.boosting import boost_adapter_from_w, keep_round, negative_gradient, ridge_boost
+from grouplora.ml.ensemble import (AdapterSpec, DatasetSpec, Ensemble, adapter_logprobs, combine, ensemble_loss,
+                                   fit_weights, release)
+from grouplora.ml.forward_mode import log_odds_from_logprobs
+from grouplora.ml.model import label_token_ids, model_fingerprint
+from grouplora.ml.plots import accuracy_table_png
+from grouplora.ml.projection import Projection
+from grouplora.orchestration.resources import (BaseModelResource, EnsembleSettings, GradientSettings, MlflowResource,
+                                               StorageResource)
+
+METHODS = ["zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble"]
+
+
+def split_frame(storage: StorageResource, name: str, split: str) -> pd.DataFrame:
+    df = pd.read_parquet(storage.path("datasets", name))
+    return df[df["split"] == split].reset_index(drop=True)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(-1) == labels).mean())
+
+
+def boost_group(storage: StorageResource, base_model: BaseModelResource, gradient_settings: GradientSettings,
+                settings: EnsembleSettings, group: dict, ens: Ensemble, model, tokenizer, log) -> str | None:
+    """One cheap boosting round (GradEx view, no training): ridge-fit the gradient features of the group's train
+    examples to the residuals of its adapter, map w back through the projection into a LoRA adapter θ0 + Pw.
+    Returns the new adapter's name, or None when the round does not lower the group's validation loss."""
+    members, key = group["members"], group["key"]
+    frame, X, feature_settings = read_features(storage, members)
+    train = frame["split"].to_numpy() == "train"
+    margins = []
+    for name in members:  # current margins (log-odds of gold) of the group adapter on its own train data
+        df = split_frame(storage, name, "train")
+        lp = adapter_logprobs(ens, model, tokenizer, name, df["prompt"].tolist(), [key])[0]
+        margins.append(log_odds_from_logprobs(lp, df["label_id"].to_numpy()))
+    residual = negative_gradient(np.concatenate(margins))  # σ(−m): large where the adapter is still wrong
+    w = ridge_boost(X[train], residual, settings.boost_lam)
+    release(model)
+    theta0, tok = lora_model(base_model, gradient_settings)
+    projection = Projection.for_model(theta0, d=gradient_settings.d, seed=gradient_settings.seed)
+    if projection.checksum() != feature_settings["projection_checksum"]:
+        raise dg.Failure("features were taken with another projection; re-materialize gradient_features")
+    theta0_dir = storage.path("adapters", f"theta0_{feature_settings['projection_checksum']}", "")
+    if not theta0_dir.exists():
+        with atomic_dir(theta0_dir) as tmp:
+            theta0.save_pretrained(str(tmp))
+    name = f"boost_{key}"
+    boost_adapter_from_w(theta0_dir, projection, w, storage.path("adapters", name, ""), r=gradient_settings.lora_r)
+    log.info(f"boosting {key} ({', '.join(members)}): mean residual {residual.mean():.3f}, |w| {np.linalg.norm(w):.3g}")
+    return name
+
+
+@dg.asset(
+    deps=[adapter, zero_shot_scores, gradient_features],
+    group_name="ensemble",
+    kinds={"pytorch", "mlflow"},
+    code_version="1",
+    description="Per-dataset non-negative weights over the adapters (fit on validation), cheap boosting rounds, "
+                "and test accuracy of zero-shot, one adapter on all, grouped, + boosting and the ensemble.",
+)
+def ensemble(context: dg.AssetExecutionContext, storage: StorageResource, base_model: BaseModelResource,
+             gradient_settings: GradientSettings, ensemble_settings: EnsembleSettings,
+             mlflow_tracking: MlflowResource) -> dg.MaterializeResult:
+    start = time.perf_counter()
+    spec = json.loads(storage.path("partition", "task_partition", ".json").read_text())
+    groups, baseline = spec["groups"], spec["baseline"]
+    results = {}
+    for g in [*groups, baseline]:
+        path = storage.path("adapters", g["key"], ".result.json")
+        if not path.exists():
+            raise dg.Failure(f"adapter {g['key']} ({', '.join(g['members'])}) is not trained yet")
+        results[g["key"]] = json.loads(path.read_text())
+    model, tokenizer = base_model.load()
+    cards = {n: json.loads(storage.path("datasets", n, ".json").read_text()) for n in spec["datasets"]}
+    ens = Ensemble(
+        base_model=base_model.name, base_fingerprint=model_fingerprint(model),
+        adapters=[AdapterSpec(g["key"], str(storage.path("adapters", g["key"], "")), g["members"])
+                  for g in [*groups, baseline]],
+        weights={}, datasets={n: DatasetSpec(c["label_words"], c["template"], label_token_ids(tokenizer, c["label_words"]))
+                              for n, c in cards.items()},
+        meta={"classes": {n: c["classes"] for n, c in cards.items()}, "partition": spec})
+    group_of = {m: g for g in groups for m in g["members"]}
+
+    boosted: dict[str, str] = {}
+    for g in groups:
+        if results[g["key"]]["final_loss"] > ensemble_settings.boost_threshold and ensemble_settings.boost_rounds > 0:
+            name = boost_group(storage, base_model, gradient_settings, ensemble_settings, g, ens, model, tokenizer,
+                               context.log)
+            ens.adapters.append(AdapterSpec(name, str(storage.path("adapters", name, "")), g["members"]))
+            boosted[g["key"]] = name
+
+    rows, weights, kept = [], {}, {}
+    for n in spec["datasets"]:
+        val, test = split_frame(storage, n, "validation"), split_frame(storage, n, "test")
+        g = group_of[n]["key"]
+        names = [g, baseline["key"]] + ([boosted[g]] if g in boosted else [])
+        zv = adapter_logprobs(ens, model, tokenizer, n, val["prompt"].tolist(), names)
+        zt = adapter_logprobs(ens, model, tokenizer, n, test["prompt"].tolist(), names)
+        yv, yt = val["label_id"].to_numpy(), test["label_id"].to_numpy()
+        zs = pd.read_parquet(storage.path("zero_shot", n))
+        zs_test = np.stack(zs[zs["split"] == "test"]["logprobs"].to_numpy())
+        row = {"dataset": n, "zero_shot": accuracy(zs_test, yt), "one_adapter_all": accuracy(zt[1], yt),
+               "grouped": accuracy(zt[0], yt)}
+        if g in boosted:  # group adapter + its boosting adapter; the round counts only if validation improves
+            a = fit_weights(zv[[0, 2]], yv)
+            keep = keep_round(ensemble_loss(zv[[0]], yv, np.ones(1)), ensemble_loss(zv[[0, 2]], yv, a))
+            kept[n] = keep
+            row["grouped_boosted"] = accuracy(combine(zt[[0, 2]], a), yt) if keep else row["grouped"]
+            if not keep:
+                names, zv, zt = names[:2], zv[:2], zt[:2]
+        else:
+            row["grouped_boosted"] = row["grouped"]
+        alpha = fit_weights(zv, yv)
+        weights[n] = {k: float(v) for k, v in zip(names, alpha)}
+        row["ensemble"] = accuracy(combine(zt, alpha), yt)
+        row["ensemble_val"] = accuracy(combine(zv, alpha), yv)
+        rows.append(row)
+        context.log.info(f"{n}: " + ", ".join(f"{k} {row[k]:.3f}" for k in METHODS))
+    ens.weights = weights
+    ens.adapters = [a for a in ens.adapters if any(a.name in w for w in weights.values())]
+    table = pd.DataFrame(rows).set_index("dataset")
+    costs = method_costs(results, groups, baseline)
+
+    out = storage.path("ensemble", "current", "")
+    with atomic_dir(out) as tmp:  # a self-contained folder: JSON + copies of the adapters it uses
+        for a in ens.adapters:
+            shutil.copytree(a.path, tmp / a.name, ignore=shutil.ignore_patterns("checkpoints"))
+            a.path = a.name
+        ens.meta.update({"val_accuracy": float(table["ensemble_val"].mean()), "boost_kept": kept})
+        ens.save(tmp / "ensemble.json")
+    write_parquet(table.reset_index(), storage.path("ensemble", "results"))
+    summary = table[METHODS].mean().rename("MEAN")
+    png = accuracy_table_png(table[METHODS].T, storage.path("ensemble", "results", ".png"),
+                             title="Test accuracy per dataset")
+    mlflow = mlflow_tracking.client_setup()
+    with mlflow.start_run(run_name="ensemble") as run:
+        mlflow.set_tags({"grouplora.kind": "ensemble", "dagster.run_id": context.run_id})
+        mlflow.log_metrics({f"test_accuracy_{k}": float(v) for k, v in summary.items()})
+        mlflow.log_metric("val_accuracy", float(table["ensemble_val"].mean()))
+        mlflow.log_artifact(str(png))
+        mlflow.log_artifact(str(out / "ensemble.json"))
+    write_json({"mlflow_run_id": run.info.run_id, "val_accuracy": float(table["ensemble_val"].mean())},
+               storage.path("ensemble", "current", ".json"))
+    md = table[METHODS].copy()
+    md.loc["MEAN"] = summary
+    return dg.MaterializeResult(metadata={
+        "accuracy": dg.MetadataValue.md(md.round(3).to_markdown()), "plot": png_markdown(png),
+        "costs": dg.MetadataValue.md(costs.to_markdown(index=False)),
+        **{f"mean_{k}": float(v) for k, v in summary.items()},
+        "val_accuracy": float(table["ensemble_val"].mean()), "boosted_groups": list(boosted),
+        "mlflow_run_id": run.info.run_id, "seconds": round(time.perf_counter() - start, 1)})
+
+
+def method_costs(results: dict, groups: list[dict], baseline: dict) -> pd.DataFrame:
+    """Training FLOPs and peak memory behind each method (boosting by ridge costs no training FLOPs)."""
+    grouped = sum(results[g["key"]]["flops"] for g in groups)
+    peak = max(results[g["key"]]["peak_memory_bytes"] for g in groups)
+    base = results[baseline["key"]]
+    return pd.DataFrame([
+        {"method": "zero_shot", "train_flops": 0, "peak_memory_mb": 0.0},
+        {"method": "one_adapter_all", "train_flops": base["flops"], "peak_memory_mb": base["peak_memory_bytes"] / 2**20},
+        {"method": "grouped", "train_flops": grouped, "peak_memory_mb": peak / 2**20},
+        {"method": "grouped_boosted", "train_flops": grouped, "peak_memory_mb": peak / 2**20},
+        {"method": "ensemble", "train_flops": grouped + base["flops"],
+         "peak_memory_mb": max(peak, base["peak_memory_bytes"]) / 2**20},
+    ])

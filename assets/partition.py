@@ -1,0 +1,96 @@
+"""The task partition: datasets grouped by estimated affinity (SDP or spectral clustering), one adapter per group."""
+
+import base64
+import hashlib
+import time
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from grouplora.ml.atomic import write_json
+from grouplora.ml.clustering import choose_m, partition_objective, sdp_cluster, spectral_cluster, symmetrize
+from grouplora.ml.plots import affinity_heatmap
+from grouplora.orchestration.resources import (DatasetSourceResource, PartitionSettings, StorageResource,
+                                               TrainingSettings, WarehouseResource)
+
+adapter_partitions = dg.DynamicPartitionsDefinition(name="adapters")
+
+
+def affinity_matrix(warehouse: WarehouseResource, column: str = "affinity_neg_loss") -> tuple[np.ndarray, list[str]]:
+    """T[i, j] from the subset_affinity table (target i, source j); higher = j helps i more."""
+    df = warehouse.query(f"SELECT target, source, {column} AS value FROM subset_affinity")
+    table = df.pivot(index="target", columns="source", values="value")
+    names = sorted(set(table.index) | set(table.columns))
+    table = table.reindex(index=names, columns=names)
+    if table.isna().any().any():
+        # a pair that never shared a sampled subset: fall back to the target's mean affinity
+        table = table.apply(lambda row: row.fillna(row.mean()), axis=1)
+    return table.to_numpy(dtype=float), names
+
+
+def group_key(kind: str, members: list[str], versions: dict[str, str], training: str) -> str:
+    """Stable adapter key: the members, their data versions and the training settings. An unchanged group
+    keeps its key, so its adapter partition is already materialized and is never retrained."""
+    blob = "|".join([kind, training, *[f"{m}={versions[m]}" for m in sorted(members)]])
+    return f"{kind}_{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def png_markdown(path) -> dg.MetadataValue:
+    data = base64.b64encode(open(path, "rb").read()).decode()
+    return dg.MetadataValue.md(f"![{path.name}](data:image/png;base64,{data})")
+
+
+@dg.asset(
+    deps=[dg.AssetKey("subset_affinity")],
+    group_name="grouping",
+    kinds={"numpy", "json"},
+    code_version="1",
+    description="Datasets partitioned into m groups by clustering the symmetrized task-affinity matrix; "
+                "registers one adapter partition per group plus the all-datasets baseline.",
+)
+def task_partition(context: dg.AssetExecutionContext, storage: StorageResource, warehouse: WarehouseResource,
+                   sources: DatasetSourceResource, partition_settings: PartitionSettings,
+                   training_settings: TrainingSettings) -> dg.MaterializeResult:
+    start = time.perf_counter()
+    T, names = affinity_matrix(warehouse)
+    ps = partition_settings
+    A = symmetrize(T, normalize=ps.normalize)
+    n = len(names)
+    if ps.m > 0:
+        m, scores = min(ps.m, n), None
+    else:
+        m, scores = choose_m(A, range(2, max(2, min(ps.max_m, n - 1)) + 1), clusterer=ps.method, seed=ps.seed)
+    if ps.method == "sdp":
+        result = sdp_cluster(A, m, seed=ps.seed)
+        labels, relaxed = result.labels, float(result.objective)
+    else:
+        labels, relaxed = spectral_cluster(A, m, seed=ps.seed), float("nan")
+    versions = {name: sources.version(name) for name in names}
+    training = training_settings.fingerprint()
+    groups = []
+    for g in range(m):
+        members = [names[i] for i in np.flatnonzero(labels == g)]
+        groups.append({"key": group_key("g", members, versions, training), "members": members, "kind": "group"})
+    baseline = {"key": group_key("all", names, versions, training), "members": names, "kind": "baseline"}
+    spec = {"datasets": names, "m": int(m), "method": ps.method, "normalize": ps.normalize,
+            "objective": partition_objective(A, labels), "relaxed_objective": relaxed,
+            "groups": groups, "baseline": baseline, "versions": versions}
+    for g in [*groups, baseline]:  # each adapter partition reads its own spec: later partitions don't disturb it
+        write_json({**g, "versions": {k: versions[k] for k in g["members"]}, "training": training},
+                   storage.path("adapters", g["key"], ".json"))
+    write_json(spec, storage.path("partition", "task_partition", ".json"))
+    png = affinity_heatmap(T, names, labels, title=f"Task affinity, {m} groups ({ps.method})",
+                           path=storage.path("partition", "affinity_heatmap", ".png"))
+    keys = [g["key"] for g in groups] + [baseline["key"]]
+    new = [k for k in keys if not context.instance.has_dynamic_partition(adapter_partitions.name, k)]
+    if new:
+        context.instance.add_dynamic_partitions(adapter_partitions.name, new)
+    table = pd.DataFrame([{"group": i, "key": g["key"], "members": ", ".join(g["members"])} for i, g in enumerate(groups)])
+    context.log.info(f"{m} groups: " + "; ".join(", ".join(g["members"]) for g in groups))
+    metadata = {"m": int(m), "method": ps.method, "groups": dg.MetadataValue.md(table.to_markdown(index=False)),
+                "objective": float(spec["objective"]), "new_adapter_keys": new, "heatmap": png_markdown(png),
+                "heatmap_path": dg.MetadataValue.path(str(png)), "seconds": round(time.perf_counter() - start, 3)}
+    if scores is not None:
+        metadata["m_selection"] = dg.MetadataValue.md(scores.to_markdown(index=False))
+    return dg.MaterializeResult(metadata=metadata)

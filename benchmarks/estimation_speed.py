@@ -40,6 +40,9 @@ ARGS = _args()
 # BLAS pools read these at import time: same thread count for numpy/scipy (reference) and torch (ours).
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[var] = str(ARGS.threads)
+# On a shared, oversubscribed CPU, OpenMP threads that spin-wait at every barrier make 2 threads 5-50x slower
+# than 1 (measured here); sleeping waiters fix it. Only matters for --threads > 1.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
@@ -218,7 +221,7 @@ def main() -> None:
         )
 
     info["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
-    res.update({"threads": ARGS.threads, "machine": info})
+    res.update({"threads": ARGS.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "machine": info})
     res["notes"] = (
         "Timings are wall-clock on a shared CPU; ours and the references run in this one process with the same "
         "thread count, so compare ratios. The finite-difference reference is timed on an evenly spaced sample of "

@@ -1,3 +1,11 @@
 """grouplora: one language model for many datasets, through grouped LoRA adapters."""
 
+import logging
+import os
+
 __version__ = "0.1.0"
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# bitsandbytes looks for an optional 4-bit CPU kernel on a model hub at import and warns when it cannot reach
+# one; its built-in CPU path is what we use, so the warning is noise here.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

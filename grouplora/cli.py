@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 @click.group()
@@ -158,6 +157,11 @@ def _print_results() -> None:
         click.echo("\nEstimated fine-tuning (first-order, from gradient features) and the strongest transfers:")
         click.echo(report.to_markdown(index=False))
 
+
+from grouplora.registry_cli import predict, promote  # noqa: E402  (registered after the group exists)
+
+main.add_command(promote)
+main.add_command(predict)
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@ from grouplora.assets.adapters import adapter
 from grouplora.assets.datasets import dataset, dataset_class_balance, dataset_schema
 from grouplora.assets.ensemble import ensemble
 from grouplora.assets.partition import task_partition
+from grouplora.assets.registry import champion_gate, registered_ensemble
 from grouplora.assets.estimates import subset_estimates
 from grouplora.assets.features import approximation_error, approximation_error_within_threshold, gradient_features
 from grouplora.assets.sql_models import build_sql_assets
@@ -39,8 +40,9 @@ def make_resources() -> dict[str, dg.ConfigurableResource]:
 
 defs = dg.Definitions(
     assets=[dataset, zero_shot_scores, gradient_features, approximation_error, subset_estimates,
-            *build_sql_assets(), task_partition, adapter, ensemble],
-    asset_checks=[dataset_schema, dataset_class_balance, approximation_error_within_threshold],
+            *build_sql_assets(), task_partition, adapter, ensemble, registered_ensemble],
+    asset_checks=[dataset_schema, dataset_class_balance, approximation_error_within_threshold,
+                  champion_gate],
     jobs=[dataset_job, suite_job, report_job, adapter_job, ensemble_job],
     sensors=[dataset_files_sensor],
     resources=make_resources(),

@@ -93,6 +93,12 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
     ens = Ensemble.load(project / "var" / "storage" / "ensemble" / "current" / "ensemble.json")
     assert set(ens.weights) == set(counts) and all((ens.root / a.path).is_dir() for a in ens.adapters)
 
+    # registered in MLflow: the first version is the challenger and, with no champion before it, the champion
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'var' / 'mlflow' / 'mlflow.db'}")
+    assert str(client.get_model_version_by_alias("grouplora-ensemble", "challenger").version) == "1"
+    assert str(client.get_model_version_by_alias("grouplora-ensemble", "champion").version) == "1"
+
     instance = run.get_instance()
     checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(
         [dg.AssetCheckKey(dg.AssetKey("dataset"), "dataset_schema")])

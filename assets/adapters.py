@@ -46,7 +46,7 @@ def adapter(context: dg.AssetExecutionContext, storage: StorageResource, base_mo
     if not spec_path.exists():
         raise dg.Failure(f"adapter {key!r} has no spec at {spec_path}: materialize task_partition first")
     spec = json.loads(spec_path.read_text())
-    model, tokenizer = base_model.load()
+    model, tokenizer = base_model.load(load_in_4bit=training_settings.qlora or None)  # QLoRA: a 4-bit base
     examples = train_examples(storage, tokenizer, spec["members"])
     config = training_settings.config()
     out_dir = storage.path("adapters", key, "")

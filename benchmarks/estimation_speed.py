@@ -28,7 +28,8 @@ from pathlib import Path
 def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="BLAS/torch threads for ours AND the reference")
-    ap.add_argument("--ref-sample", type=int, default=24, help="subsets timed with the finite-difference reference (0: all 120)")
+    ap.add_argument("--ref-sample", type=int, default=24,
+                    help="subsets timed with the finite-difference reference (0: all 120)")
     ap.add_argument("--maxiter", type=int, default=40, help="reference BFGS maxiter")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of ours on (a); the median is reported")
     ap.add_argument("--skip-scale", action="store_true", help="skip (b)")
@@ -96,6 +97,10 @@ def run_reference(fs, subsets, idx, analytic_jac: bool) -> dict:
         objs.append(objective(fs, subsets[k], w, LAM))
         nits.append(nit)
     return {"objective": np.array(objs), "nit": nits, "seconds": np.array(secs)}
+
+
+def iteration_stats(r) -> dict:
+    return {"max": int(r.iterations.max()), "mean": float(r.iterations.mean()), "data_passes": r.data_passes}
 
 
 def machine() -> dict:
@@ -169,11 +174,12 @@ def main() -> None:
         "ours_fit_seconds": t_ours,
         "ours_fit_seconds_runs": [round(s, 4) for s in ours_secs],
         "ours_score_seconds": score_secs,
-        "iterations": {"max": int(r.iterations.max()), "mean": float(r.iterations.mean()), "data_passes": r.data_passes},
+        "iterations": iteration_stats(r),
         "ours_max_grad_norm": float(r.grad_norm.max()),
         "reference": {
             "call": f"scipy.optimize.minimize(loss, zeros(d), method='BFGS', options={{'maxiter': {ARGS.maxiter}}})",
-            "source": "VirtuosoResearch/EnsembleLoRA fast_estimate_linear_regression_glue.py customize_logistic_regression",
+            "source": "VirtuosoResearch/EnsembleLoRA fast_estimate_linear_regression_glue.py, "
+                      "customize_logistic_regression",
             "jac": "none (finite differences), as in the papers' code",
             "seconds_all_subsets": t_fd,
             "sampled": len(fd_idx) < K,
@@ -213,7 +219,7 @@ def main() -> None:
                     "fit_seconds": t_fit,
                     "score_seconds": t_all - t_fit,
                     "score_rows": len(df),
-                    "iterations": {"max": int(rb.iterations.max()), "mean": float(rb.iterations.mean()), "data_passes": rb.data_passes},
+                    "iterations": iteration_stats(rb),
                     "all_converged": bool(rb.converged.all()),
                     "max_grad_norm": float(rb.grad_norm.max()),
                 },
@@ -230,8 +236,10 @@ def main() -> None:
     )
 
     rows = [
-        ("(a) ours fit, 120 subsets", f"{t_ours:.3f} s", f"iters max {r.iterations.max()}, |grad| <= {r.grad_norm.max():.1e}"),
-        ("(a) papers' BFGS, no jac", f"{t_fd:.1f} s", f"x{t_fd / t_ours:.0f}; gap {gap_fd:+.2e}" + (" (sampled)" if len(fd_idx) < K else "")),
+        ("(a) ours fit, 120 subsets", f"{t_ours:.3f} s",
+         f"iters max {r.iterations.max()}, |grad| <= {r.grad_norm.max():.1e}"),
+        ("(a) papers' BFGS, no jac", f"{t_fd:.1f} s",
+         f"x{t_fd / t_ours:.0f}; gap {gap_fd:+.2e}" + (" (sampled)" if len(fd_idx) < K else "")),
         ("(a) papers' BFGS, analytic jac", f"{t_jac:.2f} s", f"x{t_jac / t_ours:.0f}; gap {gap_jac:+.2e}"),
     ]
     if "scale" in res:

@@ -1,6 +1,9 @@
 """The `grouplora` command line: build the demo data, run the pipeline through Dagster, print results."""
 
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -67,19 +70,43 @@ def demo_cmd(executor: str) -> None:
 @click.option("--port", default=3000, show_default=True)
 def ui_cmd(host: str, port: int) -> None:
     """Start the Dagster webserver and daemon (`dagster dev`) on the project-local instance."""
-    import subprocess
-    import sys
-
     from grouplora.orchestration import run
 
     home = run.dagster_home()
     target = ["-w", "workspace.yaml"] if Path("workspace.yaml").exists() else ["-m", "grouplora.orchestration.definitions"]
     cmd = [str(Path(sys.executable).parent / "dagster"), "dev", "-h", host, "-p", str(port), *target]
     click.echo(f"Dagster UI: http://{host}:{port}  (DAGSTER_HOME={home}; Ctrl-C stops it)")
+    supervise([cmd])
+
+
+def supervise(cmds: list[list[str]]) -> None:
+    """Run servers until Ctrl-C or SIGTERM, then pass SIGINT on to each (dagster dev shuts its daemon and
+    webserver down on SIGINT) and wait; whatever is still up after 30 s is killed."""
+    # A shell without job control starts background jobs with SIGINT ignored, and children inherit that:
+    # restore the defaults here and in the children, or Ctrl-C/kill -INT would leave servers running.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    procs = [subprocess.Popen(c, preexec_fn=_default_signals) for c in cmds]
     try:
-        subprocess.run(cmd, check=False)
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
     except KeyboardInterrupt:
         pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 30
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run_pipeline(datasets_dir: Path | None, executor: str) -> None:

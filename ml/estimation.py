@@ -277,7 +277,7 @@ class _Chunk:
             r = risky.nonzero().squeeze(1)
             Pinv, failed = self._inverse_hessians(A[r], self.N[r], used, _f64)
             if failed.any():
-                raise FloatingPointError(f"lam={lam:g} is too small for these features: a Hessian is singular in float64")
+                raise FloatingPointError(f"lam={lam:g} is too small for these features: singular Hessian in float64")
             self.Pinv[r] = Pinv.to(torch.float32)
 
     def _inverse_hessians(self, A: torch.Tensor, N: torch.Tensor, used: list[int], dtype: torch.dtype
@@ -436,8 +436,12 @@ def solve_subsets(
 ) -> FitResult:
     """Solve every subset's regularized logistic problem; W[k] is subset k's w. See the module docstring.
 
-    chunk_size: subsets solved together (memory ~ chunk_size * d^2 * 12 bytes at setup); memory: L-BFGS pairs;
-    threads: torch threads for this call (None: leave torch's setting).
+    tol: a subset stops at ||grad||_2 <= tol, so its objective is within tol^2 / (4 lam) of the optimum; with a
+    weak lam and a tiny objective, pass a smaller tol for a small *relative* gap (weak lam also needs more
+    iterations: w* moves far from the w = 0 metric). chunk_size: subsets solved together (setup memory about
+    chunk_size d^2 12 bytes); memory: L-BFGS pairs kept; threads: torch threads for this call, restored after
+    (None: torch's setting; on a busy shared CPU, 1, or OMP_WAIT_POLICY=PASSIVE, avoids spin-wait stalls).
+    Subsets that stop short of tol are reported in `converged` and with a RuntimeWarning.
     """
     lam = _check_lam(lam)
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
@@ -523,18 +527,20 @@ def score(
         with torch.no_grad(), _threads(threads):
             for a in range(0, K, chunk_size):
                 Wc = torch.from_numpy(W[a : a + chunk_size])
-                M = f0[:, None] + G @ Wc.T  # (n_val_total, k) margins under each subset's w
+                M = torch.addmm(f0[:, None], G, Wc.T)  # (n_val_total, k) margins under each subset's w
                 for i, v in enumerate((F.softplus(-M), (M > 0).to(_f64), M)):
                     acc = torch.zeros(nd, len(Wc), dtype=_f64).index_add_(0, which, v)
                     stats[i, a : a + len(Wc)] = (acc / cnt).T.numpy()
         stats[:, :, n_val == 0] = np.nan
     inside = np.zeros((K, nd), dtype=bool)
+    members = np.empty(K, dtype=object)  # 1-D array of tuples (np.array would make equal-size ones 2-D)
     for k, s in enumerate(subs):
         inside[k, [pos[m] for m in s.members]] = True
+        members[k] = s.members
     return pd.DataFrame(
         {
             "subset_id": np.repeat([s.id for s in subs], nd),
-            "members": [list(s.members) for s in subs for _ in range(nd)],
+            "members": list(map(list, np.repeat(members, nd))),  # a fresh list per row
             "kind": np.repeat([s.kind for s in subs], nd),
             "dataset": np.tile(np.array(names, dtype=object), K),
             "in_subset": inside.reshape(-1),

@@ -114,8 +114,10 @@ class BaseModelResource(dg.ConfigurableResource):
     max_length: int = 256
     batch_size: int = 16
 
-    def load(self) -> tuple[Any, Any]:
-        return _load_model(self.name, self.dtype, self.device, self.load_in_4bit)
+    def load(self, load_in_4bit: bool | None = None) -> tuple[Any, Any]:
+        """(model, tokenizer), loaded once per process; load_in_4bit overrides the setting (QLoRA training)."""
+        four_bit = self.load_in_4bit if load_in_4bit is None else load_in_4bit
+        return _load_model(self.name, self.dtype, self.device, four_bit)
 
     def first_token(self, word: str) -> int:
         _, tokenizer = self.load()

@@ -118,18 +118,27 @@ def run_datasets(names: Iterable[str], versions: dict[str, str], *, executor: Ex
     new = [n for n in names if n not in known]
     if new:
         instance.add_dynamic_partitions(dataset_partitions.name, new)
+    assets = [a.key.to_user_string() for a in PER_DATASET_ASSETS]
+    return run_partitions(instance, dataset_job, names, lambda n: is_current(instance, n, versions[n], assets),
+                          executor=executor, progress=progress)
+
+
+def run_partitions(instance: dg.DagsterInstance, job_fn: Callable[[], dg.JobDefinition], keys: Iterable[str],
+                   is_done: Callable[[str], bool], *, executor: Executor,
+                   progress: Callable[[str, str], None] | None = None) -> list[str]:
+    """One run per partition key that is not done yet, in order; returns the keys that ran."""
     ran = []
-    for name in names:
-        if is_current(instance, name, versions[name], [a.key.to_user_string() for a in PER_DATASET_ASSETS]):
+    for key in keys:
+        if is_done(key):
             if progress:
-                progress(name, "current")
+                progress(key, "current")
             continue
         if progress:
-            progress(name, "running")
-        run_job(instance, dataset_job, tags={"dagster/partition": name}, executor=executor)
-        ran.append(name)
+            progress(key, "running")
+        run_job(instance, job_fn, tags={"dagster/partition": key}, executor=executor)
+        ran.append(key)
         if progress:
-            progress(name, "done")
+            progress(key, "done")
     return ran
 
 
@@ -146,19 +155,8 @@ def run_adapters(keys: Iterable[str], *, executor: Executor = "multiprocess",
     """Train each adapter partition that has no materialization yet (keys are content hashes: a key that
     exists was trained on exactly these data and settings). Returns the keys that ran."""
     instance = get_instance()
-    ran = []
-    for key in keys:
-        if _latest(instance, "adapter", key) is not None:
-            if progress:
-                progress(key, "current")
-            continue
-        if progress:
-            progress(key, "running")
-        run_job(instance, adapter_job, tags={"dagster/partition": key}, executor=executor)
-        ran.append(key)
-        if progress:
-            progress(key, "done")
-    return ran
+    return run_partitions(instance, adapter_job, keys, lambda k: _latest(instance, "adapter", k) is not None,
+                          executor=executor, progress=progress)
 
 
 def run_ensemble(executor: Executor = "multiprocess") -> None:

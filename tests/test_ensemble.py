@@ -23,17 +23,7 @@ from grouplora.ml.scoring import encode, label_logits, predict_logprobs
 from grouplora.ml.training import TrainConfig, TrainExample, save_fresh_adapter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_base_model("tiny")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def has_lora(model) -> bool:

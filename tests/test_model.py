@@ -20,11 +20,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_base_model("tiny")
-
-
 def test_tiny_load_is_deterministic_and_fingerprint_stable(tiny):
     model, tok = tiny
     model2, tok2 = load_base_model("tiny")

@@ -42,12 +42,7 @@ QUERY = pd.DataFrame({"dataset": ["sent", "spam", "sent", "spam"],
                                "meeting moved to friday"]})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_ensemble(path: Path, adapters: dict[str, Path], weights: dict, tok, fingerprint: str) -> Path:

@@ -18,18 +18,7 @@ from grouplora.ml.training import (TrainConfig, TrainExample, evaluate, latest_c
                                    train_adapter)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # A 64-wide model is dominated by thread hand-off on a shared 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_base_model("tiny")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FILL = ["the movie", "a film", "the plot", "the acting", "it", "the end"]

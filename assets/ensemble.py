@@ -15,7 +15,8 @@ from grouplora.assets.features import gradient_features, lora_model
 from grouplora.assets.partition import png_markdown
 from grouplora.assets.zero_shot import zero_shot_scores
 from grouplora.ml.atomic import atomic_dir, write_json, write_parquet
-from grouplora.ml.boosting import boost_adapter_from_w, keep_round, negative_gradient, ridge_boost
+from grouplora.ml.boosting import (boost_adapter_from_w, keep_round, negative_gradient, ridge_boost,
+                                   train_boost_adapter)
 from grouplora.ml.ensemble import (AdapterSpec, DatasetSpec, Ensemble, adapter_logprobs, combine, ensemble_loss,
                                    fit_weights, release)
 from grouplora.ml.forward_mode import log_odds_from_logprobs
@@ -23,7 +24,7 @@ from grouplora.ml.model import label_token_ids, model_fingerprint
 from grouplora.ml.plots import accuracy_table_png
 from grouplora.ml.projection import Projection
 from grouplora.orchestration.resources import (BaseModelResource, EnsembleSettings, GradientSettings, MlflowResource,
-                                               StorageResource)
+                                               StorageResource, TrainingSettings)
 
 METHODS = ["zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble"]
 
@@ -38,22 +39,33 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def boost_group(storage: StorageResource, base_model: BaseModelResource, gradient_settings: GradientSettings,
-                settings: EnsembleSettings, group: dict, ens: Ensemble, model, tokenizer, log) -> str | None:
-    """One cheap boosting round (GradEx view, no training): ridge-fit the gradient features of the group's train
-    examples to the residuals of its adapter, map w back through the projection into a LoRA adapter θ0 + Pw.
-    Returns the new adapter's name, or None when the round does not lower the group's validation loss."""
+                settings: EnsembleSettings, training_settings: TrainingSettings, group: dict, ens: Ensemble,
+                model, tokenizer, log) -> str:
+    """One boosting round for a group whose adapter still errs, fit to that adapter's residuals.
+
+    ridge (GradEx view, no training): ridge-fit the gradient features of the group's train examples to the
+    residuals σ(−m) of its adapter and map w back through the projection into a LoRA adapter θ0 + Pw.
+    trained: train a fresh adapter on the group's examples weighted by the adapter's current loss.
+    The caller keeps the round only if it lowers validation loss."""
     members, key = group["members"], group["key"]
-    frame, X, feature_settings = read_features(storage, members)
-    train = frame["split"].to_numpy() == "train"
-    margins = []
-    for name in members:  # current margins (log-odds of gold) of the group adapter on its own train data
+    logprobs, labels = [], []
+    for name in members:  # the group adapter on its own train data
         df = split_frame(storage, name, "train")
-        lp = adapter_logprobs(ens, model, tokenizer, name, df["prompt"].tolist(), [key])[0]
-        margins.append(log_odds_from_logprobs(lp, df["label_id"].to_numpy()))
-    residual = negative_gradient(np.concatenate(margins))  # σ(−m): large where the adapter is still wrong
-    w = ridge_boost(X[train], residual, settings.boost_lam)
-    release(model)
-    theta0, tok = lora_model(base_model, gradient_settings)
+        logprobs.append(adapter_logprobs(ens, model, tokenizer, name, df["prompt"].tolist(), [key])[0])
+        labels.append(df["label_id"].to_numpy())
+    release(model)  # the base goes back clean: the next steps add their own LoRA layers
+    name, out = f"boost_{key}", storage.path("adapters", f"boost_{key}", "")
+    if settings.boost_mode == "trained":
+        loss = np.concatenate([-lp[np.arange(len(y)), y] for lp, y in zip(logprobs, labels)])
+        train_boost_adapter((model, tokenizer), train_examples(storage, tokenizer, members), loss,
+                            training_settings.config(), out)
+        log.info(f"trained boosting adapter for {key}: mean current loss {loss.mean():.3f}")
+        return name
+    margins = np.concatenate([log_odds_from_logprobs(lp, y) for lp, y in zip(logprobs, labels)])
+    residual = negative_gradient(margins)  # σ(−m): large where the adapter is still wrong
+    frame, X, feature_settings = read_features(storage, members)
+    w = ridge_boost(X[frame["split"].to_numpy() == "train"], residual, settings.boost_lam)
+    theta0, _ = lora_model(base_model, gradient_settings)
     projection = Projection.for_model(theta0, d=gradient_settings.d, seed=gradient_settings.seed)
     if projection.checksum() != feature_settings["projection_checksum"]:
         raise dg.Failure("features were taken with another projection; re-materialize gradient_features")
@@ -61,9 +73,8 @@ def boost_group(storage: StorageResource, base_model: BaseModelResource, gradien
     if not theta0_dir.exists():
         with atomic_dir(theta0_dir) as tmp:
             theta0.save_pretrained(str(tmp))
-    name = f"boost_{key}"
-    boost_adapter_from_w(theta0_dir, projection, w, storage.path("adapters", name, ""), r=gradient_settings.lora_r)
-    log.info(f"boosting {key} ({', '.join(members)}): mean residual {residual.mean():.3f}, |w| {np.linalg.norm(w):.3g}")
+    boost_adapter_from_w(theta0_dir, projection, w, out, r=gradient_settings.lora_r)
+    log.info(f"ridge boosting for {key}: mean residual {residual.mean():.3f}, |w| {np.linalg.norm(w):.3g}")
     return name
 
 
@@ -77,7 +88,7 @@ def boost_group(storage: StorageResource, base_model: BaseModelResource, gradien
 )
 def ensemble(context: dg.AssetExecutionContext, storage: StorageResource, base_model: BaseModelResource,
              gradient_settings: GradientSettings, ensemble_settings: EnsembleSettings,
-             mlflow_tracking: MlflowResource) -> dg.MaterializeResult:
+             training_settings: TrainingSettings, mlflow_tracking: MlflowResource) -> dg.MaterializeResult:
     start = time.perf_counter()
     spec = json.loads(storage.path("partition", "task_partition", ".json").read_text())
     groups, baseline = spec["groups"], spec["baseline"]
@@ -101,8 +112,8 @@ def ensemble(context: dg.AssetExecutionContext, storage: StorageResource, base_m
     boosted: dict[str, str] = {}
     for g in groups:
         if results[g["key"]]["final_loss"] > ensemble_settings.boost_threshold and ensemble_settings.boost_rounds > 0:
-            name = boost_group(storage, base_model, gradient_settings, ensemble_settings, g, ens, model, tokenizer,
-                               context.log)
+            name = boost_group(storage, base_model, gradient_settings, ensemble_settings, training_settings, g, ens,
+                               model, tokenizer, context.log)
             ens.adapters.append(AdapterSpec(name, str(storage.path("adapters", name, "")), g["members"]))
             boosted[g["key"]] = name
 

@@ -11,8 +11,8 @@ grid value with the lowest mean relative loss error on them, and only the other 
 
     python benchmarks/estimation_fidelity.py --model tiny --device cpu --preset demo --n-subsets 8 \
         --max-train-per-dataset 16 --max-val-per-dataset 8 --epochs 1
-    python benchmarks/estimation_fidelity.py --model smollm2-135m-instruct --device cuda --data data/full \
-        --max-train-per-dataset 300 --max-val-per-dataset 100 --epochs 3
+    python benchmarks/estimation_fidelity.py --model smollm2-135m-instruct --device cuda --preset full \
+        --max-train-per-dataset 300 --max-val-per-dataset 100 --n-subsets 10 --n-calibration 2 --epochs 2
 
 Writes benchmarks/results/estimation_fidelity_<device>.json (device = cpu | cuda).
 """
@@ -373,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "lr": args.lr, "epochs": args.epochs, "d": args.d,
         "data_preset": _manifest_preset(folder),
         "lam": lam, "lam_grid": list(grid), "lam_at_grid_edge": len(grid) > 1 and lam in (min(grid), max(grid)),
-        "lam_choice": (f"fixed by --lam" if args.lam is not None else
+        "lam_choice": ("fixed by --lam" if args.lam is not None else
                        f"argmin over the grid of mean_relative_error_loss on {len(cal)} calibration subsets "
                        "(fine-tuned too, not among the reported ones)"),
         "calibration_subsets": [list(s.members) for s in cal],

@@ -55,7 +55,10 @@ class GradientHooks:
             # project x now and keep only (b, T, k2); zero the pads so they contribute nothing
             xp = self.projection.project_in(name, args[0]) * self.mask[:, :, None]
 
-            def grad_hook(delta: torch.Tensor) -> None:
+            def grad_hook(delta: torch.Tensor | None) -> None:
+                if delta is None:  # fail loudly: zeros here would be wrong features, not a crash
+                    raise RuntimeError(f"no gradient reached {name}: the graph to it is cut (a base layer "
+                                       "without backward, e.g. bnb's CPU inference kernel?)")
                 self.feats += self.projection.outer(name, delta, xp)
             output.register_hook(grad_hook)
         return hook

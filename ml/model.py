@@ -75,7 +75,15 @@ def _from_folder(folder: Path, dtype: torch.dtype, device: str, load_in_4bit: bo
     qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                             bnb_4bit_use_double_quant=True)
     # bnb quantises when the weights move to the target device, so place them there at load time.
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=qc, device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=qc, device_map={"": device})
+    import bitsandbytes as bnb
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            # On CPUs with AVX512-BF16, bnb repacks a layer's weights for an inference-only kernel the first time
+            # it runs in eval mode on an input without grad (e.g. any no_grad scoring pass), and from then on that
+            # layer has NO backward: gradients silently stop at every base layer. Keep the differentiable path.
+            m.support_avx512bf16_for_cpu = False
+    return model
 
 
 def _prepare_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -95,7 +95,7 @@ class WarehouseResource(dg.ConfigurableResource):
     def query(self, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
         with self.connect(read_only=True) as con:
             # Through Arrow: FLOAT[k] columns become arrays of floats (fetchnumpy() cannot do that).
-            return con.execute(sql, params or []).to_arrow_table().to_pandas()
+            return con.sql(sql, params=params or None).to_arrow_table().to_pandas()
 
     def tables(self) -> set[str]:
         if not Path(self.path).exists():
@@ -229,7 +229,8 @@ class TrainingSettings(dg.ConfigurableResource):
 class EnsembleSettings(dg.ConfigurableResource):
     """Boosting and the registry: boost a group when its train error stays above `boost_threshold`."""
 
-    boost_threshold: float = 0.2
+    boost_threshold: float = 0.2  # mean train cross-entropy of a group's adapter above which it gets boosted
+    boost_mode: str = "ridge"  # ridge: no training (features + projection); trained: a loss-weighted adapter
     boost_lam: float = 1.0
-    boost_rounds: int = 1
+    boost_rounds: int = 1  # 0 disables boosting; one round per group is what is implemented
     registered_name: str = "grouplora-ensemble"

@@ -12,6 +12,7 @@ from grouplora.ml.features import compute_features
 from grouplora.ml.lora import add_lora, is_fresh, lora_weights
 from grouplora.ml.model import label_token_ids, load_base_model
 from grouplora.ml.projection import Projection, split_dims
+from grouplora.ml.scoring import predict_logprobs
 
 PROMPTS = [
     "Review: the movie was wonderful. Sentiment:",
@@ -162,11 +163,26 @@ def test_first_order_error_is_small_near_theta0():
     assert is_fresh(pm)  # the weights were restored
 
 
-def test_hooks_on_4bit_base_match_autograd(tmp_path):
-    pytest.importorskip("bitsandbytes")
-    pm, tok, lab = _lora(fresh=False, load_in_4bit=True, tmp=tmp_path)
-    proj = Projection.for_model(pm, d=200, seed=0)
-    _, feats = compute_features(pm, tok, PROMPTS, LABELS, lab, proj, batch_size=4, max_length=64)
-    ref = _autograd_features(pm, tok, lab, proj)
-    rel = np.linalg.norm(feats - ref, axis=1) / np.linalg.norm(ref, axis=1)
+def test_hooks_on_4bit_base_give_true_gradients(tmp_path):
+    """On a bitsandbytes nf4 base the hook features equal those of an fp32 twin holding the dequantised
+    weights: gradients really flow through the frozen 4-bit layers, also after a no_grad scoring pass (which
+    on AVX512-BF16 CPUs would otherwise switch bnb to a kernel without backward)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    pm4, tok, lab = _lora(fresh=False, load_in_4bit=True, tmp=tmp_path)
+    predict_logprobs(pm4, tok, PROMPTS, lab, max_length=64)
+    pm32, _, _ = _lora(fresh=False)
+    mods32 = dict(pm32.named_modules())
+    n4 = 0
+    with torch.no_grad():
+        for name, mod in pm4.named_modules():
+            if isinstance(mod, bnb.nn.Linear4bit):
+                w = bnb.functional.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
+                mods32[name].weight.copy_(w)
+                n4 += 1
+    assert n4 == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+    proj = Projection.for_model(pm4, d=200, seed=0)
+    f4, feats4 = compute_features(pm4, tok, PROMPTS, LABELS, lab, proj, batch_size=4, max_length=64)
+    f32, feats32 = compute_features(pm32, tok, PROMPTS, LABELS, lab, proj, batch_size=4, max_length=64)
+    np.testing.assert_allclose(f4, f32, atol=1e-4)
+    rel = np.linalg.norm(feats4 - feats32, axis=1) / np.linalg.norm(feats32, axis=1)
     assert rel.max() < 1e-4, rel

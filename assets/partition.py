@@ -80,7 +80,7 @@ def task_partition(context: dg.AssetExecutionContext, storage: StorageResource, 
         write_json({**g, "versions": {k: versions[k] for k in g["members"]}, "training": training},
                    storage.path("adapters", g["key"], ".json"))
     write_json(spec, storage.path("partition", "task_partition", ".json"))
-    png = affinity_heatmap(T, names, labels, title=f"Task affinity, {m} groups ({ps.method})",
+    png = affinity_heatmap(T, names, labels, title=f"Task affinity: mean est. −loss of target i over subsets with j ({ps.method})",
                            path=storage.path("partition", "affinity_heatmap", ".png"))
     keys = [g["key"] for g in groups] + [baseline["key"]]
     new = [k for k in keys if not context.instance.has_dynamic_partition(adapter_partitions.name, k)]

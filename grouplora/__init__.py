@@ -2,6 +2,7 @@
 
 import logging
 import os
+import warnings
 
 __version__ = "0.1.0"
 
@@ -12,3 +13,5 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # bitsandbytes looks for an optional 4-bit CPU kernel on a model hub at import and warns when it cannot reach
 # one; its built-in CPU path is what we use, so the warning is noise here.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# peft calls a transformers method that transformers 5 deprecates, on every adapter load/save.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)

@@ -7,7 +7,6 @@ per-matrix seed) is the same whether it is read off a PeftModel, its LoraModel, 
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -22,17 +21,15 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: int = 16,
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout,
                      bias="none", task_type="CAUSAL_LM")
     # peft draws A from the global RNG: seed a forked RNG so the adapter depends on `seed` alone
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):  # the caller's CPU and CUDA RNG streams come back untouched
         torch.manual_seed(seed)
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)  # peft's
         return get_peft_model(model, cfg)
 
 
 def load_adapter(model: PreTrainedModel, path: str | Path) -> PeftModel:
     """A saved adapter on `model`, trainable (so gradients and features can be taken at it)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        return PeftModel.from_pretrained(model, str(path), is_trainable=True)
+    return PeftModel.from_pretrained(model, str(path), is_trainable=True)
 
 
 def canonical_name(module_path: str, adapter: str = "default") -> str:

@@ -67,16 +67,24 @@ def demo_cmd(executor: str) -> None:
 
 @main.command("ui")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
-@click.option("--port", default=3000, show_default=True)
-def ui_cmd(host: str, port: int) -> None:
-    """Start the Dagster webserver and daemon (`dagster dev`) on the project-local instance."""
-    from grouplora.orchestration import run
+@click.option("--port", default=3000, show_default=True, help="Dagster webserver port.")
+@click.option("--mlflow-port", default=5000, show_default=True, help="MLflow UI port.")
+def ui_cmd(host: str, port: int, mlflow_port: int) -> None:
+    """Start the Dagster webserver + daemon (`dagster dev`) and the MLflow server over the project's state."""
+    from grouplora.orchestration import run, settings
 
     home = run.dagster_home()
+    bin_dir = Path(sys.executable).parent
     target = ["-w", "workspace.yaml"] if Path("workspace.yaml").exists() else ["-m", "grouplora.orchestration.definitions"]
-    cmd = [str(Path(sys.executable).parent / "dagster"), "dev", "-h", host, "-p", str(port), *target]
-    click.echo(f"Dagster UI: http://{host}:{port}  (DAGSTER_HOME={home}; Ctrl-C stops it)")
-    supervise([cmd])
+    mlflow_dir = settings.home() / "mlflow"
+    mlflow_dir.mkdir(parents=True, exist_ok=True)
+    dagster = [str(bin_dir / "dagster"), "dev", "-h", host, "-p", str(port), *target]
+    mlflow = [str(bin_dir / "mlflow"), "server", "--host", host, "--port", str(mlflow_port),
+              "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+              "--default-artifact-root", str(mlflow_dir / "artifacts")]
+    click.echo(f"Dagster UI: http://{host}:{port}  (DAGSTER_HOME={home})")
+    click.echo(f"MLflow UI:  http://{host}:{mlflow_port}  (store {mlflow_dir}); Ctrl-C stops both")
+    supervise([dagster, mlflow])
 
 
 def supervise(cmds: list[list[str]]) -> None:

@@ -93,6 +93,21 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
     ens = Ensemble.load(project / "var" / "storage" / "ensemble" / "current" / "ensemble.json")
     assert set(ens.weights) == set(counts) and all((ens.root / a.path).is_dir() for a in ens.adapters)
 
+    # both boosting modes write a peft adapter for a group: ridge (no training) ran above when a group's loss
+    # stayed high; the trained mode (a loss-weighted adapter) is checked here on the same state
+    import logging
+    from grouplora.assets.ensemble import boost_group
+    from grouplora.orchestration.resources import EnsembleSettings, TrainingSettings
+    resources = make_resources()
+    model, tok = resources["base_model"].load()
+    group = spec["groups"][0]
+    name = boost_group(resources["storage"], resources["base_model"], resources["gradient_settings"],
+                       EnsembleSettings(boost_mode="trained"), TrainingSettings(epochs=1), group,
+                       Ensemble.load(project / "var" / "storage" / "ensemble" / "current" / "ensemble.json"),
+                       model, tok, logging.getLogger("test"))
+    boost_dir = project / "var" / "storage" / "adapters" / name
+    assert (boost_dir / "adapter_model.safetensors").exists() and json.loads((boost_dir / "adapter_config.json").read_text())
+
     # registered in MLflow: the first version is the challenger and, with no champion before it, the champion
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'var' / 'mlflow' / 'mlflow.db'}")

@@ -19,7 +19,12 @@ adapter_partitions = dg.DynamicPartitionsDefinition(name="adapters")
 
 def affinity_matrix(warehouse: WarehouseResource, column: str = "affinity_neg_loss") -> tuple[np.ndarray, list[str]]:
     """T[i, j] from the subset_affinity table (target i, source j); higher = j helps i more."""
+    if column not in ("affinity_neg_loss", "affinity_accuracy"):
+        raise ValueError(f"unknown affinity column {column!r}")
     df = warehouse.query(f"SELECT target, source, {column} AS value FROM subset_affinity")
+    if df.empty:
+        raise dg.Failure("subset_affinity is empty: it averages over random subsets, which need at least 3 "
+                         "datasets and EstimationSettings.size >= 3")
     table = df.pivot(index="target", columns="source", values="value")
     names = sorted(set(table.index) | set(table.columns))
     table = table.reindex(index=names, columns=names)

@@ -166,8 +166,9 @@ def accuracy_table_png(
         for j in range(nc):
             txt = "–" if not np.isfinite(vals[i, j]) else fmt.format(vals[i, j])
             ax.text(j, i, txt, ha="center", va="center", fontsize=8, weight="bold" if best[i, j] else "normal")
+    # labels sit above the table: rotate about their left end so each starts over its own column
     ax.set_xticks(np.arange(nc), [_short(c) for c in show.columns], rotation=45 if nc > 6 else 0,
-                  ha="right" if nc > 6 else "center", fontsize=8)
+                  ha="left" if nc > 6 else "center", rotation_mode="anchor", fontsize=8)
     ax.set_yticks(np.arange(nr), [_short(r) for r in show.index], fontsize=8)
     ax.xaxis.tick_top()
     ax.xaxis.set_label_position("top")

@@ -6,7 +6,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DAGSTER_HOME := $(CURDIR)/var/dagster_home
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow dev clean
+.PHONY: install demo test test-fast dev clean
 
 # torch==2.13.0 resolves to the local CPU wheel; constraints.txt pins the tested set for reproducible installs.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -21,11 +21,13 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/grouplora demo
 
+# Everything, including the tests that read the real registry archives and the real model (cached after once).
 test: install
-	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider
 
-test-slow: install
-	$(PY) -m pytest -q -m slow -p no:cacheprovider
+# Without those (no downloads).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
 
 dev: install
 	$(VENV)/bin/grouplora ui

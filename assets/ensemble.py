@@ -24,7 +24,7 @@ from grouplora.ml.model import label_token_ids, model_fingerprint
 from grouplora.ml.plots import accuracy_table_png
 from grouplora.ml.projection import Projection
 from grouplora.orchestration.resources import (BaseModelResource, EnsembleSettings, GradientSettings, MlflowResource,
-                                               StorageResource, TrainingSettings)
+                                               StorageResource, TrainingSettings, WarehouseResource)
 
 METHODS = ["zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble"]
 
@@ -88,7 +88,8 @@ def boost_group(storage: StorageResource, base_model: BaseModelResource, gradien
 )
 def ensemble(context: dg.AssetExecutionContext, storage: StorageResource, base_model: BaseModelResource,
              gradient_settings: GradientSettings, ensemble_settings: EnsembleSettings,
-             training_settings: TrainingSettings, mlflow_tracking: MlflowResource) -> dg.MaterializeResult:
+             training_settings: TrainingSettings, mlflow_tracking: MlflowResource,
+             warehouse: WarehouseResource) -> dg.MaterializeResult:
     start = time.perf_counter()
     spec = json.loads(storage.path("partition", "task_partition", ".json").read_text())
     groups, baseline = spec["groups"], spec["baseline"]
@@ -157,6 +158,7 @@ def ensemble(context: dg.AssetExecutionContext, storage: StorageResource, base_m
         ens.meta.update({"val_accuracy": float(table["ensemble_val"].mean()), "boost_kept": kept})
         ens.save(tmp / "ensemble.json")
     write_parquet(table.reset_index(), storage.path("ensemble", "results"))
+    warehouse.register_parquet("ensemble_results", str(storage.path("ensemble", "results")))
     summary = table[METHODS].mean().rename("MEAN")
     png = accuracy_table_png(table[METHODS].T, storage.path("ensemble", "results", ".png"),
                              title="Test accuracy per dataset")

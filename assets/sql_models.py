@@ -21,6 +21,7 @@ SOURCE_VIEWS: dict[str, str] = {
     "zero_shot_scores": "zero_shot_scores",
     "gradient_features": "gradient_features",
     "subset_estimates": "subset_estimates",
+    "ensemble_results": "ensemble",
 }
 
 

@@ -23,8 +23,8 @@ dataset_job = dg.define_asset_job(
 
 suite_job = dg.define_asset_job(
     "suite_job",
-    selection=dg.AssetSelection.assets(approximation_error, subset_estimates, task_partition)
-    | dg.AssetSelection.groups("sql"),
+    selection=(dg.AssetSelection.assets(approximation_error, subset_estimates, task_partition)
+               | dg.AssetSelection.groups("sql")) - dg.AssetSelection.assets(ensemble).downstream(),
     description="Suite-wide assets: approximation error, subset estimates, SQL affinity tables, the partition.",
 )
 

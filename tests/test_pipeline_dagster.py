@@ -89,6 +89,10 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
     assert sorted(results["dataset"]) == sorted(counts)
     for method in ("zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble"):
         assert results[method].between(0, 1).all()
+    with duckdb.connect(str(db), read_only=True) as con:
+        report = con.execute("SELECT dataset, ensemble FROM accuracy_report").fetchall()
+    assert [d for d, _ in report] == sorted(counts) + ["MEAN"]
+    assert abs(report[-1][1] - results["ensemble"].mean()) < 1e-9
     from grouplora.ml.ensemble import Ensemble
     ens = Ensemble.load(project / "var" / "storage" / "ensemble" / "current" / "ensemble.json")
     assert set(ens.weights) == set(counts) and all((ens.root / a.path).is_dir() for a in ens.adapters)

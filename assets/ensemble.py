@@ -78,6 +78,51 @@ def boost_group(storage: StorageResource, base_model: BaseModelResource, gradien
     return name
 
 
+def fit_ensemble(storage: StorageResource, base_model: BaseModelResource, gradient_settings: GradientSettings,
+                 ensemble_settings: EnsembleSettings, training_settings: TrainingSettings, spec: dict, results: dict,
+                 ens: Ensemble, model, tokenizer, log) -> tuple[list[dict], dict, dict, dict]:
+    """Boost the groups that need it, fit each dataset's weights on validation, score every method on test.
+    Returns (result rows, weights per dataset, boosting rounds kept per dataset, boosted group -> adapter)."""
+    groups, baseline = spec["groups"], spec["baseline"]
+    group_of = {m: g for g in groups for m in g["members"]}
+    boosted: dict[str, str] = {}
+    for g in groups:
+        if results[g["key"]]["final_loss"] > ensemble_settings.boost_threshold and ensemble_settings.boost_rounds > 0:
+            name = boost_group(storage, base_model, gradient_settings, ensemble_settings, training_settings, g, ens,
+                               model, tokenizer, log)
+            ens.adapters.append(AdapterSpec(name, str(storage.path("adapters", name, "")), g["members"]))
+            boosted[g["key"]] = name
+
+    rows, weights, kept = [], {}, {}
+    for n in spec["datasets"]:
+        val, test = split_frame(storage, n, "validation"), split_frame(storage, n, "test")
+        g = group_of[n]["key"]
+        names = [g, baseline["key"]] + ([boosted[g]] if g in boosted else [])
+        zv = adapter_logprobs(ens, model, tokenizer, n, val["prompt"].tolist(), names)
+        zt = adapter_logprobs(ens, model, tokenizer, n, test["prompt"].tolist(), names)
+        yv, yt = val["label_id"].to_numpy(), test["label_id"].to_numpy()
+        zs = pd.read_parquet(storage.path("zero_shot", n))
+        zs_test = np.stack(zs[zs["split"] == "test"]["logprobs"].to_numpy())
+        row = {"dataset": n, "zero_shot": accuracy(zs_test, yt), "one_adapter_all": accuracy(zt[1], yt),
+               "grouped": accuracy(zt[0], yt)}
+        if g in boosted:  # group adapter + its boosting adapter; the round counts only if validation improves
+            a = fit_weights(zv[[0, 2]], yv)
+            keep = keep_round(ensemble_loss(zv[[0]], yv, np.ones(1)), ensemble_loss(zv[[0, 2]], yv, a))
+            kept[n] = keep
+            row["grouped_boosted"] = accuracy(combine(zt[[0, 2]], a), yt) if keep else row["grouped"]
+            if not keep:
+                names, zv, zt = names[:2], zv[:2], zt[:2]
+        else:
+            row["grouped_boosted"] = row["grouped"]
+        alpha = fit_weights(zv, yv)
+        weights[n] = {k: float(v) for k, v in zip(names, alpha)}
+        row["ensemble"] = accuracy(combine(zt, alpha), yt)
+        row["ensemble_val"] = accuracy(combine(zv, alpha), yv)
+        rows.append(row)
+        log.info(f"{n}: " + ", ".join(f"{k} {row[k]:.3f}" for k in METHODS))
+    return rows, weights, kept, boosted
+
+
 @dg.asset(
     deps=[adapter, zero_shot_scores, gradient_features],
     group_name="ensemble",
@@ -108,43 +153,13 @@ def ensemble(context: dg.AssetExecutionContext, storage: StorageResource, base_m
         weights={}, datasets={n: DatasetSpec(c["label_words"], c["template"], label_token_ids(tokenizer, c["label_words"]))
                               for n, c in cards.items()},
         meta={"classes": {n: c["classes"] for n, c in cards.items()}, "partition": spec})
-    group_of = {m: g for g in groups for m in g["members"]}
 
-    boosted: dict[str, str] = {}
-    for g in groups:
-        if results[g["key"]]["final_loss"] > ensemble_settings.boost_threshold and ensemble_settings.boost_rounds > 0:
-            name = boost_group(storage, base_model, gradient_settings, ensemble_settings, training_settings, g, ens,
-                               model, tokenizer, context.log)
-            ens.adapters.append(AdapterSpec(name, str(storage.path("adapters", name, "")), g["members"]))
-            boosted[g["key"]] = name
-
-    rows, weights, kept = [], {}, {}
-    for n in spec["datasets"]:
-        val, test = split_frame(storage, n, "validation"), split_frame(storage, n, "test")
-        g = group_of[n]["key"]
-        names = [g, baseline["key"]] + ([boosted[g]] if g in boosted else [])
-        zv = adapter_logprobs(ens, model, tokenizer, n, val["prompt"].tolist(), names)
-        zt = adapter_logprobs(ens, model, tokenizer, n, test["prompt"].tolist(), names)
-        yv, yt = val["label_id"].to_numpy(), test["label_id"].to_numpy()
-        zs = pd.read_parquet(storage.path("zero_shot", n))
-        zs_test = np.stack(zs[zs["split"] == "test"]["logprobs"].to_numpy())
-        row = {"dataset": n, "zero_shot": accuracy(zs_test, yt), "one_adapter_all": accuracy(zt[1], yt),
-               "grouped": accuracy(zt[0], yt)}
-        if g in boosted:  # group adapter + its boosting adapter; the round counts only if validation improves
-            a = fit_weights(zv[[0, 2]], yv)
-            keep = keep_round(ensemble_loss(zv[[0]], yv, np.ones(1)), ensemble_loss(zv[[0, 2]], yv, a))
-            kept[n] = keep
-            row["grouped_boosted"] = accuracy(combine(zt[[0, 2]], a), yt) if keep else row["grouped"]
-            if not keep:
-                names, zv, zt = names[:2], zv[:2], zt[:2]
-        else:
-            row["grouped_boosted"] = row["grouped"]
-        alpha = fit_weights(zv, yv)
-        weights[n] = {k: float(v) for k, v in zip(names, alpha)}
-        row["ensemble"] = accuracy(combine(zt, alpha), yt)
-        row["ensemble_val"] = accuracy(combine(zv, alpha), yv)
-        rows.append(row)
-        context.log.info(f"{n}: " + ", ".join(f"{k} {row[k]:.3f}" for k in METHODS))
+    try:
+        rows, weights, kept, boosted = fit_ensemble(storage, base_model, gradient_settings, ensemble_settings,
+                                                    training_settings, spec, results, ens, model, tokenizer,
+                                                    context.log)
+    finally:
+        release(model)  # the process-wide cached base goes back without the adapters loaded into it
     ens.weights = weights
     ens.adapters = [a for a in ens.adapters if any(a.name in w for w in weights.values())]
     table = pd.DataFrame(rows).set_index("dataset")

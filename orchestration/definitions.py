@@ -18,7 +18,8 @@ from grouplora.orchestration.resources import (BaseModelResource, DatasetSourceR
                                                EstimationSettings, GradientSettings, MlflowResource,
                                                PartitionSettings, StorageResource, TrainingSettings,
                                                WarehouseResource)
-from grouplora.orchestration.sensors import dataset_files_sensor
+from grouplora.orchestration.automation import automation_sensor, with_automation
+from grouplora.orchestration.sensors import dataset_files_sensor, nightly_recheck
 
 
 def make_resources() -> dict[str, dg.ConfigurableResource]:
@@ -39,12 +40,14 @@ def make_resources() -> dict[str, dg.ConfigurableResource]:
 
 
 defs = dg.Definitions(
-    assets=[dataset, zero_shot_scores, gradient_features, approximation_error, subset_estimates,
-            *build_sql_assets(), task_partition, adapter, ensemble, registered_ensemble],
+    # Automation conditions (orchestration/automation.py) make re-materialization incremental.
+    assets=with_automation([dataset, zero_shot_scores, gradient_features, approximation_error, subset_estimates,
+                            *build_sql_assets(), task_partition, adapter, ensemble, registered_ensemble]),
     asset_checks=[dataset_schema, dataset_class_balance, approximation_error_within_threshold,
                   champion_gate],
     jobs=[dataset_job, suite_job, report_job, adapter_job, ensemble_job],
-    sensors=[dataset_files_sensor],
+    sensors=[dataset_files_sensor, automation_sensor],
+    schedules=[nightly_recheck],
     resources=make_resources(),
     # Multiprocess by default (each step in its own process, as on a cluster); a run may ask for in_process.
     executor=dg.multi_or_in_process_executor,

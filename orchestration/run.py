@@ -64,20 +64,26 @@ def suite_job() -> dg.JobDefinition:
     return _job("suite_job")
 
 
-def _latest(instance: dg.DagsterInstance, asset: str, partition: str) -> dg.EventLogRecord | None:
+def latest_materialization(instance: dg.DagsterInstance, asset: str, partition: str) -> dg.EventLogRecord | None:
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
     return records[0] if records else None
 
 
+def materialized_version(instance: dg.DagsterInstance, asset: str, partition: str) -> str | None:
+    """The data version that a partition's last materialization recorded (None if never materialized)."""
+    record = latest_materialization(instance, asset, partition)
+    if record is None or record.asset_materialization is None:
+        return None
+    return (record.asset_materialization.tags or {}).get("dagster/data_version")
+
+
 def is_current(instance: dg.DagsterInstance, partition: str, version: str, assets: list[str]) -> bool:
     """True when the dataset partition holds `version` and every later per-dataset asset was built after it."""
-    first = _latest(instance, assets[0], partition)
-    if first is None or first.asset_materialization is None:
+    if materialized_version(instance, assets[0], partition) != version:
         return False
-    if (first.asset_materialization.tags or {}).get("dagster/data_version") != version:
-        return False
-    later = [_latest(instance, a, partition) for a in assets[1:]]
+    first = latest_materialization(instance, assets[0], partition)
+    later = [latest_materialization(instance, a, partition) for a in assets[1:]]
     return all(r is not None and r.storage_id > first.storage_id for r in later)
 
 
@@ -155,7 +161,7 @@ def run_adapters(keys: Iterable[str], *, executor: Executor = "multiprocess",
     """Train each adapter partition that has no materialization yet (keys are content hashes: a key that
     exists was trained on exactly these data and settings). Returns the keys that ran."""
     instance = get_instance()
-    return run_partitions(instance, adapter_job, keys, lambda k: _latest(instance, "adapter", k) is not None,
+    return run_partitions(instance, adapter_job, keys, lambda k: latest_materialization(instance, "adapter", k) is not None,
                           executor=executor, progress=progress)
 
 

@@ -7,12 +7,14 @@ import dagster as dg
 
 from grouplora.assets.datasets import dataset_partitions
 from grouplora.ml.data_format import DatasetError
-from grouplora.orchestration.jobs import dataset_job
+from grouplora.orchestration.jobs import dataset_job, suite_job
 from grouplora.orchestration.resources import DatasetSourceResource
+from grouplora.orchestration.run import materialized_version
 
 
-@dg.sensor(job=dataset_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
-           description="Registers new or changed dataset files (by content hash and settings) and requests their runs.")
+@dg.sensor(jobs=[dataset_job, suite_job], minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Registers new or changed dataset files (by content hash and settings) and requests their runs; "
+                       "when files were removed, deletes their partitions and requests a suite run without them.")
 def dataset_files_sensor(context: dg.SensorEvaluationContext, sources: DatasetSourceResource) -> dg.SensorResult | dg.SkipReason:
     try:
         current = {name: sources.version(name) for name in sources.files()}
@@ -21,7 +23,9 @@ def dataset_files_sensor(context: dg.SensorEvaluationContext, sources: DatasetSo
     seen = json.loads(context.cursor) if context.cursor else {}
     known = set(context.instance.get_dynamic_partitions(dataset_partitions.name))
     added, removed = sorted(set(current) - known), sorted(known - set(current))
-    changed = sorted(n for n, v in current.items() if seen.get(n) != v)
+    # Changed since the last tick, and not already materialized at this version (e.g. by `grouplora run`).
+    changed = sorted(n for n, v in current.items()
+                     if seen.get(n) != v and is_stale(context.instance, n, v))
     requests = []
     if added:
         requests.append(dataset_partitions.build_add_request(added))
@@ -29,8 +33,36 @@ def dataset_files_sensor(context: dg.SensorEvaluationContext, sources: DatasetSo
         requests.append(dataset_partitions.build_delete_request(removed))
     if changed or added or removed:
         context.log.info(f"added {added}, changed {sorted(set(changed) - set(added))}, removed {removed}")
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=n, run_key=f"{n}:{current[n]}") for n in changed],
-        dynamic_partitions_requests=requests,
-        cursor=json.dumps(current, sort_keys=True),
-    )
+    runs = [dg.RunRequest(job_name=dataset_job.name, partition_key=n, run_key=f"{n}:{current[n]}") for n in changed]
+    if removed:
+        # A deleted partition is no asset update, so automation would not notice: re-run the suite without it
+        # (the daemon applies the partition requests before it launches runs). Its downstream follows by automation.
+        runs.append(dg.RunRequest(job_name=suite_job.name, run_key="suite:-" + ",".join(removed) + ":" +
+                                  ",".join(f"{n}={v}" for n, v in sorted(current.items()))))
+    return dg.SensorResult(run_requests=runs, dynamic_partitions_requests=requests,
+                           cursor=json.dumps(current, sort_keys=True))
+
+
+def is_stale(instance: dg.DagsterInstance, name: str, version: str) -> bool:
+    """True unless the `dataset` partition's last materialization holds exactly this file version."""
+    return materialized_version(instance, "dataset", name) != version
+
+
+def stale_partitions(instance: dg.DagsterInstance, current: dict[str, str]) -> list[str]:
+    """Registered dataset partitions whose file's version is not the one last materialized (or never was)."""
+    registered = set(instance.get_dynamic_partitions(dataset_partitions.name))
+    return [n for n in sorted(registered & set(current)) if is_stale(instance, n, current[n])]
+
+
+@dg.schedule(job=dataset_job, cron_schedule="0 3 * * *", default_status=dg.DefaultScheduleStatus.RUNNING,
+             description="Nightly re-check: re-materializes every registered dataset partition whose file no longer "
+                         "matches its last materialized version (a change the sensor missed); automation does the rest.")
+def nightly_recheck(context: dg.ScheduleEvaluationContext, sources: DatasetSourceResource):
+    try:
+        current = {name: sources.version(name) for name in sources.files()}
+    except (DatasetError, ValueError) as e:
+        return dg.SkipReason(f"dataset folder not usable: {e}")
+    stale = stale_partitions(context.instance, current)
+    if not stale:
+        return dg.SkipReason("every registered dataset partition is current")
+    return [dg.RunRequest(partition_key=n, run_key=f"nightly:{n}:{current[n]}") for n in stale]

@@ -32,7 +32,9 @@ def train_examples(storage: StorageResource, tokenizer, members: list[str], spli
 
 @dg.asset(
     partitions_def=adapter_partitions,
-    deps=[task_partition, dataset],
+    # An adapter key is no dataset name: each adapter reads every dataset partition it was grouped with, so the
+    # mapping is "all partitions" (the default identity mapping would point at dataset partitions that don't exist).
+    deps=[task_partition, dg.AssetDep(dataset, partition_mapping=dg.AllPartitionMapping())],
     group_name="adapters",
     kinds={"pytorch", "mlflow"},
     code_version="1",

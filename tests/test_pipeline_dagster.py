@@ -135,6 +135,15 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
     assert stored.read_bytes() == good
 
 
+def test_adapter_partitions_depend_on_all_dataset_partitions():
+    """The daemon backfills new adapter keys; with an identity mapping it would look for dataset partitions named
+    like adapter keys and fail (seen in the demo)."""
+    from grouplora.orchestration.definitions import defs
+
+    mapping = defs.resolve_asset_graph().get_partition_mapping(dg.AssetKey("adapter"), dg.AssetKey("dataset"))
+    assert isinstance(mapping, dg.AllPartitionMapping)
+
+
 def test_sensor_adds_changes_and_removes_partitions(project):
     from grouplora.orchestration.definitions import make_resources
     from grouplora.orchestration.sensors import dataset_files_sensor

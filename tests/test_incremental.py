@@ -11,6 +11,7 @@ import pytest
 
 from grouplora.assets.datasets import dataset_partitions
 
+from conftest import tick_sensor
 from test_pipeline_dagster import make_folder
 
 SUITE = {"approximation_error", "subset_estimates", "zero_shot_report", "subset_affinity", "pairwise_affinity",
@@ -129,15 +130,7 @@ def test_one_changed_dataset_reruns_only_what_depends_on_it(project):
     resources = {"sources": make_resources()["sources"]}
 
     def tick(cursor):
-        ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
-        out = dataset_files_sensor(ctx)
-        for req in out.dynamic_partitions_requests:
-            if isinstance(req, dg.AddDynamicPartitionsRequest):
-                instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
-            else:
-                for key in req.partition_keys:
-                    instance.delete_dynamic_partition(req.partitions_def_name, key)
-        return out
+        return tick_sensor(dataset_files_sensor, instance, cursor, resources)
 
     settled = json.dumps(versions, sort_keys=True)
     assert tick(settled).run_requests == []

@@ -9,6 +9,7 @@ import duckdb
 import pandas as pd
 import pytest
 
+from conftest import tick_sensor
 from grouplora.assets.datasets import dataset_partitions
 
 
@@ -151,15 +152,7 @@ def test_sensor_adds_changes_and_removes_partitions(project):
     resources = {"sources": make_resources()["sources"]}
     with dg.instance_for_test() as instance:
         def tick(cursor):
-            ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
-            result = dataset_files_sensor(ctx)
-            for req in result.dynamic_partitions_requests:
-                if isinstance(req, dg.AddDynamicPartitionsRequest):
-                    instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
-                else:
-                    for key in req.partition_keys:
-                        instance.delete_dynamic_partition(req.partitions_def_name, key)
-            return result
+            return tick_sensor(dataset_files_sensor, instance, cursor, resources)
 
         first = tick(None)
         assert sorted(r.partition_key for r in first.run_requests) == ["facts", "parity", "reviews"]

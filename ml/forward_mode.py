@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from grouplora.ml.lora import lora_weights
 from grouplora.ml.projection import Projection
-from grouplora.ml.scoring import predict_logprobs
+from grouplora.ml.scoring import log_odds, predict_logprobs
 
 
 @contextmanager
@@ -36,9 +36,8 @@ def shifted_lora(model: torch.nn.Module, projection: Projection, w: np.ndarray) 
 
 
 def log_odds_from_logprobs(logprobs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """f = log p_y − log(1 − p_y) from label log-probabilities (N, C)."""
-    lp_y = logprobs[np.arange(len(labels)), labels]
-    return lp_y - np.log1p(-np.exp(np.minimum(lp_y, -1e-12)))
+    """f = log p_y − log(1 − p_y) from label log-probabilities (N, C): scoring.log_odds, on numpy arrays."""
+    return log_odds(torch.as_tensor(logprobs, dtype=torch.float64), torch.as_tensor(labels)).numpy()
 
 
 def forward_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, projection: Projection,

@@ -34,8 +34,7 @@ def make_resources() -> dict[str, dg.ConfigurableResource]:
         "partition_settings": PartitionSettings(),
         "training_settings": TrainingSettings(),
         "ensemble_settings": EnsembleSettings(),
-        "mlflow_tracking": MlflowResource(tracking_uri=f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
-                                          artifact_root=str(home / "mlflow" / "artifacts")),
+        "mlflow_tracking": MlflowResource(tracking_uri=f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"),
     }
 
 

@@ -81,12 +81,12 @@ def use_tracking(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def _experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
+def experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     # Without an explicit location a sqlite store puts artifacts under the cwd: keep them next to the db,
-    # where orchestration.definitions puts them too (<db folder>/artifacts).
+    # where `grouplora ui` serves them from (<db folder>/artifacts).
     db = _sqlite_file(tracking_uri)
     location = (db.parent.resolve() / "artifacts").as_uri() if db is not None else None
     try:
@@ -226,7 +226,7 @@ def log_ensemble(ensemble_path: Path, *, registered_name: str, tracking_uri: str
         # A tag, not start_run(parent_run_id=): that one demands the parent run still be active.
         tags["mlflow.parentRunId"] = parent_run_id
     else:
-        exp_id = _experiment_id(client, tracking_uri, experiment)
+        exp_id = experiment_id(client, tracking_uri, experiment)
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     with tempfile.TemporaryDirectory(prefix="grouplora-ensemble-") as tmp:
         folder = stage_artifact(Path(ensemble_path), Path(tmp) / ARTIFACT_KEY)

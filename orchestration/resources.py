@@ -120,11 +120,9 @@ class BaseModelResource(dg.ConfigurableResource):
         return _load_model(self.name, self.dtype, self.device, four_bit)
 
     def first_token(self, word: str) -> int:
-        _, tokenizer = self.load()
-        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ValueError(f"label word {word!r} tokenizes to nothing")
-        return int(ids[0])
+        from grouplora.ml.model import label_token_ids
+
+        return label_token_ids(self.load()[1], [word])[0]
 
 
 @lru_cache(maxsize=2)
@@ -162,22 +160,16 @@ class MlflowResource(dg.ConfigurableResource):
     """MLflow tracking (a sqlite store under GROUPLORA_HOME; `grouplora ui` serves it on 127.0.0.1)."""
 
     tracking_uri: str
-    artifact_root: str
     experiment: str = "grouplora"
 
     def client_setup(self) -> Any:
-        import os
-
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        """mlflow, pointed at this store and experiment (created on first use, artifacts next to the db)."""
         import mlflow
 
-        mlflow.set_tracking_uri(self.tracking_uri)
-        if mlflow.get_experiment_by_name(self.experiment) is None:
-            try:
-                mlflow.create_experiment(self.experiment, artifact_location=Path(self.artifact_root).as_uri())
-            except mlflow.exceptions.MlflowException:
-                pass  # another process created it first
-        mlflow.set_experiment(self.experiment)
+        from grouplora.orchestration.registry import experiment_id, use_tracking
+
+        mlflow.set_experiment(experiment_id=experiment_id(use_tracking(self.tracking_uri), self.tracking_uri,
+                                                          self.experiment))
         return mlflow
 
 

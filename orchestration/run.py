@@ -56,10 +56,6 @@ def dataset_job() -> dg.JobDefinition:
     return _job("dataset_job")
 
 
-def report_job() -> dg.JobDefinition:
-    return _job("report_job")
-
-
 def suite_job() -> dg.JobDefinition:
     return _job("suite_job")
 
@@ -168,9 +164,6 @@ def run_adapters(keys: Iterable[str], *, executor: Executor = "multiprocess",
 def run_ensemble(executor: Executor = "multiprocess") -> None:
     run_job(get_instance(), ensemble_job, executor=executor)
 
-
-def run_reports(executor: Executor = "multiprocess") -> None:
-    run_job(get_instance(), report_job, executor=executor)
 
 
 def run_suite(executor: Executor = "multiprocess") -> None:

@@ -14,6 +14,17 @@ from grouplora.orchestration.resources import (BaseModelResource, DatasetSourceR
 
 dataset_partitions = dg.DynamicPartitionsDefinition(name="datasets")
 
+
+def current_datasets(context: dg.AssetExecutionContext, storage: StorageResource, kind: str = "features") -> list[str]:
+    """Datasets that are registered partitions and have a `kind` artifact in storage (a removed dataset drops out)."""
+    registered = set(context.instance.get_dynamic_partitions(dataset_partitions.name))
+    have = {p.stem for p in storage.folder(kind).glob("*.parquet")}
+    missing = sorted(registered - have)
+    if missing:
+        context.log.warning(f"no {kind!r} artifact yet for {missing}: left out of this step")
+    return sorted(registered & have)
+
+
 # Partitioned asset checks are a Dagster preview feature; we use it knowingly (a check per dataset partition).
 warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning)
 

@@ -15,10 +15,8 @@ from grouplora.assets.features import gradient_features, lora_model
 from grouplora.assets.partition import png_markdown
 from grouplora.assets.zero_shot import zero_shot_scores
 from grouplora.ml.atomic import atomic_dir, write_json, write_parquet
-from grouplora.ml.boosting import (boost_adapter_from_w, keep_round, negative_gradient, ridge_boost,
-                                   train_boost_adapter)
-from grouplora.ml.ensemble import (AdapterSpec, DatasetSpec, Ensemble, adapter_logprobs, combine, ensemble_loss,
-                                   fit_weights, release)
+from grouplora.ml.boosting import boost_adapter_from_w, negative_gradient, ridge_boost, train_boost_adapter
+from grouplora.ml.ensemble import AdapterSpec, DatasetSpec, Ensemble, adapter_logprobs, dataset_methods, release
 from grouplora.ml.forward_mode import log_odds_from_logprobs
 from grouplora.ml.model import label_token_ids, model_fingerprint
 from grouplora.ml.plots import accuracy_table_png
@@ -103,23 +101,13 @@ def fit_ensemble(storage: StorageResource, base_model: BaseModelResource, gradie
         yv, yt = val["label_id"].to_numpy(), test["label_id"].to_numpy()
         zs = pd.read_parquet(storage.path("zero_shot", n))
         zs_test = np.stack(zs[zs["split"] == "test"]["logprobs"].to_numpy())
-        row = {"dataset": n, "zero_shot": accuracy(zs_test, yt), "one_adapter_all": accuracy(zt[1], yt),
-               "grouped": accuracy(zt[0], yt)}
-        if g in boosted:  # group adapter + its boosting adapter; the round counts only if validation improves
-            a = fit_weights(zv[[0, 2]], yv)
-            keep = keep_round(ensemble_loss(zv[[0]], yv, np.ones(1)), ensemble_loss(zv[[0, 2]], yv, a))
+        scores, alpha, keep = dataset_methods(zv, yv, zt, yt, boosted=g in boosted)
+        if keep is not None:
             kept[n] = keep
-            row["grouped_boosted"] = accuracy(combine(zt[[0, 2]], a), yt) if keep else row["grouped"]
-            if not keep:
-                names, zv, zt = names[:2], zv[:2], zt[:2]
-        else:
-            row["grouped_boosted"] = row["grouped"]
-        alpha = fit_weights(zv, yv)
+        row = {"dataset": n, "zero_shot": accuracy(zs_test, yt), **scores}
         weights[n] = {k: float(v) for k, v in zip(names, alpha)}
-        row["ensemble"] = accuracy(combine(zt, alpha), yt)
-        row["ensemble_val"] = accuracy(combine(zv, alpha), yv)
-        rows.append(row)
         log.info(f"{n}: " + ", ".join(f"{k} {row[k]:.3f}" for k in METHODS))
+        rows.append(row)
     return rows, weights, kept, boosted
 
 

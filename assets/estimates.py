@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from grouplora.assets.datasets import dataset_partitions
+from grouplora.assets.datasets import current_datasets
 from grouplora.assets.features import gradient_features, lora_model
 from grouplora.ml.atomic import write_parquet
 from grouplora.ml.estimation import FeatureSet, score, solve_subsets
@@ -21,31 +21,25 @@ from grouplora.orchestration.resources import (BaseModelResource, EstimationSett
                                                StorageResource, WarehouseResource)
 
 
-def read_features(storage: StorageResource, names: list[str]) -> tuple[pd.DataFrame, np.ndarray, dict]:
-    """All datasets' features as one frame plus an (N, d) array; refuses partitions taken with another projection."""
+def read_features(storage: StorageResource, names: list[str], kind: str = "features"
+                  ) -> tuple[pd.DataFrame, np.ndarray, dict]:
+    """All datasets' features as one frame plus an (N, d) array; refuses partitions taken with another projection.
+    kind: the storage folder, "features" (gradient_features, θ0 = fresh LoRA) or "features_meta"
+    (meta_gradient_features, θ0 = the meta-initialization adapter)."""
     frames, blocks, settings = [], [], {}
     for name in names:
-        table = pq.read_table(storage.path("features", name))
+        table = pq.read_table(storage.path(kind, name))
         d = table.schema.field("features").type.list_size
         blocks.append(table.column("features").combine_chunks().flatten().to_numpy().reshape(-1, d))
         frames.append(table.drop(["features"]).to_pandas())
-        settings[name] = json.loads(storage.path("features", name, ".json").read_text())
+        settings[name] = json.loads(storage.path(kind, name, ".json").read_text())
     keys = {(s["d"], s["seed"], s["projection_checksum"], s["model_fingerprint"]) for s in settings.values()}
     if len(keys) > 1:
         by = {n: s["settings"] for n, s in settings.items()}
-        raise dg.Failure(f"gradient features were taken with different projections or models: {by}; "
-                         "re-materialize gradient_features for all datasets")
+        asset = "meta_gradient_features" if kind == "features_meta" else "gradient_features"
+        raise dg.Failure(f"{asset} were taken with different projections or models: {by}; "
+                         f"re-materialize {asset} for all datasets")
     return pd.concat(frames, ignore_index=True), np.concatenate(blocks), next(iter(settings.values()))
-
-
-def current_datasets(context: dg.AssetExecutionContext, storage: StorageResource) -> list[str]:
-    """Datasets that are registered partitions and have features (a removed dataset drops out here)."""
-    registered = set(context.instance.get_dynamic_partitions(dataset_partitions.name))
-    have = {p.stem for p in storage.folder("features").glob("*.parquet")}
-    missing = sorted(registered - have)
-    if missing:
-        context.log.warning(f"no gradient features yet for {missing}: left out of this estimate")
-    return sorted(registered & have)
 
 
 @dg.asset(

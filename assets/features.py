@@ -3,6 +3,7 @@
 import copy
 import json
 import time
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grouplora.assets.datasets import dataset, dataset_partitions
+from grouplora.assets.meta_init import adapter_fingerprint, meta_init_adapter, meta_init_dir, read_meta_init
 from grouplora.ml.approx import SCALES, approximation_errors
 from grouplora.ml.atomic import atomic_path, write_json
 from grouplora.ml.features import compute_features
@@ -22,14 +24,17 @@ from grouplora.orchestration.resources import (BaseModelResource, GradientSettin
                                                WarehouseResource)
 
 FEATURE_SPLITS = ("train", "validation")
+META_FEATURES = "features_meta"  # the storage folder of meta_gradient_features
 
 
-def lora_model(base_model: BaseModelResource, settings: GradientSettings):
-    """θ0: a private copy of the base model with fresh LoRA (B = 0) or the meta-initialization adapter."""
+def lora_model(base_model: BaseModelResource, settings: GradientSettings, init_adapter: str | None = None):
+    """θ0: a private copy of the base model with fresh LoRA (B = 0) or a saved adapter: `init_adapter` when given,
+    else settings.init_adapter (e.g. the meta-initialization)."""
     model, tokenizer = base_model.load()
     model = copy.deepcopy(model)  # peft edits the model in place; the process-wide cached base stays clean
-    if settings.init_adapter:
-        return load_adapter(model, settings.init_adapter), tokenizer
+    init = init_adapter or settings.init_adapter
+    if init:
+        return load_adapter(model, init), tokenizer
     return add_lora(model, r=settings.lora_r, alpha=settings.lora_alpha, target_modules=settings.modules(),
                     seed=settings.seed), tokenizer
 
@@ -45,6 +50,49 @@ def features_table(df: pd.DataFrame, f0: np.ndarray, feats: np.ndarray) -> pa.Ta
     })
 
 
+def take_features(context: dg.AssetExecutionContext, storage: StorageResource, warehouse: WarehouseResource,
+                  base_model: BaseModelResource, settings: GradientSettings, *, kind: str, view: str,
+                  init_adapter: str = "") -> dg.MaterializeResult:
+    """One dataset partition's features at θ0 (fresh LoRA, or `init_adapter`), written to storage/<kind>/ with a
+    sidecar JSON naming θ0, and the DuckDB view `view` over every partition. The body of both feature assets."""
+    name = context.partition_key
+    df = pd.read_parquet(storage.path("datasets", name))
+    df = df[df["split"].isin(FEATURE_SPLITS)].reset_index(drop=True)
+    card = json.loads(storage.path("datasets", name, ".json").read_text())
+    theta0 = init_adapter or settings.init_adapter
+    theta0_fingerprint = adapter_fingerprint(Path(theta0)) if theta0 else ""
+    model, tokenizer = lora_model(base_model, settings, init_adapter or None)
+    # B = 0 (fresh LoRA): the lora_B gradients only; a trained θ0 (B ≠ 0): lora_A's as well
+    projection = Projection.for_model(model, d=settings.d, seed=settings.seed)
+    include_a = any(n.endswith("lora_A") for n in projection.names)
+    fingerprint = (settings.fingerprint() if not init_adapter
+                   else f"d{settings.d}-s{settings.seed}-init:{Path(init_adapter).name}@{theta0_fingerprint}")
+    label_ids = label_token_ids(tokenizer, card["label_words"])
+    start = time.perf_counter()
+    f0, feats = compute_features(model, tokenizer, df["prompt"].tolist(), df["label_id"].tolist(), label_ids,
+                                 projection, batch_size=settings.batch_size, max_length=base_model.max_length)
+    seconds = time.perf_counter() - start
+    if not np.isfinite(feats).all() or not np.isfinite(f0).all():
+        raise dg.Failure(f"{name}: non-finite gradient features; nothing written")
+    with atomic_path(storage.path(kind, name)) as tmp:
+        pq.write_table(features_table(df, f0, feats), tmp)
+    fp = model_fingerprint(model)
+    write_json({"d": projection.d, "seed": projection.seed, "projection_checksum": projection.checksum(),
+                "settings": fingerprint, "model_fingerprint": fp, "include_a": include_a,
+                "matrices": len(projection.names), "theta0": theta0 or "fresh_lora",
+                "theta0_fingerprint": theta0_fingerprint}, storage.path(kind, name, ".json"))
+    warehouse.register_parquet(view, storage.glob(kind), {"features": projection.d})
+    context.log.info(f"{name}: {len(df)} examples, d={projection.d}, include_a={include_a}, "
+                     f"{len(df) / seconds:.1f} examples/s")
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": len(df), "d": projection.d, "seed": projection.seed, "settings": fingerprint,
+        "model_fingerprint": fp, "include_a": include_a, "theta0": theta0 or "fresh_lora",
+        "theta0_fingerprint": theta0_fingerprint, "projection_checksum": projection.checksum(),
+        "projection_bytes": projection.nbytes, "seconds": round(seconds, 2),
+        "examples_per_s": round(len(df) / seconds, 2), "mean_f0": float(f0.mean()),
+        "feature_norm_median": float(np.median(np.linalg.norm(feats, axis=1)))})
+
+
 @dg.asset(
     partitions_def=dataset_partitions,
     deps=[dataset],
@@ -55,32 +103,24 @@ def features_table(df: pd.DataFrame, f0: np.ndarray, feats: np.ndarray) -> pa.Ta
 )
 def gradient_features(context: dg.AssetExecutionContext, storage: StorageResource, warehouse: WarehouseResource,
                       base_model: BaseModelResource, gradient_settings: GradientSettings) -> dg.MaterializeResult:
-    name = context.partition_key
-    df = pd.read_parquet(storage.path("datasets", name))
-    df = df[df["split"].isin(FEATURE_SPLITS)].reset_index(drop=True)
-    card = json.loads(storage.path("datasets", name, ".json").read_text())
-    model, tokenizer = lora_model(base_model, gradient_settings)
-    projection = Projection.for_model(model, d=gradient_settings.d, seed=gradient_settings.seed)
-    label_ids = label_token_ids(tokenizer, card["label_words"])
-    start = time.perf_counter()
-    f0, feats = compute_features(model, tokenizer, df["prompt"].tolist(), df["label_id"].tolist(), label_ids,
-                                 projection, batch_size=gradient_settings.batch_size, max_length=base_model.max_length)
-    seconds = time.perf_counter() - start
-    if not np.isfinite(feats).all() or not np.isfinite(f0).all():
-        raise dg.Failure(f"{name}: non-finite gradient features; nothing written")
-    with atomic_path(storage.path("features", name)) as tmp:
-        pq.write_table(features_table(df, f0, feats), tmp)
-    write_json({"d": projection.d, "seed": projection.seed, "projection_checksum": projection.checksum(),
-                "settings": gradient_settings.fingerprint(), "model_fingerprint": model_fingerprint(model)},
-               storage.path("features", name, ".json"))
-    warehouse.register_parquet("gradient_features", storage.glob("features"), {"features": projection.d})
-    context.log.info(f"{name}: {len(df)} examples, d={projection.d}, {len(df) / seconds:.1f} examples/s")
-    return dg.MaterializeResult(metadata={
-        "dagster/row_count": len(df), "d": projection.d, "seed": projection.seed,
-        "settings": gradient_settings.fingerprint(), "model_fingerprint": model_fingerprint(model),
-        "projection_bytes": projection.nbytes, "seconds": round(seconds, 2),
-        "examples_per_s": round(len(df) / seconds, 2), "mean_f0": float(f0.mean()),
-        "feature_norm_median": float(np.median(np.linalg.norm(feats, axis=1)))})
+    return take_features(context, storage, warehouse, base_model, gradient_settings, kind="features",
+                         view="gradient_features")
+
+
+@dg.asset(
+    partitions_def=dataset_partitions,
+    deps=[dataset, meta_init_adapter],
+    group_name="features",
+    kinds={"pytorch", "parquet", "duckdb"},
+    code_version="1",
+    description="gradient_features at θ0 = the meta-initialization adapter (B ≠ 0: lora_A and lora_B gradients), "
+                "for choosing auxiliary datasets (target_selection); DuckDB view meta_gradient_features.",
+)
+def meta_gradient_features(context: dg.AssetExecutionContext, storage: StorageResource, warehouse: WarehouseResource,
+                           base_model: BaseModelResource, gradient_settings: GradientSettings) -> dg.MaterializeResult:
+    read_meta_init(storage)  # a clear failure when the adapter is missing
+    return take_features(context, storage, warehouse, base_model, gradient_settings, kind=META_FEATURES,
+                         view="meta_gradient_features", init_adapter=str(meta_init_dir(storage)))
 
 
 @dg.asset(

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from grouplora.ml.atomic import write_json
-from grouplora.ml.clustering import choose_m, partition_objective, sdp_cluster, spectral_cluster, symmetrize
+from grouplora.ml.clustering import affinity_matrix_from, choose_m, partition_objective, sdp_cluster, spectral_cluster, symmetrize
 from grouplora.ml.plots import affinity_heatmap
 from grouplora.orchestration.resources import (DatasetSourceResource, PartitionSettings, StorageResource,
                                                TrainingSettings, WarehouseResource)
@@ -25,13 +25,7 @@ def affinity_matrix(warehouse: WarehouseResource, column: str = "affinity_neg_lo
     if df.empty:
         raise dg.Failure("subset_affinity is empty: it averages over random subsets, which need at least 3 "
                          "datasets and EstimationSettings.size >= 3")
-    table = df.pivot(index="target", columns="source", values="value")
-    names = sorted(set(table.index) | set(table.columns))
-    table = table.reindex(index=names, columns=names)
-    if table.isna().any().any():
-        # a pair that never shared a sampled subset: fall back to the target's mean affinity
-        table = table.apply(lambda row: row.fillna(row.mean()), axis=1)
-    return table.to_numpy(dtype=float), names
+    return affinity_matrix_from(df)
 
 
 def group_key(kind: str, members: list[str], versions: dict[str, str], training: str) -> str:

@@ -20,8 +20,10 @@ SOURCE_VIEWS: dict[str, str] = {
     "datasets": "dataset",
     "zero_shot_scores": "zero_shot_scores",
     "gradient_features": "gradient_features",
+    "meta_gradient_features": "meta_gradient_features",
     "subset_estimates": "subset_estimates",
     "ensemble_results": "ensemble",
+    "target_selection": "target_selection",
 }
 
 

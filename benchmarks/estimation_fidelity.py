@@ -62,6 +62,7 @@ class Data:
     label_ids: list[int]
     train: pd.DataFrame  # columns prompt, label_id
     val: pd.DataFrame
+    test: pd.DataFrame | None = None
 
 
 def data_folder(args: argparse.Namespace) -> Path:
@@ -96,8 +97,10 @@ def load_data(folder: Path, tok, args: argparse.Namespace) -> tuple[list[Data], 
         cols = ["prompt", "label_id"]
         train = _cap(df[df["split"] == "train"][cols], args.max_train_per_dataset, args.seed)
         val = _cap(df[df["split"] == "validation"][cols], args.max_val_per_dataset, args.seed)
+        test = _cap(df[df["split"] == "test"][cols], getattr(args, "max_test_per_dataset", None), args.seed)
         if len(train) and len(val):
-            out.append(Data(name, ids, train.reset_index(drop=True), val.reset_index(drop=True)))
+            out.append(Data(name, ids, train.reset_index(drop=True), val.reset_index(drop=True),
+                            test.reset_index(drop=True)))
     return out, skipped
 
 
@@ -120,14 +123,17 @@ def restored_grads(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(flags.get(n, p.requires_grad))
 
 
-def extract(model, tok, data: list[Data], cfg: TrainConfig, args) -> tuple[FeatureSet, float]:
-    """(features of every train + val example at θ0, seconds). θ0's LoRA is the one train_adapter starts from."""
+def extract(model, tok, data: list[Data], cfg: TrainConfig, args, init_adapter: Path | None = None
+            ) -> tuple[FeatureSet, float]:
+    """(features of every train + val example at θ0, seconds). θ0's LoRA is the one train_adapter starts from:
+    fresh (B = 0, features of the B gradients) or init_adapter (a meta-initialization: A and B gradients)."""
     sync(args.device)
     t0 = time.perf_counter()
     train, val = {}, {}
     with restored_grads(model):
-        peft = add_lora(model, r=cfg.r, alpha=cfg.alpha, target_modules=cfg.target_modules,
-                        dropout=cfg.dropout, seed=cfg.seed)
+        peft = (add_lora(model, r=cfg.r, alpha=cfg.alpha, target_modules=cfg.target_modules,
+                         dropout=cfg.dropout, seed=cfg.seed) if init_adapter is None
+                else load_adapter(model, init_adapter))
         try:
             proj = Projection.for_model(peft, d=args.d, seed=args.seed)
             for ds in data:
@@ -148,14 +154,16 @@ def real_log_odds(model, tok, ds: Data, args) -> np.ndarray:
     return log_odds_from_logprobs(lp, ds.val["label_id"].to_numpy())
 
 
-def finetune(model, tok, by_name: dict[str, Data], subset: Subset, cfg: TrainConfig, args, tmp: Path) -> dict:
-    """Fine-tune a fresh LoRA on the subset's train examples; real val loss/accuracy of every member."""
+def finetune(model, tok, by_name: dict[str, Data], subset: Subset, cfg: TrainConfig, args, tmp: Path,
+             init_adapter: Path | None = None) -> dict:
+    """Fine-tune a LoRA (fresh, or from init_adapter) on the subset's train examples; real val loss/accuracy
+    of every member."""
     examples = [TrainExample(p, int(y), tuple(by_name[m].label_ids))
                 for m in subset.members for p, y in zip(by_name[m].train["prompt"], by_name[m].train["label_id"])]
     out_dir = tmp / subset.id  # fresh folder: train_adapter would otherwise resume a finished run
     sync(args.device)
     t0 = time.perf_counter()
-    res = train_adapter((model, tok), examples, cfg, out_dir)
+    res = train_adapter((model, tok), examples, cfg, out_dir, init_adapter=init_adapter)
     sync(args.device)
     wall = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -423,6 +431,10 @@ def _manifest_preset(folder: Path) -> str | None:
 
 
 def _jsonable(x):
+    if x is pd.NA:
+        return None
+    if isinstance(x, np.bool_):
+        return bool(x)
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (np.floating,)):

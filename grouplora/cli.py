@@ -65,6 +65,69 @@ def demo_cmd(executor: str) -> None:
     click.echo(f"\ndemo finished in {time.perf_counter() - start:.0f}s")
 
 
+@main.command("select")
+@click.option("--target", required=True, help="The target dataset: the one the auxiliary datasets should help.")
+@click.option("--datasets", "datasets_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Folder of dataset files (default $GROUPLORA_DATASETS or data/demo).")
+@EXECUTOR
+def select_cmd(target: str, datasets_dir: Path | None, executor: str) -> None:
+    """Choose auxiliary datasets for TARGET from first-order estimates at a meta-initialization (no fine-tuning
+    per candidate): materializes what is missing, then prints each method's choice and the scores table."""
+    if datasets_dir is not None:
+        os.environ["GROUPLORA_DATASETS"] = str(Path(datasets_dir).resolve())
+    from grouplora.ml.data_format import validate_name
+    from grouplora.orchestration import run, settings
+    from grouplora.orchestration.definitions import make_resources
+
+    sources = make_resources()["sources"]
+    names = sorted(sources.files())
+    if not names:
+        raise click.ClickException(f"no dataset files in {sources.folder}")
+    try:
+        validate_name(target, "target dataset name")
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    if target not in names:
+        raise click.ClickException(f"unknown target {target!r}: the datasets in {sources.folder} are "
+                                   f"{', '.join(names)}")
+    if len(names) < 2:
+        raise click.ClickException(f"{target!r} is the only dataset in {sources.folder}: there is nothing to choose from")
+    versions = {n: sources.version(n) for n in names}
+    click.echo(f"== auxiliary datasets for {target} among {len(names)} datasets; state in {settings.home()}")
+
+    def progress(step: str, status: str) -> None:
+        if status != "running":
+            click.echo(f"  {step}: {'ran' if status == 'done' else status}")
+
+    run.run_selection(target, names, versions, executor=executor, progress=progress)
+    _print_selection(target)
+
+
+def _print_selection(target: str) -> None:
+    import json
+
+    import pandas as pd
+
+    from grouplora.orchestration.definitions import make_resources
+
+    storage = make_resources()["storage"]
+    record = json.loads(storage.path("selection", target, ".json").read_text())
+    table = pd.read_parquet(storage.path("selection", target))
+    click.echo(f"\nChosen auxiliary datasets for {target} (estimated target validation loss / accuracy after "
+               "fine-tuning on the target plus them):")
+    for m in record["methods"]:
+        click.echo(f"  {m['method']:<18} loss {m['est_loss']:.4f}  acc {m['est_accuracy']:.3f}  "
+                   f"{m['chosen'] or '(none)'}")
+    flags = [c for c in table.columns if c.startswith("chosen_") and c not in ("chosen_all", "chosen_none")]
+    shown = table.drop(columns=["target", "chosen_all", "chosen_none", *flags])
+    shown["chosen_by"] = [", ".join(c.removeprefix("chosen_") for c in flags if row[c]) for _, row in table.iterrows()]
+    click.echo("\nPer auxiliary: random-ensemble score (mean est. −loss of the target over the sampled sets that "
+               "contain it), contrast (minus the mean over the sets without it), cosine similarity to the target "
+               "(mean gradient feature, mean hidden state), forward-selection step, and the methods that chose it:")
+    click.echo(shown.round(4).to_markdown(index=False))
+    click.echo(f"\nchart: {storage.path('selection', target, '.png')}")
+
+
 @main.command("ui")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
 @click.option("--port", default=3000, show_default=True, help="Dagster webserver port.")

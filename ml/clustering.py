@@ -107,6 +107,17 @@ def partition_objective(A: np.ndarray, labels: np.ndarray) -> float:
 # ---------------------------------------------------------------- symmetrize
 
 
+def affinity_matrix_from(table: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """T[i, j] (names sorted) from long rows target, source, value; a pair that never shared a sampled subset
+    gets the target's mean affinity."""
+    wide = table.pivot(index="target", columns="source", values="value")
+    names = sorted(set(wide.index) | set(wide.columns))
+    wide = wide.reindex(index=names, columns=names)
+    if wide.isna().any().any():
+        wide = wide.apply(lambda row: row.fillna(row.mean()), axis=1)
+    return wide.to_numpy(dtype=float), names
+
+
 def symmetrize(T: np.ndarray, normalize: Normalize = "none") -> np.ndarray:
     """(T' + T'ᵀ)/2, where T' is T with each row optionally standardized first.
 

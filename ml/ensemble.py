@@ -21,6 +21,7 @@ from scipy.optimize import minimize
 from scipy.special import log_softmax
 
 from grouplora.ml.atomic import write_json
+from grouplora.ml.boosting import keep_round
 from grouplora.ml.model import label_token_ids, model_fingerprint
 from grouplora.ml.scoring import predict_logprobs
 
@@ -70,6 +71,33 @@ def fit_weights(logits_kNC: np.ndarray, labels: np.ndarray, *, l2: float = 1e-3,
 def fit_all(per_dataset: Mapping[str, tuple[np.ndarray, np.ndarray]], *, l2: float = 1e-3) -> dict[str, np.ndarray]:
     """{dataset: (logits (K,N,C), labels (N,))} -> {dataset: α (K,)}; K may differ between datasets."""
     return {name: fit_weights(z, y, l2=l2) for name, (z, y) in per_dataset.items()}
+
+
+def dataset_methods(zv: np.ndarray, yv: np.ndarray, zt: np.ndarray, yt: np.ndarray, *, boosted: bool,
+                    min_gain: float = 0.0) -> tuple[dict[str, float], np.ndarray, bool | None]:
+    """One dataset's test accuracy under each method, from its adapters' logits in the order
+    [group, one-on-all, (group's boosting adapter)]: zv (K, N_val, C), zt (K, N_test, C).
+
+    grouped_boosted = group + boosting adapter with weights fit on validation, kept only if validation loss
+    drops (keep_round); the ensemble weights every adapter kept. Returns (accuracies incl. ensemble_val,
+    ensemble weights over the first len(weights) adapters, boosting round kept or None)."""
+    def acc(z: np.ndarray, y: np.ndarray) -> float:
+        return float((np.asarray(z).argmax(-1) == y).mean())
+
+    row = {"one_adapter_all": acc(zt[1], yt), "grouped": acc(zt[0], yt)}
+    kept = None
+    if boosted:
+        a = fit_weights(zv[[0, 2]], yv)
+        kept = keep_round(ensemble_loss(zv[[0]], yv, np.ones(1)), ensemble_loss(zv[[0, 2]], yv, a), min_gain)
+        row["grouped_boosted"] = acc(combine(zt[[0, 2]], a), yt) if kept else row["grouped"]
+        if not kept:
+            zv, zt = zv[:2], zt[:2]
+    else:
+        row["grouped_boosted"] = row["grouped"]
+    alpha = fit_weights(zv, yv)
+    row["ensemble"] = acc(combine(zt, alpha), yt)
+    row["ensemble_val"] = acc(combine(zv, alpha), yv)
+    return row, alpha, kept
 
 
 # ------------------------------------------------------------------------------------------ Ensemble

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Collection, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,6 +21,7 @@ from grouplora.ml.atomic import atomic_path
 
 _DPI = 120
 _MAX_NAME = 40  # long dataset names are cut so the heatmap keeps its shape
+_HIGHLIGHT = "#55A868"
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
@@ -187,10 +188,17 @@ def bar_chart(
     xlabel: str,
     *,
     sort: bool = False,
+    highlight: Collection[str] = (),
+    highlight_label: str = "highlighted",
 ) -> Path:
-    """Horizontal bar chart (names stay readable however many bars), values printed at the bar ends."""
+    """Horizontal bar chart (names stay readable however many bars), values printed at the bar ends.
+    highlight: names whose bars are drawn in a third colour, with `highlight_label` in a legend."""
     if not values:
         raise ValueError("bar_chart needs at least one value")
+    highlight = set(highlight)
+    unknown = sorted(highlight - set(values))
+    if unknown:
+        raise ValueError(f"bar_chart: highlighted names {unknown} have no value")
     items = list(values.items())
     if sort:
         items.sort(key=lambda kv: kv[1], reverse=True)
@@ -201,14 +209,22 @@ def bar_chart(
     fig = Figure(figsize=(7.0, 0.3 * len(items) + 1.2))
     ax = fig.add_subplot()
     y = np.arange(len(items))
-    ax.barh(y, vals, color=np.where(vals >= 0, "#4C72B0", "#C44E52"))
+    marked = np.array([k in highlight for k, _ in items], dtype=bool)
+    colours = np.where(marked, _HIGHLIGHT, np.where(vals >= 0, "#4C72B0", "#C44E52"))
+    ax.barh(y, vals, color=colours)
     ax.set_yticks(y, names, fontsize=8)
+    for label, m in zip(ax.get_yticklabels(), marked):
+        if m:
+            label.set_fontweight("bold")
     ax.invert_yaxis()  # first item on top, as in the dict
     span = float(np.ptp(np.append(vals, 0.0))) or 1.0
     for yi, v in zip(y, vals):
         ax.text(v + (0.01 * span if v >= 0 else -0.01 * span), yi, f"{v:.3g}", va="center",
                 ha="left" if v >= 0 else "right", fontsize=7)
     ax.axvline(0.0, color="black", lw=0.8)
+    if marked.any():
+        ax.legend(handles=[Rectangle((0, 0), 1, 1, color=_HIGHLIGHT, label=highlight_label)], fontsize=8,
+                  loc="best")
     ax.margins(x=0.12)
     ax.set_xlabel(xlabel)
     ax.set_title(title)
@@ -248,4 +264,39 @@ def line_chart(
     return _save(fig, path)
 
 
-__all__ = ["accuracy_table_png", "affinity_heatmap", "bar_chart", "line_chart"]
+def scatter_chart(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | os.PathLike[str],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    diagonal: bool = True,
+) -> Path:
+    """One point cloud per named series {name: (xs, ys)}; diagonal=True draws y = x over the shared range
+    (for estimate-vs-truth plots, where distance from the diagonal is the error)."""
+    if not series:
+        raise ValueError("scatter_chart needs at least one series")
+    pts = []
+    for name, (xs, ys) in series.items():
+        xa, ya = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+        if xa.shape != ya.shape or xa.ndim != 1:
+            raise ValueError(f"series {name!r}: x and y must be 1-D of equal length")
+        pts.append((name, xa, ya))
+    fig = Figure(figsize=(5.6, 5.2))
+    ax = fig.add_subplot()
+    for name, xa, ya in pts:
+        ax.scatter(xa, ya, s=18, alpha=0.75, label=_short(name))
+    if diagonal:
+        allv = np.concatenate([np.concatenate([xa, ya]) for _, xa, ya in pts])
+        lo, hi = float(np.nanmin(allv)), float(np.nanmax(allv))
+        ax.plot([lo, hi], [lo, hi], color="black", lw=0.8, ls="--", label="y = x")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+__all__ = ["accuracy_table_png", "affinity_heatmap", "bar_chart", "line_chart", "scatter_chart"]

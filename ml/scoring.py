@@ -52,14 +52,20 @@ def _head_rows(head: torch.nn.Module, label_ids: torch.Tensor) -> tuple[torch.Te
     return w[label_ids], bias
 
 
-def label_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 label_ids: torch.Tensor) -> torch.Tensor:
-    """(B, C) float32 logits of the label tokens at each example's last real token. Differentiable."""
-    decoder, head = backbone_and_head(model)
+def answer_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, H) final hidden state at each example's last real token: what the label logits are read from."""
+    decoder, _ = backbone_and_head(model)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     # Right padding: the last real token is at mask.sum-1, and causal attention never let it see a pad.
     last = attention_mask.sum(1) - 1
-    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def label_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 label_ids: torch.Tensor) -> torch.Tensor:
+    """(B, C) float32 logits of the label tokens at each example's last real token. Differentiable."""
+    h = answer_hidden(model, input_ids, attention_mask)
+    _, head = backbone_and_head(model)
     label_ids = torch.as_tensor(label_ids, device=h.device)
     w, b = _head_rows(head, label_ids)
     logits = h.float() @ w.float().T  # fp32 here: the label logits are what f is made of

@@ -151,6 +151,7 @@ def train_adapter(
     progress: bool = False,
     device: str | None = None,
     dtype: torch.dtype | None = None,
+    init_adapter: str | Path | None = None,
 ) -> TrainResult:
     """Train a fresh LoRA adapter on `examples`; out_dir gets the adapter in peft's save_pretrained format.
 
@@ -160,6 +161,8 @@ def train_adapter(
     sample_weights: per-example loss weights (e.g. boosting), rescaled to mean 1.
     on_step(step, metrics): called after every optimizer step (loss, lr, grad_norm, epoch, tokens) and
     after every epoch (epoch_loss, epoch).
+    init_adapter: start from this saved adapter (same r, targets; e.g. a meta-initialization) instead of a
+    fresh LoRA (A seeded, B = 0).
     """
     out_dir = Path(out_dir)
     examples = [_as_example(e) for e in examples]
@@ -168,7 +171,8 @@ def train_adapter(
     model, tokenizer = _resolve_base(base_name_or_model, tokenizer, config, device, dtype)
     _check_clean(model)
 
-    key = run_key(config, model_fingerprint(model), examples, weights)
+    init_state = _init_state(init_adapter, config)
+    key = run_key(config, model_fingerprint(model), examples, weights, init_state)
     done = _finished_result(out_dir, key, config)
     if done is not None:
         return done
@@ -179,6 +183,8 @@ def train_adapter(
         peft_model = add_lora(model, r=config.r, alpha=config.alpha, target_modules=config.target_modules,
                               dropout=config.dropout, seed=config.seed)
         try:
+            if init_state is not None:
+                _load_init(peft_model, init_state, init_adapter)
             return _train(peft_model, tokenizer, examples, weights, config, out_dir, key, on_step, progress)
         finally:
             # Hand the base back untouched: no LoRA layers, original grad flags and mode.
@@ -302,9 +308,12 @@ def save_fresh_adapter(base_name_or_model: Any, config: TrainConfig, out_dir: Pa
 
 
 def run_key(config: TrainConfig, base_fingerprint: str, examples: Sequence[TrainExample],
-            weights: np.ndarray | None) -> str:
+            weights: np.ndarray | None, init_state: dict[str, torch.Tensor] | None = None) -> str:
     """What a checkpoint must match to be resumed: everything but the run length (epochs, max_steps)."""
     h = hashlib.sha256()
+    for k in sorted(init_state or {}):  # a warm start is part of the run's identity
+        h.update(k.encode())
+        h.update(init_state[k].float().cpu().numpy().tobytes())
     cfg = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("epochs", "max_steps")}
     h.update(json.dumps(cfg, sort_keys=True, default=list).encode())
     h.update(base_fingerprint.encode())
@@ -410,6 +419,31 @@ def _resolve_base(base, tokenizer, config: TrainConfig, device, dtype):
 
 def is_4bit(model: torch.nn.Module) -> bool:
     return any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+
+def _init_state(path: str | Path | None, config: TrainConfig) -> dict[str, torch.Tensor] | None:
+    """The LoRA weights of a saved adapter to start from, checked against the config's r and targets."""
+    if path is None:
+        return None
+    from safetensors.torch import load_file
+    path = Path(path)
+    cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not cfg_file.exists() or not weights.exists():
+        raise FileNotFoundError(f"init_adapter {path}: need adapter_config.json and adapter_model.safetensors")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("r") != config.r or sorted(cfg.get("target_modules") or []) != sorted(config.target_modules):
+        raise ValueError(f"init_adapter {path}: r={cfg.get('r')}, targets {cfg.get('target_modules')} do not "
+                         f"match the training config (r={config.r}, targets {list(config.target_modules)})")
+    return load_file(weights)
+
+
+def _load_init(peft_model, state: dict[str, torch.Tensor], path) -> None:
+    from peft import set_peft_model_state_dict
+    device = _device_of(peft_model)
+    result = set_peft_model_state_dict(peft_model, {k: v.to(device) for k, v in state.items()})
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise ValueError(f"init_adapter {path} lacks LoRA weights the model has: {missing[:3]}")
 
 
 def _check_clean(model: torch.nn.Module) -> None:

@@ -8,7 +8,9 @@ from grouplora.assets.datasets import dataset, dataset_partitions
 from grouplora.assets.ensemble import ensemble
 from grouplora.assets.estimates import subset_estimates
 from grouplora.assets.partition import adapter_partitions, task_partition
-from grouplora.assets.features import approximation_error, gradient_features
+from grouplora.assets.features import approximation_error, gradient_features, meta_gradient_features
+from grouplora.assets.meta_init import meta_init_adapter
+from grouplora.assets.selection import target_selection
 from grouplora.assets.zero_shot import zero_shot_scores
 
 # The per-dataset assets, in the order the data flows; the CLI runner checks them for currency in this order.
@@ -39,6 +41,16 @@ ensemble_job = dg.define_asset_job(
     "ensemble_job",
     selection=dg.AssetSelection.assets(ensemble).downstream(),
     description="Fit the per-dataset ensemble, boost, report, and register the ensemble in MLflow.",
+)
+
+# Partitioned by dataset = the target for target_selection; the runner (orchestration/run.py: run_selection) runs
+# it step by step with an asset selection: the meta-init adapter once, meta features per dataset, then the target.
+selection_job = dg.define_asset_job(
+    "selection_job",
+    selection=dg.AssetSelection.assets(meta_init_adapter, meta_gradient_features, target_selection),
+    partitions_def=dataset_partitions,
+    description="Choose auxiliary datasets for a target: the meta-init adapter, meta-init gradient features, "
+                "target_selection for the partition's target.",
 )
 
 report_job = dg.define_asset_job("report_job", selection=dg.AssetSelection.groups("sql"),

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import dagster as dg
 import duckdb
 import pandas as pd
+import pydantic
 
 from grouplora.ml.data_format import SuiteConfig, discover, file_hash, load_suite_config, validate_name
 
@@ -216,6 +217,31 @@ class TrainingSettings(dg.ConfigurableResource):
 
     def fingerprint(self) -> str:
         return hashlib.sha256(repr(self.config()).encode()).hexdigest()[:12]
+
+
+class SelectionSettings(dg.ConfigurableResource):
+    """Choosing auxiliary datasets for a target (target_selection): how many, from how many random subsets."""
+
+    top_k: int = 3  # at most this many auxiliaries per method (random ensemble, forward selection, cosines)
+    n_subsets: int = 200  # random auxiliary sets for the random-ensemble score
+    size: int = 0  # auxiliaries per random set; 0 = a third of them
+    lam: float = 1e-3  # the estimator's L2 penalty
+    min_gain: float = 0.0  # forward selection stops when no addition lowers the estimated loss by more
+    seed: int = 0
+    hidden_max_examples: int = 64  # train prompts per dataset for the mean hidden state (hidden_cosine)
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> "SelectionSettings":
+        problems = [f"{k} must be >= {low}, got {getattr(self, k)}" for k, low in
+                    (("top_k", 1), ("n_subsets", 1), ("size", 0), ("seed", 0), ("hidden_max_examples", 1))
+                    if getattr(self, k) < low]
+        if not 0 < self.lam < float("inf"):  # written so that NaN fails too
+            problems.append(f"lam must be finite and > 0, got {self.lam}")
+        if not 0 <= self.min_gain < float("inf"):
+            problems.append(f"min_gain must be finite and >= 0, got {self.min_gain}")
+        if problems:
+            raise ValueError("SelectionSettings: " + "; ".join(problems))
+        return self
 
 
 class EnsembleSettings(dg.ConfigurableResource):

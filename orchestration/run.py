@@ -60,9 +60,11 @@ def suite_job() -> dg.JobDefinition:
     return _job("suite_job")
 
 
-def latest_materialization(instance: dg.DagsterInstance, asset: str, partition: str) -> dg.EventLogRecord | None:
+def latest_materialization(instance: dg.DagsterInstance, asset: str, partition: str | None) -> dg.EventLogRecord | None:
+    """The latest materialization of one partition (partition None: of an unpartitioned asset)."""
     records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=None if partition is None else [partition]),
+        limit=1).records
     return records[0] if records else None
 
 
@@ -168,3 +170,70 @@ def run_ensemble(executor: Executor = "multiprocess") -> None:
 
 def run_suite(executor: Executor = "multiprocess") -> None:
     run_job(get_instance(), suite_job, executor=executor)
+
+
+def selection_job() -> dg.JobDefinition:
+    return _job("selection_job")
+
+
+def _newer(record: dg.EventLogRecord | None, *than: dg.EventLogRecord | None) -> bool:
+    """record exists and was stored after every one of `than` (None entries: never materialized)."""
+    return record is not None and all(t is None or record.storage_id > t.storage_id for t in than)
+
+
+def meta_init_is_current(instance: dg.DagsterInstance, names: list[str]) -> bool:
+    """The meta-init adapter exists, was trained on (at least) `names` and after each one's latest dataset."""
+    record = latest_materialization(instance, "meta_init_adapter", None)
+    if record is None or record.asset_materialization is None:
+        return False
+    trained_on = record.asset_materialization.metadata.get("datasets")
+    return (trained_on is not None and set(names) <= set(trained_on.value)
+            and _newer(record, *(latest_materialization(instance, "dataset", n) for n in names)))
+
+
+def run_selection(target: str, names: Iterable[str], versions: dict[str, str], *, executor: Executor = "multiprocess",
+                  progress: Callable[[str, str], None] | None = None) -> list[str]:
+    """Choose auxiliary datasets for `target`: materialize what target_selection needs that is missing or stale,
+    then target_selection itself (always: it is cheap and reads the current settings). In order: each `dataset`
+    partition not at its file's version; meta_init_adapter unless it was trained on these datasets after their
+    last update; each dataset's meta_gradient_features unless taken after both the adapter and its dataset.
+    Returns the steps that ran ("dataset:<name>", "meta_init_adapter", "meta_gradient_features:<name>",
+    "target_selection:<target>")."""
+    from grouplora.assets.datasets import dataset_partitions
+
+    names = sorted(names)
+    if target not in names:
+        raise ValueError(f"unknown target {target!r}; known datasets: {', '.join(names) or '(none)'}")
+    if len(names) < 2:
+        raise ValueError(f"no auxiliary datasets besides {target!r}: selection needs at least two datasets")
+    instance = get_instance()
+    known = set(instance.get_dynamic_partitions(dataset_partitions.name))
+    new = [n for n in names if n not in known]
+    if new:
+        instance.add_dynamic_partitions(dataset_partitions.name, new)
+    ran: list[str] = []
+
+    def step(label: str, job_fn: Callable[[], dg.JobDefinition], partition: str, asset: str, done: bool) -> None:
+        if done:
+            if progress:
+                progress(label, "current")
+            return
+        if progress:
+            progress(label, "running")
+        run_job(instance, job_fn, tags={"dagster/partition": partition}, asset_selection=[dg.AssetKey(asset)],
+                executor=executor)
+        ran.append(label)
+        if progress:
+            progress(label, "done")
+
+    for n in names:
+        step(f"dataset:{n}", dataset_job, n, "dataset", materialized_version(instance, "dataset", n) == versions[n])
+    # selection_job is partitioned by dataset; the unpartitioned adapter runs under the target's partition tag
+    step("meta_init_adapter", selection_job, target, "meta_init_adapter", meta_init_is_current(instance, names))
+    meta = latest_materialization(instance, "meta_init_adapter", None)
+    for n in names:
+        current = _newer(latest_materialization(instance, "meta_gradient_features", n), meta,
+                         latest_materialization(instance, "dataset", n))
+        step(f"meta_gradient_features:{n}", selection_job, n, "meta_gradient_features", current)
+    step(f"target_selection:{target}", selection_job, target, "target_selection", False)
+    return ran

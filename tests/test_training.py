@@ -268,3 +268,19 @@ def test_flop_formula_on_the_tiny_config(tiny):
     assert forward_flops(n_base, T) == 2 * 73728 * 1000
     assert full_training_flops(n_base, T) == 3 * forward_flops(n_base, T)
     assert lora_training_flops(n_base, n_lora, T) == 4 * 73728 * 1000 + 6 * 3584 * 1000 == 316_416_000
+
+
+def test_warm_start_from_a_saved_adapter(tiny, tmp_path):
+    """init_adapter: training starts from those weights (lr 0 keeps them exactly), the warm start is part of
+    the run's identity, and an adapter of another rank is refused."""
+    model, tok = tiny
+    ex = toy_examples(tok, 6)
+    train_adapter((model, tok), ex, TrainConfig(epochs=1, batch_size=4, lr=1e-2), tmp_path / "meta")
+    frozen = TrainConfig(epochs=1, batch_size=4, lr=0.0, seed=3)  # another seed: a fresh start would differ
+    train_adapter((model, tok), ex, frozen, tmp_path / "warm", init_adapter=tmp_path / "meta")
+    assert_same_state(tmp_path / "meta", tmp_path / "warm")
+    with pytest.raises(ValueError, match="another config"):  # the cold run is another run: never resumed from it
+        train_adapter((model, tok), ex, frozen, tmp_path / "warm")
+    with pytest.raises(ValueError, match="r=8"):
+        train_adapter((model, tok), ex, TrainConfig(r=4), tmp_path / "bad", init_adapter=tmp_path / "meta")
+    assert not has_lora(model)

@@ -1,0 +1,163 @@
+"""Choosing auxiliary datasets for a target dataset: target_selection, one partition per target.
+
+Everything is estimated from meta_gradient_features (θ0 = the meta-initialization adapter), nothing is fine-tuned:
+a random-ensemble score per auxiliary, forward stepwise selection, and the baselines (none, all, gradient cosine,
+mean-hidden-state cosine) of ml/selection.py. Per target: storage/selection/<target>.parquet (one row per
+auxiliary; DuckDB view target_selection over every target), .json (chosen sets, forward path), .png (bar chart).
+"""
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from grouplora.assets.datasets import current_datasets, dataset_partitions
+from grouplora.assets.estimates import read_features
+from grouplora.assets.features import META_FEATURES, meta_gradient_features
+from grouplora.assets.meta_init import read_meta_init
+from grouplora.assets.partition import png_markdown
+from grouplora.ml.atomic import atomic_path, write_json, write_parquet
+from grouplora.ml.data_format import validate_name
+from grouplora.ml.estimation import FeatureSet
+from grouplora.ml.model import model_fingerprint
+from grouplora.ml.plots import bar_chart
+from grouplora.ml.selection import Selection, mean_hidden_state, select_auxiliaries, target_estimates
+from grouplora.orchestration.resources import (BaseModelResource, MlflowResource, SelectionSettings, StorageResource,
+                                               WarehouseResource)
+
+HIDDEN = "hidden_states"  # storage folder: one cached mean hidden state per dataset
+
+
+def dataset_hidden_states(storage: StorageResource, base_model: BaseModelResource, names: list[str],
+                          max_examples: int) -> tuple[dict[str, np.ndarray], list[str]]:
+    """({dataset: mean answer-position hidden state of the base model over its first `max_examples` train
+    prompts}, the names computed now). Cached in storage/hidden_states/<name>.npz under a key of the model's
+    fingerprint, max_length and the prompts themselves, so other targets (and unchanged reruns) read it back."""
+    model, tokenizer = base_model.load()
+    fingerprint = model_fingerprint(model)
+    out, computed = {}, []
+    for name in names:
+        df = pd.read_parquet(storage.path("datasets", name), columns=["prompt", "split"])
+        prompts = df.loc[df["split"] == "train", "prompt"].head(max_examples).tolist()
+        if not prompts:
+            continue
+        key = hashlib.sha256(json.dumps([fingerprint, base_model.max_length, prompts]).encode()).hexdigest()[:16]
+        path = storage.path(HIDDEN, name, ".npz")
+        if path.exists():
+            with np.load(path) as cached:
+                if str(cached["key"]) == key:
+                    out[name] = cached["mean"]
+                    continue
+        out[name] = mean_hidden_state(model, tokenizer, prompts, batch_size=base_model.batch_size,
+                                      max_length=base_model.max_length)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, mean=out[name], key=np.array(key))
+        computed.append(name)
+    return out, computed
+
+
+def method_estimates(features: FeatureSet, selection: Selection, lam: float) -> pd.DataFrame:
+    """One row per method: its chosen auxiliaries and the target's estimated loss/accuracy after them."""
+    methods = list(selection.chosen)
+    est = target_estimates(features, selection.target, [selection.chosen[m] for m in methods], lam=lam)
+    return pd.DataFrame({"method": methods, "n_aux": [len(selection.chosen[m]) for m in methods],
+                         "est_loss": est["est_loss"], "est_accuracy": est["est_accuracy"],
+                         "chosen": [", ".join(selection.chosen[m]) for m in methods]})
+
+
+def selection_chart(selection: Selection, path: Path) -> Path:
+    """Random-ensemble score of each auxiliary relative to the mean over all sampled sets (> 0: it helps the
+    target more than a random companion); the random ensemble's picks highlighted, forward picks numbered."""
+    scores = selection.scores[np.isfinite(selection.scores["score"])]
+    mean = selection.settings["mean_score"]
+    step = {a: i + 1 for i, a in enumerate(selection.chosen.get("forward_selection", []))}
+    label = {a: f"{a} [forward {step[a]}]" if a in step else a for a in scores["aux"]}
+    values = {label[a]: float(v - mean) for a, v in zip(scores["aux"], scores["score"])}
+    chosen = [label[a] for a in selection.chosen.get("random_ensemble", []) if a in label]
+    return bar_chart(values, path, title=f"Auxiliary datasets for {selection.target}",
+                     xlabel="random-ensemble score: mean est. −loss of the target over sets with it, "
+                            "minus the mean over all sets", highlight=chosen,
+                     highlight_label="chosen (random ensemble)")
+
+
+@dg.asset(
+    partitions_def=dataset_partitions,
+    # The partition key is the target; every target reads every dataset's meta features.
+    deps=[dg.AssetDep(meta_gradient_features, partition_mapping=dg.AllPartitionMapping())],
+    group_name="selection",
+    kinds={"numpy", "parquet", "duckdb", "mlflow"},
+    code_version="1",
+    description="Auxiliary datasets for one target (the partition key), estimated from meta_gradient_features: "
+                "random-ensemble score per auxiliary, forward stepwise selection, and the none / all / gradient "
+                "cosine / hidden-state cosine baselines; scores table (DuckDB view target_selection) and bar chart.",
+)
+def target_selection(context: dg.AssetExecutionContext, storage: StorageResource, warehouse: WarehouseResource,
+                     base_model: BaseModelResource, selection_settings: SelectionSettings,
+                     mlflow_tracking: MlflowResource) -> dg.MaterializeResult:
+    target = validate_name(context.partition_key, "target dataset name")
+    s = selection_settings
+    names = current_datasets(context, storage, META_FEATURES)
+    if target not in names:
+        raise dg.Failure(f"target {target!r} has no meta_gradient_features (have: {names}); materialize them first")
+    if len(names) < 2:
+        raise dg.Failure(f"no auxiliary datasets besides {target!r}: need meta features of at least two datasets")
+    meta = read_meta_init(storage)
+    frame, X, feature_settings = read_features(storage, names, META_FEATURES)
+    if feature_settings.get("theta0_fingerprint") != meta["fingerprint"]:
+        raise dg.Failure(f"meta_gradient_features were taken at meta-init adapter "
+                         f"{feature_settings.get('theta0_fingerprint')!r}, the current one is {meta['fingerprint']!r}: "
+                         "re-materialize meta_gradient_features for all datasets")
+    features = FeatureSet.from_frame(frame, X)
+    start = time.perf_counter()
+    hidden, computed = dataset_hidden_states(storage, base_model, names, s.hidden_max_examples)
+    hidden_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    try:
+        selection = select_auxiliaries(features, target, hidden=hidden if target in hidden else None, top_k=s.top_k,
+                                       n_subsets=s.n_subsets, size=s.size or None, lam=s.lam, min_gain=s.min_gain,
+                                       seed=s.seed)
+    except ValueError as e:  # e.g. a target without validation rows
+        raise dg.Failure(f"target_selection for {target!r}: {e}") from e
+    methods = method_estimates(features, selection, s.lam)
+    seconds = time.perf_counter() - start
+
+    table = selection.table()
+    table.insert(0, "target", target)
+    parquet = write_parquet(table, storage.path("selection", target))
+    record = write_json({"target": target, "datasets": names, "chosen": selection.chosen,
+                         "methods": methods.to_dict(orient="records"),
+                         "forward_path": selection.forward_path.to_dict(orient="records"),
+                         "settings": selection.settings, "meta_init_fingerprint": meta["fingerprint"],
+                         "projection_checksum": feature_settings["projection_checksum"]},
+                        storage.path("selection", target, ".json"))
+    warehouse.register_parquet("target_selection", storage.glob("selection"))
+    png = selection_chart(selection, storage.path("selection", target, ".png"))
+
+    mlflow = mlflow_tracking.client_setup()
+    with mlflow.start_run(run_name=f"target_selection {target}") as run:
+        mlflow.set_tags({"grouplora.kind": "target_selection", "grouplora.target": target,
+                         "dagster.run_id": context.run.run_id})
+        mlflow.log_params({**{k: v for k, v in selection.settings.items() if k != "mean_score"}, "target": target,
+                           "n_datasets": len(names), "hidden_max_examples": s.hidden_max_examples,
+                           "meta_init_fingerprint": meta["fingerprint"],
+                           "projection_checksum": feature_settings["projection_checksum"]})
+        mlflow.log_metrics({"mean_score": float(selection.settings["mean_score"]), "seconds": seconds,
+                            **{f"est_loss_{r.method}": float(r.est_loss) for r in methods.itertuples()},
+                            **{f"est_accuracy_{r.method}": float(r.est_accuracy) for r in methods.itertuples()}})
+        for path in (parquet, record, png):
+            mlflow.log_artifact(str(path))
+    context.log.info(f"{target}: " + "; ".join(f"{m}: {', '.join(c) or '-'}" for m, c in selection.chosen.items()))
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": len(table), "target": target, "n_aux": len(table),
+        "chosen": dg.MetadataValue.json(selection.chosen),
+        "methods": dg.MetadataValue.md(methods.round(4).to_markdown(index=False)),
+        "scores": dg.MetadataValue.md(table.drop(columns=["target"]).round(4).to_markdown(index=False)),
+        "forward_path": dg.MetadataValue.md(selection.forward_path.round(4).to_markdown(index=False)),
+        "chart": png_markdown(png), "chart_path": dg.MetadataValue.path(str(png)),
+        "hidden_states_computed": computed, "seconds": round(seconds, 3), "hidden_seconds": round(hidden_seconds, 2),
+        "meta_init_fingerprint": meta["fingerprint"], "path": dg.MetadataValue.path(str(parquet)),
+        "mlflow_run_id": run.info.run_id})

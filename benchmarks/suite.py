@@ -407,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     r = Runner(model, tok, data, cfg, args, work)
     meta = work.path("adapters", "all_s0")
     targets = [x for x in args.targets if x in names]
+    if len(targets) < len(args.targets):
+        print(f"targets not in the suite, left out: {sorted(set(args.targets) - set(targets))}", flush=True)
 
     res: dict = {"benchmark": "suite", "device": args.device.split(":")[0], "machine": machine(args.device),
                  "model": args.model, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -1,4 +1,4 @@
-"""PNG figures for reports: task-affinity heatmaps, accuracy tables, bar charts.
+"""PNG figures for reports: task-affinity heatmaps, accuracy tables, bar, line and scatter charts.
 
 Uses matplotlib's object API (Figure + Agg via savefig), never pyplot: no global backend switch, no
 display needed, and safe to call from worker threads. Every file is written atomically (ml.atomic: temp

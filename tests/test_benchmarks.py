@@ -1,0 +1,77 @@
+"""The paper-reproduction script (benchmarks/suite.py) end to end on the tiny model and a small real-format
+folder: every stage runs, a rerun resumes from the cached stages, and the results hold together."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def five_datasets(folder: Path) -> Path:
+    from test_pipeline_dagster import make_folder
+    make_folder(folder)
+    pd.DataFrame({"text": [f"the match ended {i} to {j}" if j % 2 else f"the market fell {i} points"
+                           for i in range(12) for j in (1, 2)],
+                  "label": ["sport", "business"] * 12}).to_csv(folder / "news.csv", index=False)
+    pd.DataFrame({"text": [f"buy cheap pills now {i}" if i % 2 else f"lunch at noon {i}" for i in range(24)],
+                  "label": ["spam", "ham"] * 12}).to_csv(folder / "mail.csv", index=False)
+    return folder
+
+
+def test_suite_runs_every_stage_and_resumes(tmp_path, capsys):
+    import suite
+
+    data = five_datasets(tmp_path / "data")
+    args = ["--model", "tiny", "--device", "cpu", "--data", str(data), "--work", str(tmp_path / "work"),
+            "--out", str(tmp_path / "suite.json"), "--max-train", "8", "--max-val", "4", "--max-test", "6",
+            "--seeds", "0", "1", "--n-random", "4", "--n-fidelity", "8", "--n-calibration", "1", "--epochs", "1",
+            "--targets", "reviews", "missing_target", "--n-select", "4", "--approx-datasets", "1",
+            "--approx-examples", "1", "--hidden-examples", "4", "--max-m", "2"]
+    res = suite.main(args)
+    assert res["complete"]
+    names = sorted(res["sizes"])
+    assert len(names) == 5
+    # one row per dataset and seed, every method scored, accuracies are proportions of the test split
+    for s in (0, 1):
+        rows = pd.DataFrame(res[f"methods_s{s}"]["rows"])
+        assert sorted(rows["dataset"]) == names
+        for col in ("one_adapter_all", "one_adapter_all_qlora", "one_per_dataset", "grouped", "grouped_boosted",
+                    "ensemble"):
+            assert rows[col].between(0, 1).all()
+        runs = res[f"methods_s{s}"]["runs"]
+        assert runs["all_qlora"]["qlora"] and runs["all_qlora"]["flops"] > 0
+    groups = res["affinity"]["groups"]
+    assert sorted(sum(groups, [])) == names and res["affinity"]["m"] == len(groups) == 2
+    assert res["fidelity"]["n_subsets"] == 8 and len(res["fidelity"]["pairs"]) == 8 * 3
+    # selection: the unknown target is left out; "none" trains on the target alone, "all" on every dataset
+    choice = res["choice"]["targets"]
+    assert list(choice) == ["reviews"]
+    assert choice["reviews"]["chosen"]["none"] == [] and len(choice["reviews"]["chosen"]["all"]) == 4
+    assert set(res["selection_s1"]["accuracy"]["reviews"]) == set(choice["reviews"]["chosen"])
+    assert {r["scale"] for r in res["approx"]["meta_init"]} == {0.001, 0.005, 0.01, 0.02}
+    # a rerun resumes from the stage files: nothing is trained again
+    capsys.readouterr()
+    again = suite.main(args)
+    assert "==" not in capsys.readouterr().out
+    assert again["methods_s1"]["rows"] == res["methods_s1"]["rows"]
+    assert json.loads((tmp_path / "suite.json").read_text())["complete"]
+    # the report renders from that JSON: every section, its pictures, and numbers recomputed from the rows
+    import report
+    summary = report.main(["--suite", str(tmp_path / "suite.json"), "--out", str(tmp_path / "report")])
+    text = (tmp_path / "report" / "REPORT.md").read_text()
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## Where we differ"):
+        assert heading in text
+    for png in ("approx", "fidelity", "affinity", "accuracy", "selection"):
+        assert (tmp_path / "report" / "report" / f"{png}.png").stat().st_size > 1000
+    per_seed = [pd.DataFrame(res[f"methods_s{s}"]["rows"])["ensemble"].mean() for s in (0, 1)]
+    got = summary["methods"]["mean_accuracy"]["ensemble"]
+    assert got["mean"] == pytest.approx(sum(per_seed) / 2) and got["std"] == pytest.approx(pd.Series(per_seed).std())

@@ -5,6 +5,7 @@
 # between calls, and the data pack (built here by `grouplora data build --preset full`) in the first.
 #   bash benchmarks/gpu/remote.sh park .gpu/t1 .gpu/data/full     # calls 1-3: park one part each
 #   bash benchmarks/gpu/remote.sh run [suite.py args]              # later calls: set up once, run / resume
+#   bash benchmarks/gpu/remote.sh py benchmarks/peak_memory.py     # another script over the same data
 set -eo pipefail
 STASH=/root/stash SITE=/root/site WORK=/root/work
 export GROUPLORA_CACHE=/root/glc PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
@@ -17,8 +18,8 @@ park)
     if [ -f "$2/work.tgz" ]; then tar xzf "$2/work.tgz" -C $WORK; fi  # resume a run begun on an earlier machine
     if [ -n "$3" ]; then mkdir -p /root/data && cp -r "$3"/. /root/data/; fi
     ls -la $STASH; df -h /root | tail -1 ;;
-run)
-    shift
+run|py)
+    mode=$1; shift
     if [ ! -f $SITE/.installed ]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE $STASH/*.whl
         touch $SITE/.installed
@@ -33,6 +34,13 @@ run)
     export PYTHONPATH=$SITE:/tmp/shim
     mkdir -p $WORK
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+    if [ "$mode" = py ]; then  # another benchmark script over the same data, e.g. peak_memory.py
+        script=$1; shift
+        touch /tmp/started
+        timeout "${LIMIT:-540}" python3 "$script" --device cuda --data /root/data "$@" 2>&1 | grep -v Warning
+        find benchmarks/results -name '*.json' -newer /tmp/started -exec cp {} "$OUT/" \;  # what it wrote
+        exit 0
+    fi
     timeout "${LIMIT:-540}" python3 benchmarks/suite.py --device cuda --data /root/data --work $WORK \
         --out $WORK/suite_cuda.json "$@" 2>&1 | grep -v Warning | tee -a $WORK/log.txt || echo "suite stopped (rc $?)"
     # everything needed to resume on a fresh machine, and the results: one archive (<= 16 MiB)
@@ -40,5 +48,5 @@ run)
         $(cd $WORK && ls *.json log.txt features_meta.npz 2>/dev/null) adapters/all_s0 2>/dev/null || true
     ls -la "$OUT" ;;
 *)
-    echo "usage: remote.sh park DIR [DATA] | run [suite args]" >&2; exit 2 ;;
+    echo "usage: remote.sh park DIR [DATA] | run [suite args] | py SCRIPT [args]" >&2; exit 2 ;;
 esac

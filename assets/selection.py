@@ -25,7 +25,7 @@ from grouplora.ml.data_format import validate_name
 from grouplora.ml.estimation import FeatureSet
 from grouplora.ml.model import model_fingerprint
 from grouplora.ml.plots import bar_chart
-from grouplora.ml.selection import Selection, mean_hidden_state, select_auxiliaries, target_estimates
+from grouplora.ml.selection import Selection, mean_hidden_state, select_auxiliaries
 from grouplora.orchestration.resources import (BaseModelResource, MlflowResource, SelectionSettings, StorageResource,
                                                WarehouseResource)
 
@@ -58,15 +58,6 @@ def dataset_hidden_states(storage: StorageResource, base_model: BaseModelResourc
             np.savez(f, mean=out[name], key=np.array(key))
         computed.append(name)
     return out, computed
-
-
-def method_estimates(features: FeatureSet, selection: Selection, lam: float) -> pd.DataFrame:
-    """One row per method: its chosen auxiliaries and the target's estimated loss/accuracy after them."""
-    methods = list(selection.chosen)
-    est = target_estimates(features, selection.target, [selection.chosen[m] for m in methods], lam=lam)
-    return pd.DataFrame({"method": methods, "n_aux": [len(selection.chosen[m]) for m in methods],
-                         "est_loss": est["est_loss"], "est_accuracy": est["est_accuracy"],
-                         "chosen": [", ".join(selection.chosen[m]) for m in methods]})
 
 
 def selection_chart(selection: Selection, path: Path) -> Path:
@@ -122,7 +113,7 @@ def target_selection(context: dg.AssetExecutionContext, storage: StorageResource
                                        seed=s.seed)
     except ValueError as e:  # e.g. a target without validation rows
         raise dg.Failure(f"target_selection for {target!r}: {e}") from e
-    methods = method_estimates(features, selection, s.lam)
+    methods = selection.methods
     seconds = time.perf_counter() - start
 
     table = selection.table()

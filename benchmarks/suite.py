@@ -36,13 +36,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from estimation_fidelity import (ROOT, Data, _jsonable, change_spearman, data_folder, estimates, extract,  # noqa: E402
                                  finetune, lam_search, load_data, machine, metrics, pair_table, restored_grads,
-                                 sync, zero_shot)
+                                 zero_shot)
 
 from grouplora.ml.approx import SCALES, approximation_errors  # noqa: E402
 from grouplora.ml.boosting import train_boost_adapter  # noqa: E402
@@ -126,16 +125,15 @@ class Runner:
         ex = examples_of([self.by_name[m] for m in members])
         cfg = self.config(seed, qlora=qlora)
         base = self.base(qlora)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.args.bf16):
-            if weights is None:
-                res = train_adapter(base, ex, cfg, out, init_adapter=init_adapter)
-            else:
-                res = train_boost_adapter(base, ex, weights, cfg, out)
+        if weights is None:
+            res = train_adapter(base, ex, cfg, out, init_adapter=init_adapter)
+        else:
+            res = train_boost_adapter(base, ex, weights, cfg, out)
         print(f"  {name}: {res.steps} steps {res.seconds:.1f} s, loss {res.final_loss:.3f}", flush=True)
         return {"members": list(members), "seed": seed, "qlora": qlora, **res.to_dict()}
 
     def logits(self, name: str, datasets: Sequence[str], qlora: bool = False) -> dict[str, dict[str, np.ndarray]]:
-        """{dataset: {val, test}} label log-probs of adapter `name` (None: the base), cached as .npz."""
+        """{dataset: {val, test}} label log-probs of adapter `name` ("base": no adapter), cached as .npz."""
         cache = self.work.path("logits", f"{name}.npz")
         have = dict(np.load(cache)) if cache.exists() else {}
         need = [d for d in datasets if f"{d}/test" not in have]
@@ -147,10 +145,9 @@ class Runner:
                     for d in need:
                         ds = self.by_name[d]
                         for split, frame in (("val", ds.val), ("test", ds.test)):
-                            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.args.bf16):
-                                have[f"{d}/{split}"] = predict_logprobs(
-                                    pm, tok, frame["prompt"].tolist(), ds.label_ids,
-                                    batch_size=self.args.eval_batch_size, max_length=self.args.max_length)
+                            have[f"{d}/{split}"] = predict_logprobs(
+                                pm, tok, frame["prompt"].tolist(), ds.label_ids,
+                                batch_size=self.args.eval_batch_size, max_length=self.args.max_length)
                 finally:
                     if name != "base":
                         pm.unload()
@@ -229,8 +226,7 @@ def stage_fidelity(r: Runner, feats: FeatureSet, meta: Path) -> dict:
     tmp = r.work.path("fidelity_adapters")
     cfg = r.config(0)
     for i, s in enumerate(subsets):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.bf16):
-            runs[s.id] = finetune(r.model, r.tok, r.by_name, s, cfg, a, tmp, init_adapter=meta)
+        runs[s.id] = finetune(r.model, r.tok, r.by_name, s, cfg, a, tmp, init_adapter=meta)
         print(f"  [{i + 1}/{len(subsets)}] {','.join(s.members)} {runs[s.id]['train_s']:.1f} s", flush=True)
     zs = zero_shot(feats)
     lam, lam_table = lam_search(feats, cal, ev, runs, zs, (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0))
@@ -262,9 +258,8 @@ def stage_methods(r: Runner, seed: int, groups: list[list[str]]) -> dict:
             with restored_grads(r.model):
                 pm = load_adapter(r.model, r.work.path("adapters", gname)).eval()
                 try:
-                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.bf16):
-                        loss, _ = evaluate(pm, r.tok, examples_of([r.by_name[m] for m in g]),
-                                           batch_size=a.eval_batch_size, max_length=a.max_length)
+                    loss, _ = evaluate(pm, r.tok, examples_of([r.by_name[m] for m in g]),
+                                       batch_size=a.eval_batch_size, max_length=a.max_length)
                 finally:
                     pm.unload()
             runs[f"boost_{i}"] = r.train(f"boost_{gname}", g, seed, weights=loss)
@@ -298,18 +293,13 @@ def stage_choose(r: Runner, feats: FeatureSet, targets: list[str]) -> dict:
     for target in targets:
         t = time.perf_counter()
         sel = select_auxiliaries(feats, target, hidden=hidden, top_k=a.top_k, n_subsets=a.n_select, lam=a.lam)
-        est = {m: float(target_estimate(feats, target, aux, a.lam)) for m, aux in sel.chosen.items()}
+        est = dict(zip(sel.methods["method"], sel.methods["est_loss"].astype(float)))
         out[target] = {"chosen": sel.chosen, "est_loss": est, "table": sel.table().to_dict(orient="records"),
                        "forward_path": sel.forward_path.to_dict(orient="records"), "settings": sel.settings,
                        "select_seconds": time.perf_counter() - t}
         print(f"  {target}: " + "; ".join(f"{m}: {','.join(v) if len(v) < 5 else 'all'}"
                                           for m, v in sel.chosen.items()), flush=True)
     return {"targets": out}
-
-
-def target_estimate(feats: FeatureSet, target: str, aux: list[str], lam: float) -> float:
-    from grouplora.ml.selection import target_estimates
-    return target_estimates(feats, target, [aux], lam=lam)["est_loss"][0]
 
 
 def stage_selection(r: Runner, choice: dict, seed: int) -> dict:
@@ -383,11 +373,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden-examples", type=int, default=64)
     p.add_argument("--approx-datasets", type=int, default=4)
     p.add_argument("--approx-examples", type=int, default=4)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for training and scoring (CUDA)")
     p.add_argument("--budget-s", type=float, default=None, help="start no new stage after this many seconds")
     p.add_argument("--seed", type=int, default=0, help="data sampling seed")
     a = p.parse_args(argv)
-    a.bf16 = a.bf16 and a.device.startswith("cuda")
     return a
 
 

@@ -73,16 +73,11 @@ def demo_cmd(executor: str) -> None:
 def select_cmd(target: str, datasets_dir: Path | None, executor: str) -> None:
     """Choose auxiliary datasets for TARGET from first-order estimates at a meta-initialization (no fine-tuning
     per candidate): materializes what is missing, then prints each method's choice and the scores table."""
-    if datasets_dir is not None:
-        os.environ["GROUPLORA_DATASETS"] = str(Path(datasets_dir).resolve())
     from grouplora.ml.data_format import validate_name
     from grouplora.orchestration import run, settings
-    from grouplora.orchestration.definitions import make_resources
 
-    sources = make_resources()["sources"]
-    names = sorted(sources.files())
-    if not names:
-        raise click.ClickException(f"no dataset files in {sources.folder}")
+    resources, names = _dataset_files(datasets_dir)
+    sources = resources["sources"]
     try:
         validate_name(target, "target dataset name")
     except ValueError as e:
@@ -180,18 +175,27 @@ def _default_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _run_pipeline(datasets_dir: Path | None, executor: str) -> None:
+def _dataset_files(datasets_dir: Path | None):
+    """(the project's resources, the dataset names in its source folder); --datasets points every later step at
+    that folder."""
     if datasets_dir is not None:
         os.environ["GROUPLORA_DATASETS"] = str(Path(datasets_dir).resolve())
+    from grouplora.orchestration.definitions import make_resources
+
+    resources = make_resources()
+    names = sorted(resources["sources"].files())
+    if not names:
+        raise click.ClickException(f"no dataset files in {resources['sources'].folder}")
+    return resources, names
+
+
+def _run_pipeline(datasets_dir: Path | None, executor: str) -> None:
     from tqdm import tqdm
 
     from grouplora.orchestration import run, settings
-    from grouplora.orchestration.definitions import make_resources
 
-    sources = make_resources()["sources"]
-    names = sorted(sources.files())
-    if not names:
-        raise click.ClickException(f"no dataset files in {sources.folder}")
+    resources, names = _dataset_files(datasets_dir)
+    sources = resources["sources"]
     versions = {n: sources.version(n) for n in names}
     click.echo(f"== {len(names)} datasets in {sources.folder}; state in {settings.home()}")
     bar = tqdm(total=len(names), desc="datasets", unit="dataset")
@@ -204,7 +208,7 @@ def _run_pipeline(datasets_dir: Path | None, executor: str) -> None:
 
     import json
 
-    storage = make_resources()["storage"]
+    storage = resources["storage"]
     spec = json.loads(storage.path("partition", "task_partition", ".json").read_text())
     adapters = [g["key"] for g in spec["groups"]] + [spec["baseline"]["key"]]
     click.echo(f"\n== {spec['m']} groups: " + " | ".join(", ".join(g["members"]) for g in spec["groups"]))

@@ -31,6 +31,16 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
+def _finish(fig: Figure, ax, path: str | os.PathLike[str], *, title: str, xlabel: str, ylabel: str) -> Path:
+    """Grid, legend, labels and title of a one-axes chart, then save it."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
 def _short(name: object) -> str:
     s = str(name)
     return s if len(s) <= _MAX_NAME else s[: _MAX_NAME - 1] + "…"
@@ -256,12 +266,7 @@ def line_chart(
         ax.plot(xs, np.asarray(ys, dtype=float), marker="o", ms=3, label=_short(name))
     if logx:
         ax.set_xscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    return _save(fig, path)
+    return _finish(fig, ax, path, title=title, xlabel=xlabel, ylabel=ylabel)
 
 
 def scatter_chart(
@@ -291,12 +296,7 @@ def scatter_chart(
         allv = np.concatenate([np.concatenate([xa, ya]) for _, xa, ya in pts])
         lo, hi = float(np.nanmin(allv)), float(np.nanmax(allv))
         ax.plot([lo, hi], [lo, hi], color="black", lw=0.8, ls="--", label="y = x")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    return _save(fig, path)
+    return _finish(fig, ax, path, title=title, xlabel=xlabel, ylabel=ylabel)
 
 
 __all__ = ["accuracy_table_png", "affinity_heatmap", "bar_chart", "line_chart", "scatter_chart"]

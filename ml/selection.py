@@ -15,6 +15,7 @@ S (estimation.solve_subsets + score at θ0, ideally a meta-initialization, so th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import comb
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -53,7 +54,6 @@ def target_estimates(features: FeatureSet, target: str, aux_sets: Sequence[Seque
 
 def random_aux_sets(aux: Sequence[str], n: int, size: int, seed: int) -> list[list[str]]:
     """Up to n distinct random auxiliary sets of `size` (fewer when fewer exist)."""
-    from math import comb
     size = max(1, min(size, len(aux)))
     n = min(n, comb(len(aux), size))
     subs = make_subsets(list(aux), n_random=n, size=size, seed=seed, include_singletons=False, include_pairs=False)
@@ -152,6 +152,7 @@ class Selection:
     scores: pd.DataFrame  # one row per auxiliary: random-ensemble score/contrast, cosines, forward-selection step
     forward_path: pd.DataFrame
     subset_estimates: pd.DataFrame
+    methods: pd.DataFrame  # one row per method: n_aux, the target's est_loss / est_accuracy after its choice, chosen
     settings: dict = field(default_factory=dict)
 
     def table(self) -> pd.DataFrame:
@@ -167,7 +168,7 @@ def select_auxiliaries(features: FeatureSet, target: str, *, hidden: Mapping[str
                        min_gain: float = 0.0, seed: int = 0, threads: int | None = None) -> Selection:
     """Run every method for `target`. hidden: mean hidden state per dataset (hidden_cosine is left out without)."""
     aux = _check_target(features, target)
-    scores, est = random_ensemble_scores(features, target, n_subsets=n_subsets, size=size, lam=lam, seed=seed,
+    scores, sampled = random_ensemble_scores(features, target, n_subsets=n_subsets, size=size, lam=lam, seed=seed,
                                          threads=threads)
     mean_score = scores.attrs["mean_score"]
     fwd, path = forward_selection(features, target, max_k=top_k, min_gain=min_gain, lam=lam, threads=threads)
@@ -181,6 +182,11 @@ def select_auxiliaries(features: FeatureSet, target: str, *, hidden: Mapping[str
         scores = scores.merge(hid.rename("hidden_cosine"), left_on="aux", right_index=True, how="left")
     step = {a: i + 1 for i, a in enumerate(fwd)}
     scores["forward_step"] = scores["aux"].map(step).astype("Int64")
-    settings = {"top_k": top_k, "n_subsets": int(len(est)), "size": size or max(1, len(aux) // 3), "lam": lam,
+    names = list(chosen)
+    est = target_estimates(features, target, [chosen[m] for m in names], lam=lam, threads=threads)
+    methods = pd.DataFrame({"method": names, "n_aux": [len(chosen[m]) for m in names],
+                            "est_loss": est["est_loss"], "est_accuracy": est["est_accuracy"],
+                            "chosen": [", ".join(chosen[m]) for m in names]})
+    settings = {"top_k": top_k, "n_subsets": int(len(sampled)), "size": size or max(1, len(aux) // 3), "lam": lam,
                 "min_gain": min_gain, "seed": seed, "mean_score": mean_score}
-    return Selection(target, chosen, scores, path, est, settings)
+    return Selection(target, chosen, scores, path, sampled, methods, settings)

@@ -10,6 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import make_folder
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -17,11 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def five_datasets(folder: Path) -> Path:
-    from test_pipeline_dagster import make_folder
-    make_folder(folder)
-    pd.DataFrame({"text": [f"the match ended {i} to {j}" if j % 2 else f"the market fell {i} points"
-                           for i in range(12) for j in (1, 2)],
-                  "label": ["sport", "business"] * 12}).to_csv(folder / "news.csv", index=False)
+    make_folder(folder, news=True)
     pd.DataFrame({"text": [f"buy cheap pills now {i}" if i % 2 else f"lunch at noon {i}" for i in range(24)],
                   "label": ["spam", "ham"] * 12}).to_csv(folder / "mail.csv", index=False)
     return folder

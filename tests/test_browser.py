@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pipeline_dagster import make_folder
+from conftest import make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"

@@ -3,37 +3,21 @@ the work that change needs, step by step (evaluated in process with `dg.evaluate
 dataset registers its partition, removing one re-runs the suite without it."""
 
 import json
-import sys
 
 import dagster as dg
-import pandas as pd
 import pytest
 
 from grouplora.assets.datasets import dataset_partitions
 
 from conftest import tick_sensor
-from test_pipeline_dagster import make_folder
 
 SUITE = {"approximation_error", "subset_estimates", "zero_shot_report", "subset_affinity", "pairwise_affinity",
          "affinity_report", "estimate_verification", "task_partition"}
 
 
 @pytest.fixture()
-def project(tmp_path, monkeypatch):
-    folder = make_folder(tmp_path / "datasets")
-    # A fourth dataset: after one is removed, three remain (the partition needs at least three).
-    pd.DataFrame({"text": [f"the match ended {i} to {j}" if j % 2 else f"the market fell {i} points"
-                           for i in range(10) for j in (1, 2)],
-                  "label": ["sport", "business"] * 10}).to_csv(folder / "news.csv", index=False)
-    monkeypatch.setenv("GROUPLORA_HOME", str(tmp_path / "var"))
-    monkeypatch.setenv("GROUPLORA_DATASETS", str(folder))
-    monkeypatch.setenv("GROUPLORA_BASE_MODEL", "tiny")
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "var" / "dagster_home"))
-    # `defs` binds its resources to the environment at import: import it afresh for this test's folders, and
-    # drop it afterwards so that a later test imports it for its own.
-    sys.modules.pop("grouplora.orchestration.definitions", None)
-    yield tmp_path
-    sys.modules.pop("grouplora.orchestration.definitions", None)
+def project(news_project):
+    return news_project
 
 
 def requested(result) -> dict[str, set]:

@@ -2,7 +2,6 @@
 multiprocess runs, a real DuckDB file; then the sensor's view of added, changed and removed files."""
 
 import json
-from pathlib import Path
 
 import dagster as dg
 import duckdb
@@ -13,29 +12,9 @@ from conftest import tick_sensor
 from grouplora.assets.datasets import dataset_partitions
 
 
-def make_folder(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"text": [f"the film was {w} {i}" for i in range(12) for w in ("good", "bad")],
-                  "label": ["pos", "neg"] * 12}).to_csv(folder / "reviews.csv", index=False)
-    rows = [{"text": f"is {i} even", "label": "yes" if i % 2 == 0 else "no"} for i in range(18)]
-    (folder / "parity.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    pd.DataFrame({"text": [f"is it {w} today {i}" for i in range(9) for w in ("true", "false")],
-                  "label": ["true", "false"] * 9}).to_parquet(folder / "facts.parquet")
-    (folder / "datasets.yaml").write_text(
-        "defaults:\n  template: \"{text}\\nAnswer:\"\n"
-        "datasets:\n  reviews:\n    task_type: sentiment\n    label_words: {pos: ' positive', neg: ' negative'}\n"
-        "  parity:\n    task_type: yes_no_qa\n    label_words: {yes: ' yes', no: ' no'}\n")
-    return folder
-
-
 @pytest.fixture()
-def project(tmp_path, monkeypatch):
-    folder = make_folder(tmp_path / "datasets")
-    monkeypatch.setenv("GROUPLORA_HOME", str(tmp_path / "var"))
-    monkeypatch.setenv("GROUPLORA_DATASETS", str(folder))
-    monkeypatch.setenv("GROUPLORA_BASE_MODEL", "tiny")
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "var" / "dagster_home"))
-    return tmp_path
+def project(plain_project):
+    return plain_project
 
 
 def test_pipeline_materializes_through_dagster_into_duckdb(project):

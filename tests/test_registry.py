@@ -16,7 +16,6 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 

@@ -2,7 +2,6 @@
 (meta_init_adapter -> meta_gradient_features -> target_selection) and `grouplora select` on the tiny model."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +80,12 @@ def test_select_auxiliaries_runs_every_method_and_table_marks_the_choices(suite)
     steps = table.dropna(subset=["forward_step"]).sort_values("forward_step")["aux"].tolist()
     assert steps == sel.chosen["forward_selection"]
     assert sel.settings["size"] == 3 and sel.settings["n_subsets"] == 40
+    # each method's row: the target's estimate after exactly that choice ("none" = the forward path's start)
+    m = sel.methods.set_index("method")
+    assert list(m.index) == list(sel.chosen) and (m["n_aux"] == [len(v) for v in sel.chosen.values()]).all()
+    assert m.loc["none", "est_loss"] == pytest.approx(sel.forward_path["est_loss"][0], rel=1e-3)  # solver tol
+    fwd = target_estimates(suite, TARGET, [sel.chosen["forward_selection"]])["est_loss"][0]
+    assert m.loc["forward_selection", "est_loss"] == pytest.approx(fwd, rel=1e-6)
     # without hidden states the hidden_cosine method is left out
     assert "hidden_cosine" not in select_auxiliaries(suite, TARGET, top_k=1, n_subsets=10, size=2).chosen
 
@@ -142,21 +147,8 @@ def test_selection_settings_are_validated():
 
 
 @pytest.fixture()
-def project(tmp_path, monkeypatch):
-    from test_pipeline_dagster import make_folder
-
-    folder = make_folder(tmp_path / "datasets")
-    pd.DataFrame({"text": [f"the match ended {i} to {j}" if j % 2 else f"the market fell {i} points"
-                           for i in range(10) for j in (1, 2)],
-                  "label": ["sport", "business"] * 10}).to_csv(folder / "news.csv", index=False)
-    monkeypatch.setenv("GROUPLORA_HOME", str(tmp_path / "var"))
-    monkeypatch.setenv("GROUPLORA_DATASETS", str(folder))
-    monkeypatch.setenv("GROUPLORA_BASE_MODEL", "tiny")
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "var" / "dagster_home"))
-    # `defs` binds its resources to the environment at import: import it afresh for this test's folders
-    sys.modules.pop("grouplora.orchestration.definitions", None)
-    yield tmp_path
-    sys.modules.pop("grouplora.orchestration.definitions", None)
+def project(news_project):
+    return news_project
 
 
 def test_selection_through_dagster_and_the_cli(project, monkeypatch):

@@ -20,12 +20,10 @@ into the three splits, each split with the same label mix. `demo` balances label
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import random
-import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass

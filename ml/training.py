@@ -15,9 +15,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass

@@ -123,6 +123,7 @@ def test_task_partition_groups_an_in_memory_affinity_directly(tmp_path, make_fol
                            "affinity_neg_loss": -0.1 if t == s or (t, s) in close else -1.0,
                            "affinity_accuracy": 0.5} for t in names for s in names])
     with duckdb.connect(str(tmp_path / "warehouse.duckdb")) as con:
+        con.register("affinity", affinity)
         con.execute("CREATE TABLE subset_affinity AS SELECT * FROM affinity")
     with dg.instance_for_test() as instance:
         context = dg.build_asset_context(instance=instance)

@@ -141,12 +141,7 @@ def discover(folder: Path) -> dict[str, Path]:
     return found
 
 
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+
 
 
 def read_table(path: Path) -> pd.DataFrame:

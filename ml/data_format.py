@@ -299,7 +299,7 @@ def _check_entry(path: Path, root: Path) -> None:
         try:
             target = path.resolve(strict=True)
         except (OSError, RuntimeError):
-            raise DatasetError(path, "broken symlink (its target does not exist)") from None
+            raise DatasetError(path, "broken symlink (its target does not exist, or the links loop)") from None
         if not target.is_relative_to(root):
             raise DatasetError(path, f"symlink to {target}, outside the datasets folder {root}: refused "
                                      "(copy the file into the folder instead)")
@@ -350,8 +350,11 @@ def read_table(path: Path, limits: InputLimits = DEFAULT_LIMITS) -> pd.DataFrame
     return df
 
 
-def _line_to_row(path: Path, line: int) -> int:
-    return line - 1 if path.suffix == ".csv" else line
+def _line_to_row(path: Path, line: int) -> int | None:
+    """Data row of a text line: a CSV's line 1 is its header (no row); a JSONL line is a row."""
+    if path.suffix != ".csv":
+        return line
+    return line - 1 if line > 1 else None
 
 
 def _decode(raw: bytes, path: Path) -> str:
@@ -363,7 +366,7 @@ def _decode(raw: bytes, path: Path) -> str:
     nul = text.find("\x00")
     if nul >= 0:
         line = text.count("\n", 0, nul) + 1
-        raise DatasetError(path, f"NUL byte at line {line}: a text file holds none (is it UTF-16, or binary?)",
+        raise DatasetError(path, f"NUL byte at line {line} (text files hold none: is it binary, or UTF-16?)",
                            row=_line_to_row(path, line))
     return text
 
@@ -386,7 +389,7 @@ def _read_csv(text: str, path: Path, limits: InputLimits) -> pd.DataFrame:
                     raise DatasetError(path, f"duplicate column(s) {dup} in the header")
                 continue
             if len(fields) != len(header):
-                raise DatasetError(path, f"{len(fields)} fields where the header has {len(header)} "
+                raise DatasetError(path, f"{len(fields)} field(s) where the header has {len(header)} "
                                          f"(line {reader.line_num}; quote fields that contain commas)", row=len(rows) + 1)
             rows.append(fields)
             if len(rows) > limits.max_rows:
@@ -403,7 +406,8 @@ def _read_csv(text: str, path: Path, limits: InputLimits) -> pd.DataFrame:
 
 def _read_jsonl(text: str, path: Path, limits: InputLimits) -> pd.DataFrame:
     rows = []
-    for i, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() would also cut at U+2028 and friends, which JSON strings may hold raw.
+    for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -590,7 +594,10 @@ def check_label_tokens(path: Path, config: DatasetConfig, classes: list[str], fi
     words = config.words_for(classes)
     owner: dict[int, str] = {}
     for w in words:
-        tok = first_token(w)
+        try:
+            tok = first_token(w)
+        except ValueError as e:  # e.g. a word the tokenizer turns into nothing
+            raise DatasetError(path, f"label word {w!r}: {e}; change label_words in the config") from None
         if tok in owner:
             raise DatasetError(path, f"label words {owner[tok]!r} and {w!r} start with the same token ({tok}): "
                                      "the model could not tell them apart; change label_words in the config")

@@ -210,7 +210,10 @@ def _check_block(path: Path, where: str, block: Any) -> dict[str, Any]:
         if key in block and (not isinstance(block[key], str) or not block[key].strip()):
             raise ConfigError(path, f"{where}.{key} must be a non-empty string, got {block[key]!r}")
     if "template" in block:
-        check_template(block["template"], path, f"{where}.template")
+        try:
+            check_template(block["template"], path, f"{where}.template")
+        except DatasetError as e:
+            raise ConfigError(path, e.problem) from None
     if "label_words" in block:
         out["label_words"] = _check_label_words(path, f"{where}.label_words", block["label_words"])
     if "split_fractions" in block:

@@ -9,9 +9,13 @@ that is gone, so it is safe while other grouplora processes are running.
 Ownership: whoever starts a Dagster run or an MLflow run tags it with `owner_tags()` (pid, host, and the
 process's start time, which tells a dead owner from a new process that reuses its pid). An MLflow run without
 owner tags is judged by the Dagster run named in its `dagster.run_id` tag (its own or its parent run's), as the
-adapter and ensemble assets set it: finished or failed Dagster run, dead MLflow run. What has no owner at all
-(e.g. runs a daemon launched: Dagster's run monitoring handles those) is left alone unless `unowned_older_than_s`
-says how old such a run must be to count as dead. Pure functions over a DagsterInstance and an MlflowClient.
+adapter and ensemble assets set it: finished or failed Dagster run, dead MLflow run. A Dagster run a daemon
+launched has no owner tags; its worker records "Started process for run (pid: N)", and with `local_workers=True`
+(runs launched on this machine, as `grouplora ui` does) that pid is its owner, alive only if that process started
+before the run did. Dagster's own run monitoring does not catch these: with the DefaultRunLauncher it cannot check
+a run worker's health, only start timeouts and max runtimes. What has no owner at all is left alone unless
+`unowned_older_than_s` says how old such a run must be to count as dead. Pure functions over a DagsterInstance
+and an MlflowClient.
 """
 
 from __future__ import annotations
@@ -55,6 +59,19 @@ def process_start(pid: int) -> str | None:
     except PermissionError:
         pass
     return "?"
+
+
+def process_start_epoch(pid: int) -> float | None:
+    """When the process started (seconds since the epoch), from /proc; None if gone or unknown (no /proc)."""
+    ticks = process_start(pid)
+    if ticks is None or ticks == "?":
+        return None
+    try:
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+        return btime + int(ticks) / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def owner_tags(pid: int | None = None) -> dict[str, str]:
@@ -109,9 +126,37 @@ def _unowned_dead(age_s: float | None, older_than_s: float | None) -> bool:
     return older_than_s is not None and age_s is not None and age_s > older_than_s
 
 
-def fail_stale_runs(instance: Any, *, unowned_older_than_s: float | None = None) -> list[str]:
+def worker_pid(instance: Any, run_id: str) -> int | None:
+    """The pid a run worker recorded when it started ("Started process for run (pid: N)."), the last one if the
+    run was resumed; None if it recorded none (e.g. a run executed in the calling process)."""
+    import dagster as dg
+
+    pid = None
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
+        event = entry.dagster_event
+        if event is None or not (event.message or "").startswith(("Started process for run",
+                                                                  "Started process for resuming")):
+            continue
+        value = (event.engine_event_data.metadata or {}).get("pid") if event.engine_event_data else None
+        if value is not None and str(value.value).isdigit():
+            pid = int(value.value)
+    return pid
+
+
+def local_worker_alive(pid: int, run_started: float) -> bool | None:
+    """Whether the run worker `pid` on this machine still runs: a live process that started before the run
+    (slack 5 s) is it; a later one reuses its pid. None where /proc cannot tell."""
+    start = process_start_epoch(pid)
+    if start is None:
+        return False if process_start(pid) is None else None
+    return start <= run_started + 5
+
+
+def fail_stale_runs(instance: Any, *, local_workers: bool = False,
+                    unowned_older_than_s: float | None = None) -> list[str]:
     """Mark failed every Dagster run that is not finished and whose owner process is gone; returns their ids.
-    Runs without owner tags count as gone only when `unowned_older_than_s` is set and they are older."""
+    Owner: the run's owner tags; else, with local_workers, the pid its run worker recorded. Runs with neither
+    count as gone only when `unowned_older_than_s` is set and they are older."""
     import dagster as dg
 
     statuses = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
@@ -119,13 +164,17 @@ def fail_stale_runs(instance: Any, *, unowned_older_than_s: float | None = None)
     failed = []
     for record in instance.get_run_records(filters=dg.RunsFilter(statuses=statuses)):
         run = record.dagster_run
+        started = record.start_time or record.create_timestamp.timestamp()
         alive = owner_alive(run.tags)
+        pid = worker_pid(instance, run.run_id) if alive is None and local_workers else None
+        if pid is not None:
+            alive = local_worker_alive(pid, started)
         if alive is None:
-            started = record.start_time or record.create_timestamp.timestamp()
             alive = not _unowned_dead(time.time() - started, unowned_older_than_s)
         if alive:
             continue
-        who = f"pid {run.tags.get(OWNER_PID)} on {run.tags.get(OWNER_HOST)}" if OWNER_PID in run.tags else "no owner"
+        who = (f"pid {run.tags[OWNER_PID]} on {run.tags.get(OWNER_HOST)}" if OWNER_PID in run.tags
+               else f"run worker pid {pid}" if pid is not None else "no owner recorded")
         instance.report_run_failed(run, message=f"grouplora: the process that ran this run ({who}) is gone "
                                                 "(killed or crashed); marked failed on a later start")
         failed.append(run.run_id)
@@ -274,12 +323,14 @@ def set_aside_orphaned_versions(client: Any, name: str | None = None, *, delete:
 
 
 def recover(instance: Any = None, client: Any = None, *, registered_name: str | None = None,
-            delete_orphans: bool = False, unowned_older_than_s: float | None = None) -> RecoveryReport:
+            delete_orphans: bool = False, local_workers: bool = False,
+            unowned_older_than_s: float | None = None) -> RecoveryReport:
     """All of the above, in the order that makes each step see the previous one's result: Dagster runs first
     (an MLflow run tied to a failed Dagster run is then dead), then MLflow runs, logged models, versions."""
     report = RecoveryReport()
     if instance is not None:
-        report.dagster_runs_failed = fail_stale_runs(instance, unowned_older_than_s=unowned_older_than_s)
+        report.dagster_runs_failed = fail_stale_runs(instance, local_workers=local_workers,
+                                                     unowned_older_than_s=unowned_older_than_s)
     if client is not None:
         report.mlflow_runs_killed = kill_stale_mlflow_runs(client, instance, unowned_older_than_s=unowned_older_than_s)
         report.logged_models_failed = fail_pending_logged_models(client)

@@ -180,3 +180,63 @@ def test_orphaned_versions_can_be_deleted_keeping_a_note_on_the_run(stores):
     assert set_aside_orphaned_versions(client, NAME, delete=True) == [f"{NAME}/{half}"]
     assert [v.version for v in client.search_model_versions(f"name = '{NAME}'")] == []
     assert "no base_model tag" in client.get_run(run_id).data.tags[f"{ORPHAN_TAG}.deleted_version"]
+
+
+# A run as a daemon launches it: no owner tags; the run worker records its pid the way `dagster api execute_run`
+# does (an engine event "Started process for run (pid: N)." with the pid as metadata), then hangs.
+DAEMON_CHILD = textwrap.dedent("""
+    import os, sys, time
+    import dagster as dg
+    from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
+
+    @dg.op
+    def noop():
+        return 1
+
+    @dg.job
+    def daemon_job():
+        noop()
+
+    with dg.DagsterInstance.get() as instance:
+        run = instance.create_run_for_job(daemon_job, run_config={})
+        pid = os.getpid()
+        instance.report_engine_event(f"Started process for run (pid: {pid}).", run, EngineEventData.in_process(pid))
+        instance.report_dagster_event(DagsterEvent(event_type_value=DagsterEventType.RUN_START.value,
+                                                   job_name=run.job_name), run_id=run.run_id)
+        with open(sys.argv[1] + ".tmp", "w") as f:
+            f.write(run.run_id)
+        os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+        time.sleep(600)
+""")
+
+
+def test_daemon_launched_runs_by_their_recorded_worker_pid(tmp_path, stores):
+    from grouplora.orchestration.recovery import fail_stale_runs, local_worker_alive, worker_pid
+
+    instance, _, _ = stores
+    markers = {k: tmp_path / f"{k}.id" for k in ("killed", "live")}
+    procs = {k: subprocess.Popen([sys.executable, "-c", DAEMON_CHILD, str(m)], stderr=subprocess.PIPE, text=True)
+             for k, m in markers.items()}
+    try:
+        deadline = time.monotonic() + 300
+        while not all(m.exists() for m in markers.values()):
+            for k, p in procs.items():
+                assert p.poll() is None, f"{k} child exited: {p.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        ids = {k: m.read_text() for k, m in markers.items()}
+        assert worker_pid(instance, ids["killed"]) == procs["killed"].pid
+        procs["killed"].send_signal(signal.SIGKILL)
+        procs["killed"].wait()
+        assert fail_stale_runs(instance) == []  # no owner tags: unknown without local_workers
+        assert fail_stale_runs(instance, local_workers=True) == [ids["killed"]]
+        assert instance.get_run_by_id(ids["killed"]).status == dg.DagsterRunStatus.FAILURE
+        assert instance.get_run_by_id(ids["live"]).status == dg.DagsterRunStatus.STARTED
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+    assert local_worker_alive(os.getpid(), time.time()) is True
+    assert local_worker_alive(os.getpid(), time.time() - 10 * 24 * 3600) is False  # a pid reused since
+    assert local_worker_alive(dead_pid(), time.time()) is False

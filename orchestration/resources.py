@@ -24,6 +24,7 @@ from grouplora.ml.hashing import sha256_file
 from grouplora.orchestration import settings
 from grouplora.orchestration.settings import GradientSettings, TrainingSettings
 from grouplora.orchestration.store import ArtifactStore
+from grouplora.orchestration.globs import literal_folder_glob
 
 
 class DatasetSourceResource(dg.ConfigurableResource):
@@ -79,10 +80,11 @@ class WarehouseResource(dg.ConfigurableResource):
             con.close()
 
     def register_parquet(self, view: str, glob: str, array_columns: dict[str, int] | None = None) -> None:
-        """(Re)create a view over every Parquet file matching `glob` (new partitions appear automatically).
+        """(Re)create a view over every Parquet file matching `glob` (new partitions appear automatically); only
+        its last component is a pattern, the folder is literal (orchestration.globs).
         array_columns: {column: k} exposes those list columns as DuckDB fixed-size FLOAT[k] arrays."""
         validate_name(view, "view name")
-        literal = "'" + glob.replace("'", "''") + "'"  # a view's body cannot take prepared parameters
+        literal = "'" + literal_folder_glob(glob).replace("'", "''") + "'"  # a view's body takes no parameters
         casts = ", ".join(f"{validate_name(c, 'column name')}::FLOAT[{int(k)}] AS {c}" for c, k in (array_columns or {}).items())
         select = f"* REPLACE ({casts})" if casts else "*"
         with self.connect() as con:

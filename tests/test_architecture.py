@@ -17,7 +17,7 @@ FOLDERS = {"grouplora.ml": "ml", "grouplora.assets": "assets", "grouplora.orches
            "grouplora.dbt_like_sql": "dbt_like_sql", "grouplora": "grouplora"}
 ASSET_FACING = {"grouplora.orchestration.store", "grouplora.orchestration.resources",
                 "grouplora.orchestration.settings", "grouplora.orchestration.partitions",
-                "grouplora.orchestration.registry"}
+                "grouplora.orchestration.registry", "grouplora.orchestration.globs"}
 
 
 def modules() -> dict[str, Path]:

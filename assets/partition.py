@@ -58,6 +58,11 @@ def task_partition(context: dg.AssetExecutionContext, store: ArtifactStore, ware
         labels, relaxed = result.labels, float(result.objective)
     else:
         labels, relaxed = spectral_cluster(A, m, seed=ps.seed), float("nan")
+    files = sources.files()
+    gone = [name for name in names if name not in files]
+    if gone:  # their partitions are still registered: `grouplora run` and the sensor delete them
+        raise dg.Failure(f"dataset(s) {', '.join(gone)} have gradient features but no usable file in {sources.root()} "
+                         "any more (removed?): delete their dataset partitions, then rerun the suite")
     versions = {name: sources.version(name) for name in names}
     training = training_settings.fingerprint()
     groups = []

@@ -19,7 +19,7 @@ import dagster as dg
 import duckdb
 import pandas as pd
 
-from grouplora.ml.data_format import SuiteConfig, discover, load_suite_config, validate_name
+from grouplora.ml.data_format import DatasetError, SuiteConfig, load_suite_config, scan, validate_name
 from grouplora.ml.hashing import sha256_file
 from grouplora.orchestration import settings
 from grouplora.orchestration.settings import GradientSettings, TrainingSettings
@@ -38,8 +38,14 @@ class DatasetSourceResource(dg.ConfigurableResource):
         return Path(self.folder) if self.folder else settings.datasets_folder()
 
     def files(self) -> dict[str, Path]:
+        """Dataset name -> file for every usable file; unusable ones (see `scan`) are left out, so that one bad file
+        never stops the others."""
+        return self.scan()[0]
+
+    def scan(self) -> tuple[dict[str, Path], list[DatasetError]]:
+        """The usable files and one DatasetError per unusable one (ml.data_format.scan); a missing folder is empty."""
         folder = self.root()
-        return discover(folder) if folder.exists() else {}
+        return scan(folder) if folder.exists() else ({}, [])
 
     def config(self) -> SuiteConfig:
         return load_suite_config(self.root() / self.config_file)

@@ -11,6 +11,9 @@ waits, and when its turn comes finds the first one's work current, so nothing is
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,20 +51,87 @@ def home_folder() -> Path:
     return home
 
 
+def _touch(instance: dg.DagsterInstance) -> None:
+    """Open every sqlite storage of an instance, creating and migrating it on first use."""
+    instance.get_runs(limit=1)  # run storage, event-log index
+    instance.get_dynamic_partitions(dataset_partitions.name)
+    instance.all_instigator_state()  # schedule storage
+
+
+def _staging(path: Path) -> Path:
+    return path.with_name(f".{path.name}.init-{os.getpid()}")
+
+
+def _clear_staging(path: Path) -> None:
+    """Remove what a first initialization killed half-way left beside `path` (the caller holds the init lock, so
+    no other process is initializing)."""
+    for old in path.parent.glob(f".{path.name}.init-*"):
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+DAGSTER_STORES = ("schedules", "history")  # what a new sqlite instance creates; history/runs.db marks a made one
+
+
+def _new_dagster_home(final: Path) -> None:
+    """A new home's Dagster storages, made and migrated in a staging folder beside DAGSTER_HOME and moved in when
+    complete. Made in place, a kill -9 during the first migrations left homes unusable for good (missing tables:
+    "the dynamic partitions table ... does not exist")."""
+    _clear_staging(final)
+    if (final / "history" / "runs.db").exists() or (final / "dagster.yaml").read_text() != run.DAGSTER_YAML:
+        return  # made already, or a configuration of the user's own (made in place, by Dagster)
+    staging = _staging(final)
+    staging.mkdir()
+    (staging / "dagster.yaml").write_text(run.DAGSTER_YAML)
+    with dg.DagsterInstance.from_config(str(staging)) as instance:
+        _touch(instance)
+    for sub in DAGSTER_STORES:  # history last: until it is in, the home counts as new
+        if (final / sub).exists():
+            shutil.rmtree(final / sub)
+        os.rename(staging / sub, final / sub)
+    shutil.rmtree(staging)
+
+
+def _new_mlflow_store(tracking_uri: str) -> None:
+    """A new sqlite MLflow store (tables, migrations, the experiment), made in a staging file and renamed into place
+    when complete, for the same reason."""
+    from mlflow.tracking import MlflowClient
+
+    from grouplora.orchestration.registry import EXPERIMENT, experiment_id
+
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    _clear_staging(db)
+    if db.exists():
+        return
+    staging = _staging(db)
+    client = MlflowClient(tracking_uri=f"sqlite:///{staging}", registry_uri=f"sqlite:///{staging}")
+    experiment_id(client, tracking_uri, EXPERIMENT)  # artifacts located beside the final file
+    os.rename(staging, db)
+
+
 def init_stores(tracking_uri: str | None, *, dagster: bool = True) -> tuple[dg.DagsterInstance | None, object]:
-    """Create or open the Dagster instance and the MLflow store (run by `open_home` under the init lock)."""
+    """Create (atomically, when new) or open the Dagster instance and the MLflow store; run by `open_home` under
+    the init lock."""
     from grouplora.orchestration.registry import EXPERIMENT, experiment_id, use_tracking
 
     instance = None
     if dagster:
+        _new_dagster_home(run.dagster_home())
         instance = run.get_instance()
-        instance.get_runs(limit=1)  # run storage (and its migrations), event log index, schedule storage
-        instance.get_dynamic_partitions(dataset_partitions.name)
-        instance.all_instigator_state()
+        _touch(instance)
     client = None
     if tracking_uri is not None:
-        client = use_tracking(tracking_uri)
-        experiment_id(client, tracking_uri, EXPERIMENT)
+        quiet = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow database tables...": noise
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
+        try:
+            _new_mlflow_store(tracking_uri)
+            client = use_tracking(tracking_uri)
+            experiment_id(client, tracking_uri, EXPERIMENT)
+        finally:
+            quiet.setLevel(level)
     return instance, client
 
 

@@ -249,7 +249,7 @@ def _run_pipeline(datasets_dir: Path | None, executor: str) -> None:
         good = _run_datasets(versions, executor, failures)
         try:
             if good:
-                _run_suite_onwards(resources, instance, {n: versions[n] for n in good}, executor)
+                _run_suite_onwards(resources, instance, {n: versions[n] for n in good}, executor, failures)
         except run.StepFailures as e:
             failures += [(line, e.input_errors()) for line in e.lines()]
             for f in e.failures if settings.debug() else []:
@@ -269,16 +269,23 @@ def _run_datasets(versions: dict[str, str], executor: str, failures: list[tuple[
     bar = tqdm(total=len(names), desc="datasets", unit="dataset")
     ran, failed = run.run_datasets(names, versions, executor=executor, progress=progress_for(bar))
     bar.close()
-    for name, e in failed.items():
-        failures += [(f"{name}: {line}", e.input_errors()) for line in e.lines()]
+    failures += _failure_lines(failed)
     click.echo(f"ran {len(ran)} dataset partitions ({len(names) - len(ran) - len(failed)} already current"
                + (f", {len(failed)} failed" if failed else "") + ")")
     return [n for n in names if n not in failed]
 
 
-def _run_suite_onwards(resources, instance, versions: dict[str, str], executor: str) -> None:
+def _failure_lines(failed: dict) -> list[tuple[str, bool]]:
+    """`<partition>: <step>: <message>` for each failed step of each failed partition run, and whether the input
+    was at fault."""
+    return [(f"{key}: {line}", e.input_errors()) for key, e in failed.items() for line in e.lines()]
+
+
+def _run_suite_onwards(resources, instance, versions: dict[str, str], executor: str,
+                       failures: list[tuple[str, bool]]) -> None:
     """The suite, the adapters and the ensemble, each skipped when it is current (a rerun, or a run that waited for
-    another one on this home, does nothing twice); raises StepFailures when one fails."""
+    another one on this home, does nothing twice). A failed adapter is added to `failures` (the others still train;
+    the ensemble waits for all); a failed suite or ensemble run raises StepFailures."""
     from tqdm import tqdm
 
     from grouplora.orchestration import freshness, run
@@ -301,9 +308,8 @@ def _run_suite_onwards(resources, instance, versions: dict[str, str], executor: 
     click.echo(f"trained {len(trained)} adapters ({len(adapters) - len(trained) - len(failed)} unchanged"
                + (f", {len(failed)} failed" if failed else "") + ")")
     if failed:
-        first = next(iter(failed.values()))
-        raise run.StepFailures(first.run_id, first.job_name,
-                               [f for e in failed.values() for f in e.failures])
+        failures += _failure_lines(failed)
+        return
     if freshness.ensemble_is_current(instance, adapters):
         click.echo("== ensemble: current (registered and promotion decided)")
     else:

@@ -244,7 +244,8 @@ TASKS: tuple[tuple[str, str, str], ...] = (
     ("natural_instructions/subtask021_mctaco_grammatical_logical", "grammar", "Yes./No. targets, 1,199"),
     ("natural_instructions/subtask022_cosmosqa_passage_inappropriate_binary", "appropriateness",
      "Yes./No. targets, 500"),
-    ("natural_instructions/subtask027_drop_answer_type_generation", "answer_type", "Number./Date./Span. targets, 6,500"),
+    ("natural_instructions/subtask027_drop_answer_type_generation", "answer_type",
+     "Number./Date./Span. targets, 6,500"),
     ("natural_instructions/subtask047_misc_answering_science_questions", "science_qa", "A./B./C./D. targets, 251"),
     ("natural_instructions/subtask050_multirc_answerability", "answerability", "Yes./No. targets, 6,500"),
 )

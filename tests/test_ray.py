@@ -65,7 +65,8 @@ def ray_head():
                 break
             except Exception:  # noqa: BLE001 - not up yet
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Ray head did not start: {(temp / 'ray_start.log').read_text()[-3000:]}")
+                    log_text = (temp / "ray_start.log").read_text()[-3000:]
+                    raise RuntimeError(f"Ray head did not start: {log_text}") from None
                 time.sleep(1)
         yield address
     finally:
@@ -114,7 +115,7 @@ def test_ray_executor_runs_each_step_as_a_ray_job_on_its_own_gpu(plain_project, 
     procs = [subprocess.Popen([sys.executable, str(TESTS / "pipeline_jobs.py"), key, "ray", ray_head],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for key in keys]
     outs = [p.communicate(timeout=540) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert all(r["success"] for r in results), [err[-4000:] for _, err in outs]

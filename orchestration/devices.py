@@ -1,9 +1,10 @@
-"""Which device a step runs on: the GPU its executor assigned it, or the CPU.
+"""Which device a step runs on: what a GPU step asks for, the GPU its executor assigned it, or the CPU.
 
-A GPU step launched by Ray (`orchestration/executors.py`) sees exactly the GPU Ray assigned through
-CUDA_VISIBLE_DEVICES (torch calls it cuda:0); a CPU step sees CUDA_VISIBLE_DEVICES="" and so no GPU at all.
-`resolve_device("auto")` turns that into the torch device the base model should load on. `log_placement`
-(a success hook) records where each step ran: host, process, CUDA_VISIBLE_DEVICES, the Ray job's step key.
+A GPU asset says so in its decorator: `op_tags=GPU_OP_TAGS, pool=GPU_POOL`. On Ray (`orchestration/executors.py`)
+the tag asks for one GPU and the step sees exactly the GPU Ray assigned through CUDA_VISIBLE_DEVICES (torch calls it
+cuda:0); a CPU step sees CUDA_VISIBLE_DEVICES="" and so no GPU at all. On one host the pool admits as many GPU steps
+at once as it has slots. `resolve_device("auto")` turns that into the torch device the base model loads on.
+`log_placement` (a success hook) records where each step ran: host, process, CUDA_VISIBLE_DEVICES, the Ray step key.
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ import time
 import dagster as dg
 
 DEVICES = ("auto", "cpu", "cuda")
+RAY_CONFIG_TAG = "dagster-ray/config"  # the op tag dagster-ray's executor reads (dagster_ray.configs)
+GPU_POOL = "gpu"
+GPU_STEP_ENV = "GROUPLORA_GPU_STEP"
+# One GPU from Ray, and a runtime_env of its own: dagster-ray takes a step's runtime_env INSTEAD of the executor's
+# (which hides the GPUs from CPU steps), so it must not be empty.
+GPU_OP_TAGS = {RAY_CONFIG_TAG: json.dumps({"num_gpus": 1, "runtime_env": {"env_vars": {GPU_STEP_ENV: "1"}}})}
 PLACEMENT_PREFIX = "placement "  # the log line log_placement writes: this prefix, then JSON
 
 

@@ -1,7 +1,8 @@
 """Executors beyond one process per step on one host: Ray through dagster-ray, and the GPU pool.
 
 GPU steps (zero-shot scoring, gradient features, adapter training, ensemble scoring) carry `GPU_OP_TAGS` and
-`pool=GPU_POOL` in their asset decorator; every other step is a CPU step and carries nothing.
+`pool=GPU_POOL` (`orchestration/devices.py`) in their asset decorator; every other step is a CPU step and carries
+nothing.
 
 * Ray (`pip install grouplora[ray]`): `ray_executor()` submits each step as a Ray job. dagster-ray reads the op
   tag `dagster-ray/config`: a GPU step asks for one GPU, and Ray sets that step's CUDA_VISIBLE_DEVICES to the GPU
@@ -15,16 +16,13 @@ GPU steps (zero-shot scoring, gradient features, adapter training, ensemble scor
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
 import dagster as dg
 
-RAY_CONFIG_TAG = "dagster-ray/config"  # the op tag dagster-ray's executor reads (dagster_ray.configs)
-GPU_POOL = "gpu"
-GPU_STEP_ENV = "GROUPLORA_GPU_STEP"
-GPU_OP_TAGS = {RAY_CONFIG_TAG: json.dumps({"num_gpus": 1, "runtime_env": {"env_vars": {GPU_STEP_ENV: "1"}}})}
+from grouplora.orchestration.devices import GPU_POOL
+
 CPU_RUNTIME_ENV = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
 # What a step process needs from the launching process's environment (each step re-imports the definitions).
 FORWARDED_ENV = ("GROUPLORA_HOME", "GROUPLORA_DATASETS", "GROUPLORA_BASE_MODEL", "GROUPLORA_CACHE", "DAGSTER_HOME",

@@ -17,12 +17,13 @@ import dagster as dg
 from dagster._core.definitions.assets.definition.assets_definition import AssetsDefinition
 from dagster._core.definitions.op_definition import OpDefinition
 
-from grouplora.assets.datasets import dataset, dataset_partitions
+from grouplora.assets.datasets import dataset
 from grouplora.assets.features import gradient_features
 from grouplora.assets.zero_shot import zero_shot_scores
-from grouplora.orchestration.definitions import make_resources
-from grouplora.orchestration.devices import log_placement
-from grouplora.orchestration.executors import GPU_OP_TAGS, GPU_POOL, ray_executor
+from grouplora.orchestration.devices import GPU_OP_TAGS, GPU_POOL, log_placement
+from grouplora.orchestration.executors import ray_executor
+from grouplora.orchestration.partitions import dataset_partitions
+from grouplora.orchestration.resources import make_resources
 
 JOB = "chain_job"
 GPU_STEPS = ("zero_shot_scores", "gradient_features")

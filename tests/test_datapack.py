@@ -397,7 +397,8 @@ def test_scale_build_on_fake_archives(fake_cache, tmp_path):
     assert m["sampling"]["min_examples"] == 60 and m["datasets"]["debate_speakers"]["counts"]["test"] == 18
 
     few = dict(dp.REGISTRY)
-    few["anachronisms"] = dataclasses.replace(few["anachronisms"], parse=lambda mem, a: _read(fake_cache, "anachronisms")[:50])
+    first_50 = lambda mem, a: _read(fake_cache, "anachronisms")[:50]  # noqa: E731
+    few["anachronisms"] = dataclasses.replace(few["anachronisms"], parse=first_50)
     with pytest.raises(ValueError, match="anachronisms: 50 examples .* needs 60"):
         dp.build_datapack("scale", tmp_path / "few", cache_dir=fake_cache, progress=False, datasets=["anachronisms"],
                           sources=few)
@@ -657,6 +658,7 @@ def test_real_scale_pack(tmp_path):
         assert all(entry["counts"][s] <= sizes[s] for s in sizes) and sum(entry["counts"].values()) >= 60
         assert 2 <= len(entry["labels"]) <= 10 and min(entry["label_counts"].values()) > 0
         df = load_dataset(tmp_path / "scale" / entry["file"], cfg.for_dataset(name), first_token=first_token)
-        assert {s: int(n) for s, n in df["split"].value_counts().items()} == {s: n for s, n in entry["counts"].items() if n}
+        assert {s: int(n) for s, n in df["split"].value_counts().items()} == \
+            {s: n for s, n in entry["counts"].items() if n}
         label_token_ids(tok, list(entry["label_words"].values()))
     assert sum(d["source"]["package"] == "bigbench" for d in m["datasets"].values()) >= 85

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from grouplora.orchestration.devices import resolve_device, visible_gpus
-from grouplora.orchestration.executors import GPU_OP_TAGS, GPU_POOL, RAY_CONFIG_TAG, ray_executor
+from grouplora.orchestration.devices import GPU_OP_TAGS, GPU_POOL, RAY_CONFIG_TAG, resolve_device, visible_gpus
+from grouplora.orchestration.executors import ray_executor
 
 TESTS = Path(__file__).parent
 

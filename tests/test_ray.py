@@ -100,8 +100,7 @@ def test_ray_executor_runs_each_step_as_a_ray_job_on_its_own_gpu(plain_project, 
     import dagster as dg
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from grouplora.orchestration.devices import read_placements
-    from grouplora.orchestration.executors import GPU_STEP_ENV
+    from grouplora.orchestration.devices import GPU_STEP_ENV, read_placements
     from pipeline_jobs import CPU_STEPS, GPU_STEPS
 
     start = time.monotonic()

@@ -3,6 +3,7 @@ adapter, leaves a passed base untouched, runs QLoRA on CPU, and counts FLOPs by 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,7 @@ def test_training_learns_mixed_datasets_and_leaves_base_untouched(tiny, tmp_path
     out = tmp_path / "a"
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"epoch_{k}" for k in range(1, 7)]
-    pm = PeftModel.from_pretrained(model, str(out))
+    pm = PeftModel.from_pretrained(copy.deepcopy(model), str(out))  # a copy: peft freezes the shared base
     loss1, acc1 = evaluate(pm, tok, ex)
     pm.unload()
     assert loss1.mean() < 0.6 * loss0.mean()
@@ -114,7 +115,7 @@ def test_saved_adapter_gives_the_logits_of_its_merged_weights(tiny, tmp_path):
                 n_merged += 1
         assert n_merged == 3 * 2
         want = label_logits(merged, enc["input_ids"], enc["attention_mask"], labels)
-        pm = PeftModel.from_pretrained(model, str(tmp_path / "a"))
+        pm = PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "a"))  # a copy: peft freezes the base
         got = label_logits(pm, enc["input_ids"], enc["attention_mask"], labels)
         pm.unload()
         base = label_logits(model, enc["input_ids"], enc["attention_mask"], labels)
@@ -260,7 +261,9 @@ def test_flop_formula_on_the_tiny_config(tiny):
     n_base = L * (h * h + 2 * h * kv + h * h + 3 * h * i)  # q, k, v, o, gate/up/down; no embeddings, no lm_head
     assert matmul_params(model) == (n_base, 0) == (73728, 0)
     from grouplora.ml.lora import add_lora
-    pm = add_lora(model, r=8, target_modules=("q_proj", "v_proj"))
+    # on a copy: peft freezes the base's parameters and unload() does not thaw them; the module's shared `tiny`
+    # must stay as the other tests (in any order) expect it
+    pm = add_lora(copy.deepcopy(model), r=8, target_modules=("q_proj", "v_proj"))
     n_lora = L * (8 * h + h * 8 + 8 * h + kv * 8)
     assert matmul_params(pm) == (n_base, n_lora) == (73728, 3584)
     pm.unload()

@@ -13,11 +13,11 @@ of it in a large CPU batch. Only an approximation gets a single adapter's cost: 
 Merge. α-weighted logits Σ_k α_k z(θ0 + Δ_k) ≈ (Σα)·z(θ0 + Σ_k ŵ_k Δ_k) with ŵ = α/Σα, exact to first order in
 the Δ_k (each z is linear in its Δ there). `merge_adapters` builds that ONE adapter, ΔW = Σ_k ŵ_k B_k A_k s_k,
 with peft's add_weighted_adapter, combination_type "cat": A stacks the ŵ_k s_k A_k and B the B_k side by side,
-so B'A' is exactly that sum (rank Σ r_k, still tiny next to the base matmuls). "linear" would instead add the
-A's and the B's separately, (Σ √(ŵ_k s_k) B_k)(Σ √(ŵ_j s_j) A_j), whose cross terms B_k A_j (k ≠ j) are a
-different update whenever the adapters' A's differ (adapters trained from different seeds or data), even at
-the same rank; it is exact only when they share A. The scale Σα is the ensemble's temperature: applied to the
-merged adapter's logits it keeps the probabilities on the ensemble's scale (argmax does not depend on it).
+so B'A' is exactly that sum (rank Σ r_k, still tiny next to the base matmuls). "linear" instead sums the A's
+and the B's separately, (Σ_k √(ŵ_k s_k) B_k)(Σ_j √(ŵ_j s_j) A_j): cross terms B_k A_j (k ≠ j), and even for
+one adapter merged with itself (Σ√ŵ_k)² ≠ Σŵ_k; it is exact for a single adapter only, whatever the ranks.
+The scale Σα is the ensemble's temperature: applied to the merged adapter's logits it keeps the probabilities
+on the ensemble's scale (argmax does not depend on it).
 """
 
 from __future__ import annotations

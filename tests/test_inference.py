@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +181,18 @@ def test_merge_matches_the_ensemble_to_first_order(tiny, tmp_path):
     assert 1.6 < effect2 / effect1 < 2.4
     assert err2 / err1 > 3.0
     assert err1 < 0.1 * effect1
+
+
+def test_benchmark_script_writes_the_agreed_keys(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import ensemble_inference
+
+    out = tmp_path / "bench.json"
+    res = ensemble_inference.main(["--model", "tiny", "--n", "6", "--batch-size", "4", "--rounds", "1",
+                                   "--latency-reps", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["k"] == 3 and saved["n"] == 6
+    for key in ("one_adapter_s", "loop_s", "one_pass_s", "merged_s"):
+        assert saved[key] > 0
+    assert saved[ensemble_inference.RATIO] == pytest.approx(saved["one_pass_s"] / (3 * saved["one_adapter_s"]))
+    assert saved["max_abs_logprob_diff_one_pass_vs_loop"] < 1e-5 and res["command"].endswith(str(out))

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,11 +130,16 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 
         self.ensemble = Ensemble.load(Path(context.artifacts[ARTIFACT_KEY]) / ENSEMBLE_JSON)
         self.model, self.tokenizer = load_base_model(self.ensemble.base_model)
+        # MLflow's server runs requests in threads; the adapters loaded on the one base (active adapter,
+        # mixed-batch hooks, merged adapters) are shared state: one prediction at a time.
+        self.lock = threading.Lock()
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         params = params or {}
-        return predict_frame(self.ensemble, self.model, self.tokenizer, model_input,
-                             batch_size=int(params.get("batch_size", 16)), merged=bool(params.get("merged", False)))
+        with self.lock:
+            return predict_frame(self.ensemble, self.model, self.tokenizer, model_input,
+                                 batch_size=int(params.get("batch_size", 16)),
+                                 merged=bool(params.get("merged", False)))
 
 
 def predict_frame(ensemble: Ensemble, model: Any, tokenizer: Any, frame: pd.DataFrame, *,

@@ -196,6 +196,20 @@ def test_merged_param_serves_the_merged_adapters(registry, champion):
     assert not np.allclose(out["probability"][~spam], exact["probability"][~spam], rtol=1e-6, atol=0)
 
 
+def test_concurrent_requests_get_the_sequential_answers(champion):
+    """The server predicts in threads; the adapters on the shared base must not leak between requests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    frames = [QUERY, QUERY.iloc[[1, 3]], QUERY.iloc[[0, 2]]] * 2
+    params = [{"merged": i % 2 == 1} for i in range(len(frames))]
+    want = [champion.predict(f, params=p) for f, p in zip(frames, params)]
+    with ThreadPoolExecutor(len(frames)) as pool:
+        got = list(pool.map(lambda fp: champion.predict(fp[0], params=fp[1]), zip(frames, params)))
+    for g, w in zip(got, want):
+        assert list(g["label"]) == list(w["label"])
+        np.testing.assert_allclose(g["probability"], w["probability"], rtol=1e-6)
+
+
 def test_text_pair_column_is_optional_and_used(champion):
     frame = QUERY.assign(text_pair=[None, "extra words", None, None])
     out = champion.predict(frame)

@@ -5,13 +5,13 @@ Each timing is the project's own scoring call (`ml.ensemble.adapter_logprobs`, `
 N prompts: throughput at --batch-size prompts per forward, and latency of one single-prompt request. Rounds
 interleave the methods (the shared CPU's load drifts); the median round is reported, as wall-clock seconds
 and as this process's CPU seconds. The headline keys use the wall clock on a GPU and the process CPU time on
-a CPU: on an oversubscribed CPU the wall clock mostly measures the queue for a core, CPU time the work. Minor page faults per call are recorded: the one pass's
-K-times larger activations can cross glibc's malloc trim threshold and be re-faulted on every call (set
-MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_ to compare; the JSON records them). The K adapters are
-LoRA r 8, α 16 on q_proj/v_proj (the project's TrainConfig) with seeded random A and B: inference cost does
-not depend on what the weights learned. Prompts: the test split of --dataset in a data pack (--data, as built
-by `grouplora data build`), else synthetic reviews. Only `grouplora.ml` is imported (the GPU machine has no
-MLflow/Dagster).
+a CPU: on an oversubscribed CPU the wall clock mostly measures the queue for a core, CPU time the work.
+Minor page faults per call are recorded: the one pass's K-times larger activations can cross glibc's malloc
+trim threshold and be faulted in again on every call (set MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_ to
+compare; the JSON records them). The K adapters are LoRA r 8, α 16 on q_proj/v_proj (the project's
+TrainConfig) with seeded random A and B: inference cost does not depend on what the weights learned.
+Prompts: the test split of --dataset in a data pack (--data, as built by `grouplora data build`), else
+synthetic reviews. Only `grouplora.ml` is imported (the GPU machine has no MLflow/Dagster).
 
     python benchmarks/ensemble_inference.py --device cpu --data data/demo   # -> results/ensemble_inference_cpu.json
     python benchmarks/ensemble_inference.py --device cuda --data <pack>     # -> results/ensemble_inference_cuda.json

@@ -20,12 +20,10 @@ into the three splits, each split with the same label mix. `demo` balances label
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import random
-import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -36,15 +34,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from grouplora.ml.archives import ArchiveSpec, fetch_archive, sha256_file
+from grouplora.ml.archives import ArchiveSpec, fetch_archive
 from grouplora.ml.atomic import atomic_dir, atomic_path
+from grouplora.ml.data_format import DEFAULT_TEMPLATE, NAME_RE, SPLITS
+from grouplora.ml.hashing import sha256_file
 from grouplora.ml.sources import SOURCES, Example, Source, load_members, select
 
-SPLITS = ("train", "validation", "test")
 CREATED_BY = "grouplora data build"
 FORMAT_VERSION = 1
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-DEFAULT_TEMPLATE = "{text}\nAnswer:"
 
 
 @dataclass(frozen=True)
@@ -300,24 +297,15 @@ def write_parquet(rows: Sequence[tuple[Example, str]], path: Path) -> None:
         pq.write_table(table, tmp, compression="zstd", write_statistics=False)
 
 
-def _q(s: str) -> str:
-    return json.dumps(s, ensure_ascii=False)  # a JSON string is a valid YAML double-quoted scalar
-
-
 def render_datasets_yaml(entries: Mapping[str, Mapping[str, Any]], header: str = "") -> str:
     """The per-dataset settings file, in the shape `data_format.load_suite_config` reads; checked by a
-    round trip through yaml.safe_load (label values such as "yes"/"true" are quoted, never YAML booleans)."""
-    lines = [f"# {line}" for line in header.splitlines()]
-    lines += ["defaults:", f"  template: {_q(DEFAULT_TEMPLATE)}", "datasets:"]
-    for name, e in entries.items():
-        words = ", ".join(f"{_q(k)}: {_q(v)}" for k, v in e["label_words"].items())
-        lines += [f"  {name}:", f"    task_type: {e['task_type']}", f"    template: {_q(e['template'])}",
-                  f"    label_words: {{{words}}}"]
-    text = "\n".join(lines) + "\n"
-    expected = {"defaults": {"template": DEFAULT_TEMPLATE},
-                "datasets": {k: {"task_type": v["task_type"], "template": v["template"],
-                                 "label_words": dict(v["label_words"])} for k, v in entries.items()}}
-    if yaml.safe_load(text) != expected:
+    round trip through yaml.safe_load (safe_dump quotes label values such as "yes"/"true", never YAML booleans)."""
+    doc = {"defaults": {"template": DEFAULT_TEMPLATE},
+           "datasets": {k: {"task_type": v["task_type"], "template": v["template"],
+                            "label_words": dict(v["label_words"])} for k, v in entries.items()}}
+    comments = "".join(f"# {line}\n" for line in header.splitlines())
+    text = comments + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=10_000)
+    if yaml.safe_load(text) != doc:
         raise AssertionError("datasets.yaml does not round-trip")
     return text
 
@@ -346,10 +334,6 @@ def dataset_entry(name: str, labels: Sequence[str], task_type: str) -> dict[str,
         raise ValueError(f"{name}: label words must start with a space and have distinct first words: {words}")
     template = st.template.replace("{options}", _options(list(words.values())))
     return {"task_type": task_type, "template": template, "label_words": words}
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- build
@@ -393,7 +377,7 @@ def build_one(source: Source, archive_path: Path, members: Mapping[str, bytes], 
         paths += [f"{matched[0]}::{p}" for p in source.inner_paths]
     manifest = {
         "file": path.name,
-        "sha256": file_sha256(path),
+        "sha256": sha256_file(path),
         "rows": len(rows),
         "task_type": source.task_type,
         "description": source.description,
@@ -512,7 +496,7 @@ def build_datapack(preset: str, out_dir: Path, cache_dir: Path | None = None, pr
                          "long_pairs": "pairs with a side longer than max_chars are dropped, not cut"},
             "datasets": {n: manifest_sets[n] for n in order},
             "skipped": skipped,
-            "files": {"datasets.yaml": file_sha256(tmp / "datasets.yaml"),
+            "files": {"datasets.yaml": sha256_file(tmp / "datasets.yaml"),
                       **{manifest_sets[n]["file"]: manifest_sets[n]["sha256"] for n in order}},
         }
         with atomic_path(tmp / "manifest.json") as m:

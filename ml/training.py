@@ -15,9 +15,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -28,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from grouplora.ml.atomic import atomic_dir, write_json
+from grouplora.ml.atomic import atomic_dir, atomic_files, write_json
 from grouplora.ml.flops import lora_training_flops, matmul_params
 from grouplora.ml.lora import add_lora
 from grouplora.ml.model import load_base_model, model_fingerprint
@@ -51,12 +48,13 @@ class TrainConfig:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    lr: float = 2e-4
-    epochs: int = 1
+    # The defaults are the pipeline's (orchestration/settings.py:TrainingSettings reads them from here).
+    lr: float = 1e-3
+    epochs: int = 2
     batch_size: int = 8
-    max_length: int = 256
+    max_length: int = 160
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.1
     seed: int = 0
     grad_clip: float = 1.0  # 0 = no clipping
     qlora: bool = False
@@ -379,15 +377,8 @@ def _load_checkpoint(path: Path, key: str, peft_model, opt, sched, device: torch
 
 def _save_final(peft_model, out_dir: Path) -> None:
     """save_pretrained into a temp folder, then move each file over out_dir's (readers never see half)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out_dir))
-    try:
+    with atomic_files(out_dir) as tmp:
         peft_model.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            if f.is_file():
-                os.replace(f, out_dir / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _finished_result(out_dir: Path, key: str, config: TrainConfig) -> TrainResult | None:

@@ -314,6 +314,17 @@ def promote(registered_name: str, *, tracking_uri: str, metric: str = "val_accur
                            f"v{ch_v} {metric}={value:g} promoted to {CHAMPION} ({before})")
 
 
+def alias_state(registered_name: str, *, tracking_uri: str, metric: str = "val_accuracy") -> dict[str, Any]:
+    """Which versions hold `challenger` and `champion`, and their `metric` (read only: changes nothing)."""
+    client = use_tracking(tracking_uri)
+    out: dict[str, Any] = {}
+    for alias in (CHALLENGER, CHAMPION):
+        mv = _alias_version(client, registered_name, alias)
+        out[f"{alias}_version"] = str(mv.version) if mv is not None else None
+        out[f"{alias}_value"] = _metric(client, mv, metric) if mv is not None else None
+    return out
+
+
 def load_for_prediction(model_uri: str, *, tracking_uri: str | None = None) -> mlflow.pyfunc.PyFuncModel:
     """mlflow.pyfunc.load_model(model_uri), e.g. "models:/grouplora-ensemble@champion"."""
     if tracking_uri is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from grouplora.ml import datapack as dp
 from grouplora.ml import sources as src
@@ -349,7 +350,9 @@ def test_stratified_sample_counts_balance_overlap_and_determinism():
 def test_datasets_yaml_quotes_yaml_booleans():
     text = dp.render_datasets_yaml({"qa": {"task_type": "yes_no_qa", "template": "Q: {text}\nAnswer:",
                                            "label_words": {"yes": " yes", "no": " no", "true": " true"}}})
-    assert '{"yes": " yes", "no": " no", "true": " true"}' in text
+    # plain yes/no/true would load as YAML booleans: the label values must come back as the strings they are
+    assert yaml.safe_load(text)["datasets"]["qa"]["label_words"] == {"yes": " yes", "no": " no", "true": " true"}
+    assert "'yes': ' yes'" in text and "'true': ' true'" in text
 
 
 def test_label_words_have_distinct_first_words():

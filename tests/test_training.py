@@ -168,7 +168,7 @@ def test_more_epochs_continue_from_the_last_checkpoint(tiny, tmp_path):
     """epochs=1 then epochs=2 on the same folder == one 2-epoch run (constant LR: the schedule has no length)."""
     model, tok = tiny
     ex = toy_examples(tok, 12)
-    cfg = TrainConfig(lr=5e-3, epochs=2, batch_size=8, dropout=0.1, lr_schedule="constant", seed=1)
+    cfg = TrainConfig(lr=5e-3, epochs=2, batch_size=8, dropout=0.1, lr_schedule="constant", seed=1, warmup_ratio=0.0)
     two = train_adapter((model, tok), ex, cfg, tmp_path / "two")
     one = train_adapter((model, tok), ex, TrainConfig(**{**cfg.__dict__, "epochs": 1}), tmp_path / "ext")
     assert one.steps == 3

@@ -1,9 +1,15 @@
-"""Per-dataset weighted ensemble of LoRA adapters.
+"""Per-dataset weighted ensemble of LoRA adapters (the ACL 2025 ensemble).
 
-For dataset t with adapters k = 1..K the ensemble's label logits are z = Σ_k α_k z_k with α ≥ 0 fitted on
-validation data to minimise the cross-entropy of softmax(z) (+ a small L2). α is not normalised: its sum
-acts as a temperature. Adding a per-row constant to z_k (logits vs log-probs) changes nothing, so the
-inputs may be either.
+For dataset t with adapters k = 1..K the ensemble's label logits are z = Σ_k α_k z_k with α ≥ 0 fitted to
+minimise the cross-entropy of softmax(z) (+ a small L2). α is not normalised: its sum acts as a temperature.
+Adding a per-row constant to z_k (logits vs log-probs) changes nothing, so the inputs may be either.
+
+The paper's candidates for dataset t (`score_dataset`): its group's adapter z_g and that group's kept boosting
+rounds h_1..h_R (ml.boosting: what each round adds to the logits), starting from the boosted combination
+α = (1, η, ..., η). α is fit on the WEIGHTS fold of validation (ml.folds), which chose no checkpoint and no
+boosting round; if every weight comes out 0 (no candidate beats a uniform guess there) the ensemble falls back to
+the group adapter, α = (1, 0, ..., 0). The all-datasets adapter is the baseline it is compared with; as a
+candidate it is an explicit option (`include_all`), reported separately as `ensemble_with_all`.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from scipy.optimize import minimize
 from scipy.special import log_softmax
 
 from grouplora.ml.atomic import write_json
-from grouplora.ml.boosting import keep_round
+from grouplora.ml.boosting import boosted_logits, keep_round
 from grouplora.ml.model import label_token_ids, model_fingerprint
 from grouplora.ml.scoring import predict_logprobs
 
@@ -73,9 +79,62 @@ def fit_all(per_dataset: Mapping[str, tuple[np.ndarray, np.ndarray]], *, l2: flo
     return {name: fit_weights(z, y, l2=l2) for name, (z, y) in per_dataset.items()}
 
 
+def fit_dataset_weights(logits_kNC: np.ndarray, labels: np.ndarray, *, init: np.ndarray | None = None,
+                        l2: float = 1e-3) -> tuple[np.ndarray, bool]:
+    """(α, fell_back): fit_weights, but never all zero: then α = (1, 0, ..., 0), candidate 0 alone (the group
+    adapter)."""
+    K = np.asarray(logits_kNC).shape[0]
+    alpha = fit_weights(logits_kNC, labels, l2=l2, init=init)
+    if K == 0 or not np.all(np.isfinite(alpha)) or not (alpha > 0).any():
+        alpha = np.zeros(K)
+        if K:
+            alpha[0] = 1.0
+        return alpha, True
+    return alpha, False
+
+
+def score_dataset(group: Mapping[str, np.ndarray], rounds: Sequence[Mapping[str, np.ndarray]], eta: float,
+                  labels: Mapping[str, np.ndarray], *, all_adapter: Mapping[str, np.ndarray] | None = None,
+                  include_all: bool = False, l2: float = 1e-3) -> dict[str, Any]:
+    """One dataset's methods, from label logits on two splits, "weights" (the weights fold) and "test":
+    group = its group adapter's; rounds = its group's kept boosting rounds (h_r); all_adapter = the
+    all-datasets adapter's (the baseline; a candidate only with include_all).
+
+    Returns {"accuracy": test accuracy per method, "weights_fold_accuracy": the same on the weights fold,
+    "weights": α over [group, rounds...], "fallback": bool, and with include_all "weights_with_all",
+    "fallback_with_all"}. Methods: grouped (z_g), grouped_boosted (z_g + η Σ h_r), ensemble (α fit on the weights
+    fold), one_adapter_all and ensemble_with_all when all_adapter is given."""
+    def acc(z: np.ndarray, y: np.ndarray) -> float:
+        return float((np.asarray(z).argmax(-1) == y).mean()) if len(y) else float("nan")
+
+    if include_all and all_adapter is None:
+        raise ValueError("include_all needs the all-datasets adapter's logits")
+    out: dict[str, Any] = {"accuracy": {}, "weights_fold_accuracy": {}}
+    cands = {sp: np.stack([group[sp], *[h[sp] for h in rounds]]) for sp in ("weights", "test")}
+    init = np.array([1.0] + [eta] * len(rounds))
+    alpha, fell_back = fit_dataset_weights(cands["weights"], labels["weights"], init=init, l2=l2)
+    out.update(weights=alpha.tolist(), fallback=fell_back)
+    for sp, key in (("test", "accuracy"), ("weights", "weights_fold_accuracy")):
+        y = labels[sp]
+        out[key]["grouped"] = acc(group[sp], y)
+        out[key]["grouped_boosted"] = acc(boosted_logits(group[sp], [h[sp] for h in rounds], eta), y)
+        out[key]["ensemble"] = acc(combine(cands[sp], alpha), y)
+        if all_adapter is not None:
+            out[key]["one_adapter_all"] = acc(all_adapter[sp], y)
+    if include_all:
+        wa = {sp: np.concatenate([cands[sp], all_adapter[sp][None]]) for sp in cands}
+        a2, fb2 = fit_dataset_weights(wa["weights"], labels["weights"], init=np.append(init, 1.0), l2=l2)
+        out.update(weights_with_all=a2.tolist(), fallback_with_all=fb2)
+        for sp, key in (("test", "accuracy"), ("weights", "weights_fold_accuracy")):
+            out[key]["ensemble_with_all"] = acc(combine(wa[sp], a2), labels[sp])
+    return out
+
+
 def dataset_methods(zv: np.ndarray, yv: np.ndarray, zt: np.ndarray, yt: np.ndarray, *, boosted: bool,
                     min_gain: float = 0.0) -> tuple[dict[str, float], np.ndarray, bool | None]:
-    """One dataset's test accuracy under each method, from its adapters' logits in the order
+    """LEGACY (the current ensemble asset's call, until it is ported to score_dataset; it fits the weights on
+    the same validation examples that judge the boosting round). One dataset's test accuracy under each method,
+    from its adapters' logits in the order
     [group, one-on-all, (group's boosting adapter)]: zv (K, N_val, C), zt (K, N_test, C).
 
     grouped_boosted = group + boosting adapter with weights fit on validation, kept only if validation loss

@@ -35,13 +35,13 @@ from typing import Iterator, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import spearmanr
 
 from grouplora.ml.calibration import (LAM_GRID, change_spearman, choose_lam, error_table, finetune_subset,  # noqa: F401
                                       member_estimates as estimates, metrics, pair_table, unchanged as zero_shot)
 from grouplora.ml.data_format import classes_for, discover, load_dataset, load_suite_config
 from grouplora.ml.estimation import FeatureSet
 from grouplora.ml.features import compute_features
+from grouplora.ml.folds import weights_fold_mask
 from grouplora.ml.lora import add_lora, load_adapter
 from grouplora.ml.model import label_token_ids, load_base_model
 from grouplora.ml.projection import Projection
@@ -63,6 +63,16 @@ class Data:
     train: pd.DataFrame  # columns prompt, label_id
     val: pd.DataFrame
     test: pd.DataFrame | None = None
+    select: pd.DataFrame | None = None  # validation's selection fold (split_folds): checkpoints, λ, boosting
+    weights: pd.DataFrame | None = None  # validation's weights fold: the ensemble weights only
+
+
+def split_folds(data: list[Data], *, weights_share: float = 0.5, seed: int = 0) -> list[Data]:
+    """Fill each dataset's select / weights folds of validation (ml.folds: label-stratified, deterministic)."""
+    for d in data:
+        mask = weights_fold_mask(d.val["label_id"].to_numpy(), weights_share=weights_share, seed=seed)
+        d.select, d.weights = d.val[~mask].reset_index(drop=True), d.val[mask].reset_index(drop=True)
+    return data
 
 
 def data_folder(args: argparse.Namespace) -> Path:
@@ -123,10 +133,10 @@ def restored_grads(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(flags.get(n, p.requires_grad))
 
 
-def extract(model, tok, data: list[Data], cfg: TrainConfig, args, init_adapter: Path | None = None
-            ) -> tuple[FeatureSet, float]:
-    """(features of every train + val example at θ0, seconds). θ0's LoRA is the one train_adapter starts from:
-    fresh (B = 0, features of the B gradients) or init_adapter (a meta-initialization: A and B gradients)."""
+def extract(model, tok, data: list[Data], cfg: TrainConfig, args, init_adapter: Path | None = None,
+            val_split: str = "val") -> tuple[FeatureSet, float]:
+    """(features of every train + `val_split` example at θ0, seconds). θ0's LoRA is the one train_adapter starts
+    from: fresh (B = 0, features of the B gradients) or init_adapter (a meta-initialization: A and B gradients)."""
     sync(args.device)
     t0 = time.perf_counter()
     train, val = {}, {}
@@ -137,7 +147,7 @@ def extract(model, tok, data: list[Data], cfg: TrainConfig, args, init_adapter: 
         try:
             proj = Projection.for_model(peft, d=args.d, seed=args.seed)
             for ds in data:
-                for split, frame, out in (("train", ds.train, train), ("val", ds.val, val)):
+                for split, frame, out in (("train", ds.train, train), ("val", getattr(ds, val_split), val)):
                     out[ds.name] = compute_features(peft, tok, frame["prompt"].tolist(), frame["label_id"].tolist(),
                                                     ds.label_ids, proj, batch_size=args.feature_batch_size,
                                                     max_length=args.max_length)

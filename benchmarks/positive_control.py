@@ -412,6 +412,21 @@ def summarize(res: dict) -> dict:
     }
 
 
+def table(res: dict) -> str:
+    """Markdown: mean test accuracy (± std over seeds) and training cost of each method."""
+    seeds = res["seeds_complete"]
+    costs = [res[f"methods_s{s}"]["costs"] for s in seeds]
+    lines = ["| method | test accuracy | training TFLOPs | vs all | optimizer steps | adapters |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for m in METHODS:
+        a = res["mean_accuracy"][m]
+        fl = np.mean([c[m]["flops"] for c in costs]) / 1e12
+        base = np.mean([c["one_adapter_all"]["flops"] for c in costs]) / 1e12
+        lines.append(f"| {m} | {a['mean']:.3f} ± {a['std']:.3f} | {fl:.3g} | {fl / base:.2f}× | "
+                     f"{np.mean([c[m]['steps'] for c in costs]):.0f} | {np.mean([c[m]['adapters'] for c in costs]):.1f} |")
+    return "\n".join(lines)
+
+
 def render(res: dict, png: Path) -> Path | None:
     try:
         from grouplora.ml.plots import affinity_heatmap
@@ -477,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=_jsonable) + "\n")
     res["heatmap"] = str(render(res, png))
+    print(table(res))
     print(json.dumps({k: res[k] for k in ("ensemble_minus_all_adapter", "flops_ratio", "flops_ratio_with_features",
                                           "twins_separated", "n_datasets", "seeds")}, default=_jsonable))
     print(f"wrote {out}")

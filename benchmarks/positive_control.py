@@ -472,7 +472,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                  "train_config": {**cfg.__dict__, "target_modules": list(cfg.target_modules)}}
     for s in args.seeds:
         res[f"all_s{s}"] = ch.stage(f"all_s{s}", lambda s=s: {"run": ch.train(f"all_s{s}", suite.names, s)})
-        feats, proj, finfo = ch.features(s)
+        feats = proj = None
+        if not ch.path(f"methods_s{s}.json").exists():  # a finished seed needs neither features nor its adapters
+            feats, proj, _ = ch.features(s)
+        finfo = json.loads(ch.path(f"features_s{s}.json").read_text())
         n_base, n_lora = res[f"all_s{s}"]["run"]["n_base_params"], res[f"all_s{s}"]["run"]["n_lora_params"]
         # a feature pass is a forward + backward without weight gradients for the base: LoRA-training cost
         res[f"features_s{s}"] = {**finfo, "flops": lora_training_flops(n_base, n_lora, finfo["tokens"])}

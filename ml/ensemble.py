@@ -167,6 +167,12 @@ class AdapterSpec:
     name: str
     path: str  # relative paths resolve against the ensemble JSON's folder
     datasets: list[str] = field(default_factory=list)  # the group it was trained on
+    # a boosting round (ml.boosting): it contributes z(this) − z(reference), what it adds to the logits of the point
+    # it started from; "base" = the bare base model, else another adapter of the ensemble (e.g. θ0 of ridge rounds)
+    reference: str | None = None
+
+
+BASE = "base"  # AdapterSpec.reference of a round trained from a fresh LoRA on the bare base model
 
 
 @dataclass
@@ -230,6 +236,9 @@ class Ensemble:
                 raise ValueError(f"weights for {t!r} name unknown adapters {sorted(unknown)}")
             if any(not np.isfinite(v) or v < 0 for v in w.values()):
                 raise ValueError(f"weights for {t!r} must be finite and >= 0: {w}")
+        for a in self.adapters:
+            if a.reference is not None and a.reference != BASE and a.reference not in names:
+                raise ValueError(f"adapter {a.name!r}: reference {a.reference!r} is neither {BASE!r} nor an adapter")
 
 
 def weights_for(ensemble_adapters: Sequence[str], alpha: np.ndarray) -> dict[str, float]:
@@ -281,15 +290,30 @@ def release(model: torch.nn.Module) -> None:
 def adapter_logprobs(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str, prompts: list[str],
                      names: Sequence[str], *, batch_size: int = 16, max_length: int = 256,
                      progress: bool = False) -> np.ndarray:
-    """(K, N, C) label log-probs of each named adapter on prompts (the input fit_weights wants)."""
+    """(K, N, C) label log-probs of each named adapter on prompts (the input fit_weights wants); for a boosting
+    round (AdapterSpec.reference) its log-probs minus its reference's."""
     spec = ensemble.datasets[dataset]
     label_ids = spec.label_ids or label_token_ids(tokenizer, spec.label_words)
-    pm = loaded_model(model, {n: ensemble.adapter_path(n) for n in names})
+    refs = {ensemble.adapter(n).reference for n in names} - {None, BASE}
+    pm = loaded_model(model, {n: ensemble.adapter_path(n) for n in [*names, *sorted(refs - set(names))]})
+    cache: dict[str, np.ndarray] = {}
+
+    def logprobs(n: str) -> np.ndarray:
+        if n not in cache:
+            if n == BASE:
+                with pm.disable_adapter():
+                    cache[n] = predict_logprobs(pm, tokenizer, prompts, label_ids, batch_size=batch_size,
+                                                max_length=max_length, progress=progress)
+            else:
+                pm.set_adapter(_peft_name(n, ensemble.adapter_path(n)))
+                cache[n] = predict_logprobs(pm, tokenizer, prompts, label_ids, batch_size=batch_size,
+                                            max_length=max_length, progress=progress)
+        return cache[n]
+
     out = []
     for n in names:
-        pm.set_adapter(_peft_name(n, ensemble.adapter_path(n)))
-        out.append(predict_logprobs(pm, tokenizer, prompts, label_ids, batch_size=batch_size,
-                                    max_length=max_length, progress=progress))
+        ref = ensemble.adapter(n).reference
+        out.append(logprobs(n) if ref is None else logprobs(n) - logprobs(ref))
     return np.stack(out) if out else np.zeros((0, len(prompts), len(label_ids)), dtype=np.float32)
 
 

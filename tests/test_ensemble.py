@@ -416,3 +416,35 @@ def test_constant_logit_offsets_change_nothing(tiny, tmp_path):
     assert any((a[k] - c[k]).abs().max() > 1e-3 for k in a)
     with pytest.raises(ValueError, match="offsets"):
         train_adapter((model, tok), ex, cfg, tmp_path / "bad", logit_offsets=[[1.0, 2.0]])
+
+
+def test_predict_takes_boosting_rounds_against_their_reference(tiny, tmp_path):
+    """A round contributes z(round) − z(reference): against the bare base, or against θ0 (another adapter)."""
+    model, tok = tiny
+    fresh, a, b, _ = boosted_pair(model, tok, tmp_path / "adapters")
+    words = [" positive", " negative"]
+    ens = Ensemble(base_model="tiny", base_fingerprint="",
+                   adapters=[AdapterSpec("g", str(a)), AdapterSpec("r1", str(b), reference="theta0"),
+                             AdapterSpec("theta0", str(fresh)), AdapterSpec("r2", str(b), reference="base")],
+                   weights={"senti": {"g": 1.0, "r1": 0.5, "r2": 0.25}}, datasets={"senti": DatasetSpec(words)})
+    prompts = ["Review: it was wonderful. Sentiment:", "Review: a boring film. Sentiment:"]
+    ids = label_token_ids(tok, words)
+
+    def alone(path):
+        if path is None:
+            return predict_logprobs(model, tok, prompts, ids)
+        pm = PeftModel.from_pretrained(model, str(path))
+        lp = predict_logprobs(pm, tok, prompts, ids)
+        pm.unload()
+        return lp
+
+    za, zb, z0, zbase = alone(a), alone(b), alone(fresh), alone(None)
+    try:
+        _, probs = predict(ens, model, tok, "senti", prompts)
+        want = softmax(za + 0.5 * (zb - z0) + 0.25 * (zb - zbase), axis=-1)
+        np.testing.assert_allclose(probs, want, atol=1e-5)
+    finally:
+        release(model)
+    with pytest.raises(ValueError, match="reference"):
+        Ensemble.from_dict({**ens.to_dict(), "adapters": [{"name": "x", "path": "p", "reference": "nope"}],
+                            "weights": {}})

@@ -72,6 +72,37 @@ def test_features_are_reproducible_and_batch_invariant():
     assert Projection.for_model(pm, d=200, seed=4).checksum() != proj.checksum()
 
 
+def test_token_budget_features_equal_one_at_a_time():
+    pm, tok, lab = _lora(fresh=False)
+    proj = Projection.for_model(pm, d=200, seed=0)
+    f1, g1 = compute_features(pm, tok, PROMPTS, LABELS, lab, proj, batch_size=1, max_length=64)
+    for budget in (16, 100, 10_000):
+        f, g = compute_features(pm, tok, PROMPTS, LABELS, lab, proj, batch_size=None, max_tokens=budget,
+                                max_length=64)
+        np.testing.assert_allclose(g, g1, rtol=1e-4, atol=1e-6 * np.abs(g1).max())
+        np.testing.assert_allclose(f, f1, atol=1e-5)
+
+
+def test_one_forward_gives_the_zero_shot_logprobs():
+    """At θ0 = a fresh LoRA (B = 0) the features pass's label log-probs are the base model's zero-shot
+    scores: the zero_shot asset can read them off the same forward."""
+    pm, tok, lab = _lora(fresh=True)
+    proj = Projection.for_model(pm, d=200, seed=0)
+    f0, feats, lp = compute_features(pm, tok, PROMPTS, LABELS, lab, proj, batch_size=None, max_tokens=100,
+                                     max_length=64, return_logprobs=True)
+    base, _ = load_base_model("tiny")  # the same weights, no LoRA layers at all
+    zero_shot = predict_logprobs(base, tok, PROMPTS, lab, batch_size=16, max_length=64)
+    assert lp.shape == (len(PROMPTS), 2) and lp.dtype == np.float32
+    np.testing.assert_allclose(lp, zero_shot, atol=1e-5)
+    # and f0 is the gold label's log-odds of those same log-probs
+    y = np.array(LABELS)
+    lo = lp[np.arange(len(y)), y] - np.log(np.exp(lp).sum(1) - np.exp(lp[np.arange(len(y)), y]))
+    np.testing.assert_allclose(f0, lo, atol=1e-4)
+    f0b, featsb = compute_features(pm, tok, PROMPTS, LABELS, lab, proj, batch_size=None, max_tokens=100,
+                                   max_length=64)
+    assert np.array_equal(f0b, f0) and np.array_equal(featsb, feats)  # the same pass, with or without them
+
+
 def test_projection_factors_depend_on_seed_and_name_only():
     shapes = {"m.layers.0.q.lora_B": (64, 8), "m.layers.1.q.lora_B": (64, 8), "m.layers.0.q.lora_A": (8, 64)}
     p = Projection(shapes, d=200, seed=7)

@@ -333,3 +333,42 @@ def test_best_epoch_survives_a_resume(tiny, tmp_path):
     assert_same_state(tmp_path / "run", tmp_path / "full", atol=1e-6)
     with pytest.raises(ValueError, match="another config"):  # other validation examples: another run
         train_adapter((model, tok), ex, cfg, tmp_path / "run", val_examples=ex[:4], on_step=kill)
+
+
+def test_evaluate_is_batch_invariant_and_keeps_the_order(tiny):
+    model, tok = tiny
+    ex = toy_examples(tok, 9)
+    l1, c1 = evaluate(model, tok, ex, batch_size=1)
+    for kw in ({"batch_size": 16}, {"batch_size": None, "max_tokens": 40}):
+        l2, c2 = evaluate(model, tok, ex, **kw)
+        np.testing.assert_allclose(l2, l1, atol=1e-5)
+        assert np.array_equal(c2, c1)
+    assert len(set(np.round(l1, 4))) > 3  # rows differ: the order was restored, not one row copied
+
+
+def test_length_grouped_batches_keep_the_batch_size_and_cut_padding(tiny, tmp_path, monkeypatch):
+    """Every step still takes batch_size examples (same steps per epoch); grouping by length pads less than
+    plain shuffling (length_window = 1), and both learn the task."""
+    import grouplora.ml.training as training
+
+    model, tok = tiny
+    ex = toy_examples(tok, 24)
+    ex += [TrainExample(e.prompt.replace("Review:", "Review: " + "long and winding " * (i % 4)), e.label_index,
+                        e.label_ids) for i, e in enumerate(ex[:24])]  # a spread of lengths
+    seen: list[tuple[int, int]] = []
+
+    def spy(tokenizer, prompts, max_length):  # the real encode; records the (batch, padded length) of each step
+        enc = encode(tokenizer, prompts, max_length)
+        seen.append(tuple(enc["input_ids"].shape))
+        return enc
+
+    monkeypatch.setattr(training, "encode", spy)
+    padded = {}
+    for window in (1, 8):
+        seen.clear()
+        cfg = TrainConfig(lr=1e-2, epochs=2, batch_size=8, seed=0, length_window=window)
+        res = train_adapter((model, tok), ex, cfg, tmp_path / f"w{window}")
+        assert res.steps == 2 * 9 and [b for b, _ in seen] == [8] * 18  # 72 examples: 9 full steps an epoch
+        padded[window] = sum(b * t for b, t in seen)
+        assert res.epoch_losses[-1] < res.epoch_losses[0]
+    assert padded[8] < 0.9 * padded[1]

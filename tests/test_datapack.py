@@ -629,9 +629,7 @@ def test_twins_preset_pairs_each_dataset_with_a_label_swapped_copy(fake_cache, t
     assert cfg.for_dataset("spam_swap").label_words == {"spam": " normal", "ham": " spam"}
 
 
-def test_write_twin_pack_from_any_folder(tmp_path):
-    from conftest import make_folder
-
+def test_write_twin_pack_from_any_folder(tmp_path, make_folder):
     src_dir = make_folder(tmp_path / "src")
     twins = dp.write_twin_pack(src_dir, tmp_path / "out", ["reviews", "facts"])
     assert twins == {"reviews": "reviews_swap", "facts": "facts_swap"}

@@ -1,6 +1,5 @@
 """The task partition: datasets grouped by estimated affinity (SDP or spectral clustering), one adapter per group."""
 
-import base64
 import hashlib
 import time
 
@@ -8,13 +7,12 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from grouplora.ml.atomic import write_json
 from grouplora.ml.clustering import affinity_matrix_from, choose_m, partition_objective, sdp_cluster, spectral_cluster, symmetrize
 from grouplora.ml.plots import affinity_heatmap
-from grouplora.orchestration.resources import (DatasetSourceResource, PartitionSettings, StorageResource,
-                                               TrainingSettings, WarehouseResource)
-
-adapter_partitions = dg.DynamicPartitionsDefinition(name="adapters")
+from grouplora.orchestration.partitions import adapter_partitions
+from grouplora.orchestration.resources import DatasetSourceResource, WarehouseResource
+from grouplora.orchestration.settings import PartitionSettings, TrainingSettings
+from grouplora.orchestration.store import ArtifactStore, png_markdown
 
 
 def affinity_matrix(warehouse: WarehouseResource, column: str = "affinity_neg_loss") -> tuple[np.ndarray, list[str]]:
@@ -35,11 +33,6 @@ def group_key(kind: str, members: list[str], versions: dict[str, str], training:
     return f"{kind}_{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def png_markdown(path) -> dg.MetadataValue:
-    data = base64.b64encode(open(path, "rb").read()).decode()
-    return dg.MetadataValue.md(f"![{path.name}](data:image/png;base64,{data})")
-
-
 @dg.asset(
     deps=[dg.AssetKey("subset_affinity")],
     group_name="grouping",
@@ -48,7 +41,7 @@ def png_markdown(path) -> dg.MetadataValue:
     description="Datasets partitioned into m groups by clustering the symmetrized task-affinity matrix; "
                 "registers one adapter partition per group plus the all-datasets baseline.",
 )
-def task_partition(context: dg.AssetExecutionContext, storage: StorageResource, warehouse: WarehouseResource,
+def task_partition(context: dg.AssetExecutionContext, store: ArtifactStore, warehouse: WarehouseResource,
                    sources: DatasetSourceResource, partition_settings: PartitionSettings,
                    training_settings: TrainingSettings) -> dg.MaterializeResult:
     start = time.perf_counter()
@@ -75,12 +68,10 @@ def task_partition(context: dg.AssetExecutionContext, storage: StorageResource, 
     spec = {"datasets": names, "m": int(m), "method": ps.method, "normalize": ps.normalize,
             "objective": partition_objective(A, labels), "relaxed_objective": relaxed,
             "groups": groups, "baseline": baseline, "versions": versions}
-    for g in [*groups, baseline]:  # each adapter partition reads its own spec: later partitions don't disturb it
-        write_json({**g, "versions": {k: versions[k] for k in g["members"]}, "training": training},
-                   storage.path("adapters", g["key"], ".json"))
-    write_json(spec, storage.path("partition", "task_partition", ".json"))
+    store.write_partition(spec, [{**g, "versions": {k: versions[k] for k in g["members"]}, "training": training}
+                                 for g in [*groups, baseline]])
     png = affinity_heatmap(T, names, labels, title=f"Task affinity: mean est. −loss of target i over subsets with j ({ps.method})",
-                           path=storage.path("partition", "affinity_heatmap", ".png"))
+                           path=store.png_path("partition", "affinity_heatmap"))
     keys = [g["key"] for g in groups] + [baseline["key"]]
     new = [k for k in keys if not context.instance.has_dynamic_partition(adapter_partitions.name, k)]
     if new:

@@ -260,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     need = args.n_subsets + args.n_calibration
     print(f"{len(data)} datasets from {folder} ({len(skipped)} skipped), model loaded in {load_s:.1f} s", flush=True)
     cfg = TrainConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj"), lr=args.lr, epochs=args.epochs,
-                      batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
+                      batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+                      warmup_ratio=0.0)
 
     features, extract_s = extract(model, tok, data, cfg, args)
     print(f"features of {sum(len(d.train) + len(d.val) for d in data)} examples in {extract_s:.1f} s", flush=True)

@@ -83,10 +83,10 @@ def select_cmd(target: str, datasets_dir: Path | None, executor: str) -> None:
     except ValueError as e:
         raise click.ClickException(str(e)) from e
     if target not in names:
-        raise click.ClickException(f"unknown target {target!r}: the datasets in {sources.folder} are "
+        raise click.ClickException(f"unknown target {target!r}: the datasets in {sources.root()} are "
                                    f"{', '.join(names)}")
     if len(names) < 2:
-        raise click.ClickException(f"{target!r} is the only dataset in {sources.folder}: there is nothing to choose from")
+        raise click.ClickException(f"{target!r} is the only dataset in {sources.root()}: there is nothing to choose from")
     versions = {n: sources.version(n) for n in names}
     click.echo(f"== auxiliary datasets for {target} among {len(names)} datasets; state in {settings.home()}")
 
@@ -95,19 +95,11 @@ def select_cmd(target: str, datasets_dir: Path | None, executor: str) -> None:
             click.echo(f"  {step}: {'ran' if status == 'done' else status}")
 
     run.run_selection(target, names, versions, executor=executor, progress=progress)
-    _print_selection(target)
+    _print_selection(resources["store"], target)
 
 
-def _print_selection(target: str) -> None:
-    import json
-
-    import pandas as pd
-
-    from grouplora.orchestration.definitions import make_resources
-
-    storage = make_resources()["storage"]
-    record = json.loads(storage.path("selection", target, ".json").read_text())
-    table = pd.read_parquet(storage.path("selection", target))
+def _print_selection(store, target: str) -> None:
+    record, table = store.selection(target)
     click.echo(f"\nChosen auxiliary datasets for {target} (estimated target validation loss / accuracy after "
                "fine-tuning on the target plus them):")
     for m in record["methods"]:
@@ -120,7 +112,7 @@ def _print_selection(target: str) -> None:
                "contain it), contrast (minus the mean over the sets without it), cosine similarity to the target "
                "(mean gradient feature, mean hidden state), forward-selection step, and the methods that chose it:")
     click.echo(shown.round(4).to_markdown(index=False))
-    click.echo(f"\nchart: {storage.path('selection', target, '.png')}")
+    click.echo(f"\nchart: {store.png_path('selection', target)}")
 
 
 @main.command("ui")
@@ -180,12 +172,12 @@ def _dataset_files(datasets_dir: Path | None):
     that folder."""
     if datasets_dir is not None:
         os.environ["GROUPLORA_DATASETS"] = str(Path(datasets_dir).resolve())
-    from grouplora.orchestration.definitions import make_resources
+    from grouplora.orchestration.resources import make_resources
 
     resources = make_resources()
     names = sorted(resources["sources"].files())
     if not names:
-        raise click.ClickException(f"no dataset files in {resources['sources'].folder}")
+        raise click.ClickException(f"no dataset files in {resources['sources'].root()}")
     return resources, names
 
 
@@ -197,19 +189,17 @@ def _run_pipeline(datasets_dir: Path | None, executor: str) -> None:
     resources, names = _dataset_files(datasets_dir)
     sources = resources["sources"]
     versions = {n: sources.version(n) for n in names}
-    click.echo(f"== {len(names)} datasets in {sources.folder}; state in {settings.home()}")
+    click.echo(f"== {len(names)} datasets in {sources.root()}; state in {settings.home()}")
     bar = tqdm(total=len(names), desc="datasets", unit="dataset")
     ran = run.run_datasets(names, versions, executor=executor, progress=progress_for(bar))
     bar.close()
     click.echo(f"ran {len(ran)} dataset partitions ({len(names) - len(ran)} already current)")
     click.echo("== suite-wide assets: approximation error, subset estimates, affinity tables, partition")
     run.run_suite(executor)
-    _print_results()
+    _print_results(resources["warehouse"])
 
-    import json
-
-    storage = resources["storage"]
-    spec = json.loads(storage.path("partition", "task_partition", ".json").read_text())
+    store = resources["store"]
+    spec = store.partition()
     adapters = [g["key"] for g in spec["groups"]] + [spec["baseline"]["key"]]
     click.echo(f"\n== {spec['m']} groups: " + " | ".join(", ".join(g["members"]) for g in spec["groups"]))
     bar = tqdm(total=len(adapters), desc="adapters", unit="adapter")
@@ -218,7 +208,7 @@ def _run_pipeline(datasets_dir: Path | None, executor: str) -> None:
     click.echo(f"trained {len(trained)} adapters ({len(adapters) - len(trained)} unchanged)")
     click.echo("== ensemble, boosting, results, registry")
     run.run_ensemble(executor)
-    _print_ensemble()
+    _print_ensemble(store)
 
 
 def progress_for(bar):
@@ -230,13 +220,8 @@ def progress_for(bar):
     return progress
 
 
-def _print_ensemble() -> None:
-    import pandas as pd
-
-    from grouplora.orchestration.definitions import make_resources
-
-    storage = make_resources()["storage"]
-    table = pd.read_parquet(storage.path("ensemble", "results")).set_index("dataset")
+def _print_ensemble(store) -> None:
+    table = store.ensemble_results().set_index("dataset")
     cols = ["zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble"]
     table = table[cols]
     table.loc["MEAN"] = table.mean()
@@ -244,10 +229,7 @@ def _print_ensemble() -> None:
     click.echo(table.round(3).to_markdown())
 
 
-def _print_results() -> None:
-    from grouplora.orchestration.definitions import make_resources
-
-    warehouse = make_resources()["warehouse"]
+def _print_results(warehouse) -> None:
     df = warehouse.query("SELECT dataset, split, accuracy, chance, n FROM zero_shot_report")
     table = df.pivot_table(index="dataset", columns="split", values="accuracy").reindex(columns=["validation", "test"])
     table["chance"] = df.groupby("dataset")["chance"].first()

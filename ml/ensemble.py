@@ -289,38 +289,42 @@ def release(model: torch.nn.Module) -> None:
 
 def adapter_logprobs(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str, prompts: list[str],
                      names: Sequence[str], *, batch_size: int = 16, max_length: int = 256,
-                     progress: bool = False) -> np.ndarray:
+                     progress: bool = False, one_pass: bool = True) -> np.ndarray:
     """(K, N, C) label log-probs of each named adapter on prompts (the input fit_weights wants); for a boosting
-    round (AdapterSpec.reference) its log-probs minus its reference's."""
+    round (AdapterSpec.reference) its log-probs minus its reference's.
+
+    one_pass: all the adapters needed in one forward per batch of prompts (ml.inference.mixed_logprobs);
+    False: one adapter after the other (set_adapter), the reference it must equal."""
+    from grouplora.ml.inference import mixed_logprobs
+
     spec = ensemble.datasets[dataset]
     label_ids = spec.label_ids or label_token_ids(tokenizer, spec.label_words)
-    refs = {ensemble.adapter(n).reference for n in names} - {None, BASE}
-    pm = loaded_model(model, {n: ensemble.adapter_path(n) for n in [*names, *sorted(refs - set(names))]})
-    cache: dict[str, np.ndarray] = {}
-
-    def logprobs(n: str) -> np.ndarray:
-        if n not in cache:
-            if n == BASE:
-                with pm.disable_adapter():
-                    cache[n] = predict_logprobs(pm, tokenizer, prompts, label_ids, batch_size=batch_size,
-                                                max_length=max_length, progress=progress)
-            else:
-                pm.set_adapter(_peft_name(n, ensemble.adapter_path(n)))
-                cache[n] = predict_logprobs(pm, tokenizer, prompts, label_ids, batch_size=batch_size,
-                                            max_length=max_length, progress=progress)
-        return cache[n]
-
+    refs = {ensemble.adapter(n).reference for n in names} - {None}
+    needed = list(dict.fromkeys([*names, *sorted(refs)]))
+    adapters = [n for n in needed if n != BASE]
+    pm = loaded_model(model, {n: ensemble.adapter_path(n) for n in adapters})
+    kw = dict(batch_size=batch_size, max_length=max_length, progress=progress)
+    raw: dict[str, np.ndarray] = {}
+    if one_pass and len(adapters) > 1:
+        keys = [_peft_name(n, ensemble.adapter_path(n)) for n in adapters]
+        raw.update(zip(adapters, mixed_logprobs(pm, tokenizer, prompts, label_ids, keys, **kw)))
+    else:
+        for n in adapters:
+            pm.set_adapter(_peft_name(n, ensemble.adapter_path(n)))
+            raw[n] = predict_logprobs(pm, tokenizer, prompts, label_ids, **kw)
+    if BASE in needed:
+        with pm.disable_adapter():
+            raw[BASE] = predict_logprobs(pm, tokenizer, prompts, label_ids, **kw)
     out = []
     for n in names:
         ref = ensemble.adapter(n).reference
-        out.append(logprobs(n) if ref is None else logprobs(n) - logprobs(ref))
+        out.append(raw[n] if ref is None else raw[n] - raw[ref])
     return np.stack(out) if out else np.zeros((0, len(prompts), len(label_ids)), dtype=np.float32)
 
 
-def predict(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str, prompts: list[str], *,
-            batch_size: int = 16, max_length: int = 256, progress: bool = False,
-            check_fingerprint: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(labels (N,), probs (N, C)) of the dataset's weighted ensemble on prompts; α = 0 adapters are skipped."""
+def _served_weights(ensemble: Ensemble, model: torch.nn.Module, dataset: str, check_fingerprint: bool
+                    ) -> dict[str, float]:
+    """{adapter: α > 0} of the dataset, after checking (if asked) that the base is the adapters' base."""
     if dataset not in ensemble.weights:
         raise KeyError(f"the ensemble has no weights for dataset {dataset!r}")
     # Checked on the bare base only: once adapters are loaded its state_dict has LoRA weights in it.
@@ -331,6 +335,41 @@ def predict(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str,
     w = {n: a for n, a in ensemble.weights[dataset].items() if a > 0}
     if not w:
         raise ValueError(f"every adapter weight for {dataset!r} is 0")
+    return w
+
+
+def merged_logprobs(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str, prompts: list[str], *,
+                    weights: Mapping[str, float] | None = None, combination_type: str = "cat",
+                    batch_size: int = 16, max_length: int = 256, progress: bool = False) -> np.ndarray:
+    """(N, C) label log-probs of the dataset's ensemble served as ONE merged adapter (ml.inference.merge_adapters):
+    θ0 + Σ ŵ_k Δ_k with ŵ = α/Σα, logits scaled by Σα. weights: {adapter: α}, default the ensemble's for dataset
+    (pass them to score a weighting before it is stored in the ensemble)."""
+    from grouplora.ml.inference import merge_adapters
+
+    spec = ensemble.datasets[dataset]
+    label_ids = spec.label_ids or label_token_ids(tokenizer, spec.label_words)
+    w = {n: float(a) for n, a in (ensemble.weights[dataset] if weights is None else weights).items() if a > 0}
+    pm = loaded_model(model, {n: ensemble.adapter_path(n) for n in w})
+    key, temperature = merge_adapters(pm, {_peft_name(n, ensemble.adapter_path(n)): a for n, a in w.items()},
+                                      combination_type=combination_type)
+    pm.set_adapter(key)
+    lp = predict_logprobs(pm, tokenizer, prompts, label_ids, batch_size=batch_size, max_length=max_length,
+                          progress=progress)
+    return log_softmax(temperature * lp.astype(np.float64), axis=-1)  # log-softmax drops lp's row constants
+
+
+def predict(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str, prompts: list[str], *,
+            batch_size: int = 16, max_length: int = 256, progress: bool = False,
+            check_fingerprint: bool = True, merged: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (N,), probs (N, C)) of the dataset's weighted ensemble on prompts; α = 0 adapters are skipped.
+
+    All its adapters run in one pass (adapter_logprobs); merged=True serves the merged adapter instead
+    (merged_logprobs: one adapter's cost, an approximation of the ensemble)."""
+    w = _served_weights(ensemble, model, dataset, check_fingerprint)
+    if merged:
+        probs = np.exp(merged_logprobs(ensemble, model, tokenizer, dataset, prompts, weights=w,
+                                       batch_size=batch_size, max_length=max_length, progress=progress))
+        return probs.argmax(-1), probs
     names = list(w)
     z = adapter_logprobs(ensemble, model, tokenizer, dataset, prompts, names, batch_size=batch_size,
                          max_length=max_length, progress=progress)

@@ -22,9 +22,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -35,11 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from grouplora.ml.atomic import atomic_dir, write_json
+from grouplora.ml.atomic import atomic_dir, atomic_files, write_json
 from grouplora.ml.flops import forward_flops, lora_training_flops, matmul_params
 from grouplora.ml.lora import add_lora
 from grouplora.ml.model import load_base_model, model_fingerprint
-from grouplora.ml.scoring import encode, label_logits
+from grouplora.ml.scoring import encode, label_logits, length_batches, prompt_lengths, shuffled_length_batches
 
 RESULT_JSON = "train_result.json"
 STATE_FILE = "trainer_state.pt"
@@ -58,17 +55,19 @@ class TrainConfig:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    lr: float = 2e-4
-    epochs: int = 1
+    # The defaults are the pipeline's (orchestration/settings.py:TrainingSettings reads them from here).
+    lr: float = 1e-3
+    epochs: int = 2
     batch_size: int = 8
-    max_length: int = 256
+    max_length: int = 160
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.1
     seed: int = 0
     grad_clip: float = 1.0  # 0 = no clipping
     qlora: bool = False
     max_steps: int | None = None
     lr_schedule: str = "linear"  # linear | cosine | constant (after warmup)
+    length_window: int = 8  # batches drawn by length within windows of this many batches (less padding); 1 = plain shuffling
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
@@ -132,27 +131,29 @@ def example_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[TrainExample], *, batch_size: int = 16,
-             max_length: int = 256, logit_offsets: Sequence[Sequence[float]] | np.ndarray | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-example (cross-entropy, correct) of `model` (base or peft-wrapped) on examples, in order
-    (logit_offsets: per example, added to its label logits as in training)."""
+def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[TrainExample], *, batch_size: int | None = 16,
+             max_length: int = 256, max_tokens: int | None = None,
+             logit_offsets: Sequence[Sequence[float]] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example (cross-entropy, correct) of `model` (base or peft-wrapped) on examples, in order; batched
+    by length (scoring.length_batches: batch_size examples and/or max_tokens padded tokens); logit_offsets: per
+    example, added to its label logits as in training."""
     examples = [_as_example(e) for e in examples]
     offsets = _offsets(logit_offsets, examples)
     was_training = model.training
     model.eval()
-    losses, correct = [], []
+    losses, correct = np.zeros(len(examples), dtype=np.float32), np.zeros(len(examples), dtype=bool)
+    lengths = prompt_lengths(tokenizer, [e.prompt for e in examples], max_length)
     try:
-        for i in range(0, len(examples), batch_size):
-            batch = examples[i:i + batch_size]
+        for idx in length_batches(lengths, batch_size, max_tokens=max_tokens):
+            batch = [examples[i] for i in idx]
             _, logits, _ = batch_loss(model, tokenizer, batch, max_length,
-                                      offsets=None if offsets is None else offsets[i:i + batch_size])
+                                      offsets=None if offsets is None else offsets[idx])
             target = torch.tensor([e.label_index for e in batch], device=logits.device)
-            losses.append(F.cross_entropy(logits, target, reduction="none").cpu())
-            correct.append((logits.argmax(1) == target).cpu())
+            losses[idx] = F.cross_entropy(logits, target, reduction="none").cpu().numpy()
+            correct[idx] = (logits.argmax(1) == target).cpu().numpy()
     finally:
         model.train(was_training)
-    return torch.cat(losses).numpy(), torch.cat(correct).numpy()
+    return losses, correct
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -246,6 +247,7 @@ def _train(peft_model, tokenizer, examples, weights, config: TrainConfig, out_di
     n_base, n_lora = matmul_params(peft_model)
     st = {"epoch": 0, "step": 0, "tokens": 0, "seconds": 0.0, "epoch_losses": [], "val_losses": [],
           "val_tokens": 0}
+    lengths = prompt_lengths(tokenizer, [e.prompt for e in examples], config.max_length)
 
     with _PeakMemory(device) as mem:
         torch.manual_seed(config.seed)  # dropout; inside train_adapter's _own_rng
@@ -262,12 +264,14 @@ def _train(peft_model, tokenizer, examples, weights, config: TrainConfig, out_di
         for epoch in range(st["epoch"], config.epochs):
             if st["step"] >= total:
                 break
-            order = np.random.default_rng([config.seed, epoch]).permutation(n)  # same order on resume
+            # batch_size examples per step, grouped by length (little padding), seeded: same order on resume
+            batches = shuffled_length_batches(lengths, config.batch_size, [config.seed, epoch],
+                                              window=config.length_window)
             losses = []
             for b in range(steps_per_epoch):
                 if st["step"] >= total:  # max_steps: stop mid-epoch
                     break
-                idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+                idx = batches[b]
                 loss, _, tokens = batch_loss(peft_model, tokenizer, [examples[i] for i in idx],
                                              config.max_length, None if weights is None else weights[idx],
                                              None if offsets is None else offsets[idx])
@@ -452,15 +456,8 @@ def _load_checkpoint(path: Path, key: str, peft_model, opt, sched, device: torch
 
 def _save_final(peft_model, out_dir: Path) -> None:
     """save_pretrained into a temp folder, then move each file over out_dir's (readers never see half)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out_dir))
-    try:
+    with atomic_files(out_dir) as tmp:
         peft_model.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            if f.is_file():
-                os.replace(f, out_dir / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _finished_result(out_dir: Path, key: str, config: TrainConfig) -> TrainResult | None:

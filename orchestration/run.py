@@ -1,7 +1,8 @@
 """Run the pipeline from the command line through a real, project-local Dagster instance.
 
 Every run goes through Dagster (same runs, logs and materializations the UI shows), with the multiprocess
-executor, so what works here works when a daemon or a cluster executor launches the same jobs.
+executor, so what works here works when a daemon or a cluster executor launches the same jobs. What is current
+(and skipped, so a rerun resumes) is decided from Dagster's records by orchestration/freshness.py.
 """
 
 import os
@@ -11,8 +12,9 @@ from typing import Literal
 
 import dagster as dg
 
-from grouplora.orchestration import settings
+from grouplora.orchestration import freshness, settings
 from grouplora.orchestration.jobs import PER_DATASET_ASSETS
+from grouplora.orchestration.partitions import dataset_partitions
 
 Executor = Literal["multiprocess", "in_process"]
 
@@ -60,31 +62,6 @@ def suite_job() -> dg.JobDefinition:
     return _job("suite_job")
 
 
-def latest_materialization(instance: dg.DagsterInstance, asset: str, partition: str | None) -> dg.EventLogRecord | None:
-    """The latest materialization of one partition (partition None: of an unpartitioned asset)."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=None if partition is None else [partition]),
-        limit=1).records
-    return records[0] if records else None
-
-
-def materialized_version(instance: dg.DagsterInstance, asset: str, partition: str) -> str | None:
-    """The data version that a partition's last materialization recorded (None if never materialized)."""
-    record = latest_materialization(instance, asset, partition)
-    if record is None or record.asset_materialization is None:
-        return None
-    return (record.asset_materialization.tags or {}).get("dagster/data_version")
-
-
-def is_current(instance: dg.DagsterInstance, partition: str, version: str, assets: list[str]) -> bool:
-    """True when the dataset partition holds `version` and every later per-dataset asset was built after it."""
-    if materialized_version(instance, assets[0], partition) != version:
-        return False
-    first = latest_materialization(instance, assets[0], partition)
-    later = [latest_materialization(instance, a, partition) for a in assets[1:]]
-    return all(r is not None and r.storage_id > first.storage_id for r in later)
-
-
 def _root_cause(error) -> str:
     """The user's own exception (e.g. a DatasetError naming file and row), not Dagster's wrapper around it."""
     while getattr(error, "cause", None) is not None:
@@ -114,17 +91,20 @@ def run_datasets(names: Iterable[str], versions: dict[str, str], *, executor: Ex
                  progress: Callable[[str, str], None] | None = None) -> list[str]:
     """Materialize the per-dataset assets for each name; a partition that is already current is skipped (so a
     rerun resumes where it stopped). Returns the names that ran."""
-    from grouplora.assets.datasets import dataset_partitions
-
     instance = get_instance()
     names = sorted(names)
+    register_datasets(instance, names)
+    return run_partitions(instance, dataset_job, names,
+                          lambda n: freshness.partition_is_current(instance, n, versions[n], PER_DATASET_ASSETS),
+                          executor=executor, progress=progress)
+
+
+def register_datasets(instance: dg.DagsterInstance, names: list[str]) -> None:
+    """Add the dataset partitions that the instance does not know yet."""
     known = set(instance.get_dynamic_partitions(dataset_partitions.name))
     new = [n for n in names if n not in known]
     if new:
         instance.add_dynamic_partitions(dataset_partitions.name, new)
-    assets = [a.key.to_user_string() for a in PER_DATASET_ASSETS]
-    return run_partitions(instance, dataset_job, names, lambda n: is_current(instance, n, versions[n], assets),
-                          executor=executor, progress=progress)
 
 
 def run_partitions(instance: dg.DagsterInstance, job_fn: Callable[[], dg.JobDefinition], keys: Iterable[str],
@@ -159,7 +139,8 @@ def run_adapters(keys: Iterable[str], *, executor: Executor = "multiprocess",
     """Train each adapter partition that has no materialization yet (keys are content hashes: a key that
     exists was trained on exactly these data and settings). Returns the keys that ran."""
     instance = get_instance()
-    return run_partitions(instance, adapter_job, keys, lambda k: latest_materialization(instance, "adapter", k) is not None,
+    return run_partitions(instance, adapter_job, keys,
+                          lambda k: freshness.latest_materialization(instance, "adapter", k) is not None,
                           executor=executor, progress=progress)
 
 
@@ -176,21 +157,6 @@ def selection_job() -> dg.JobDefinition:
     return _job("selection_job")
 
 
-def _newer(record: dg.EventLogRecord | None, *than: dg.EventLogRecord | None) -> bool:
-    """record exists and was stored after every one of `than` (None entries: never materialized)."""
-    return record is not None and all(t is None or record.storage_id > t.storage_id for t in than)
-
-
-def meta_init_is_current(instance: dg.DagsterInstance, names: list[str]) -> bool:
-    """The meta-init adapter exists, was trained on (at least) `names` and after each one's latest dataset."""
-    record = latest_materialization(instance, "meta_init_adapter", None)
-    if record is None or record.asset_materialization is None:
-        return False
-    trained_on = record.asset_materialization.metadata.get("datasets")
-    return (trained_on is not None and set(names) <= set(trained_on.value)
-            and _newer(record, *(latest_materialization(instance, "dataset", n) for n in names)))
-
-
 def run_selection(target: str, names: Iterable[str], versions: dict[str, str], *, executor: Executor = "multiprocess",
                   progress: Callable[[str, str], None] | None = None) -> list[str]:
     """Choose auxiliary datasets for `target`: materialize what target_selection needs that is missing or stale,
@@ -199,18 +165,13 @@ def run_selection(target: str, names: Iterable[str], versions: dict[str, str], *
     last update; each dataset's meta_gradient_features unless taken after both the adapter and its dataset.
     Returns the steps that ran ("dataset:<name>", "meta_init_adapter", "meta_gradient_features:<name>",
     "target_selection:<target>")."""
-    from grouplora.assets.datasets import dataset_partitions
-
     names = sorted(names)
     if target not in names:
         raise ValueError(f"unknown target {target!r}; known datasets: {', '.join(names) or '(none)'}")
     if len(names) < 2:
         raise ValueError(f"no auxiliary datasets besides {target!r}: selection needs at least two datasets")
     instance = get_instance()
-    known = set(instance.get_dynamic_partitions(dataset_partitions.name))
-    new = [n for n in names if n not in known]
-    if new:
-        instance.add_dynamic_partitions(dataset_partitions.name, new)
+    register_datasets(instance, names)
     ran: list[str] = []
 
     def step(label: str, job_fn: Callable[[], dg.JobDefinition], partition: str, asset: str, done: bool) -> None:
@@ -227,13 +188,12 @@ def run_selection(target: str, names: Iterable[str], versions: dict[str, str], *
             progress(label, "done")
 
     for n in names:
-        step(f"dataset:{n}", dataset_job, n, "dataset", materialized_version(instance, "dataset", n) == versions[n])
+        step(f"dataset:{n}", dataset_job, n, "dataset", not freshness.dataset_is_stale(instance, n, versions[n]))
     # selection_job is partitioned by dataset; the unpartitioned adapter runs under the target's partition tag
-    step("meta_init_adapter", selection_job, target, "meta_init_adapter", meta_init_is_current(instance, names))
-    meta = latest_materialization(instance, "meta_init_adapter", None)
+    step("meta_init_adapter", selection_job, target, "meta_init_adapter",
+         freshness.meta_init_is_current(instance, names))
     for n in names:
-        current = _newer(latest_materialization(instance, "meta_gradient_features", n), meta,
-                         latest_materialization(instance, "dataset", n))
-        step(f"meta_gradient_features:{n}", selection_job, n, "meta_gradient_features", current)
+        step(f"meta_gradient_features:{n}", selection_job, n, "meta_gradient_features",
+             freshness.meta_features_are_current(instance, n))
     step(f"target_selection:{target}", selection_job, target, "target_selection", False)
     return ran

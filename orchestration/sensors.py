@@ -5,11 +5,11 @@ import json
 
 import dagster as dg
 
-from grouplora.assets.datasets import dataset_partitions
 from grouplora.ml.data_format import DatasetError
+from grouplora.orchestration.freshness import dataset_is_stale, stale_datasets
 from grouplora.orchestration.jobs import dataset_job, suite_job
+from grouplora.orchestration.partitions import dataset_partitions
 from grouplora.orchestration.resources import DatasetSourceResource
-from grouplora.orchestration.run import materialized_version
 
 
 @dg.sensor(jobs=[dataset_job, suite_job], minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
@@ -25,7 +25,7 @@ def dataset_files_sensor(context: dg.SensorEvaluationContext, sources: DatasetSo
     added, removed = sorted(set(current) - known), sorted(known - set(current))
     # Changed since the last tick, and not already materialized at this version (e.g. by `grouplora run`).
     changed = sorted(n for n, v in current.items()
-                     if seen.get(n) != v and is_stale(context.instance, n, v))
+                     if seen.get(n) != v and dataset_is_stale(context.instance, n, v))
     requests = []
     if added:
         requests.append(dataset_partitions.build_add_request(added))
@@ -43,17 +43,6 @@ def dataset_files_sensor(context: dg.SensorEvaluationContext, sources: DatasetSo
                            cursor=json.dumps(current, sort_keys=True))
 
 
-def is_stale(instance: dg.DagsterInstance, name: str, version: str) -> bool:
-    """True unless the `dataset` partition's last materialization holds exactly this file version."""
-    return materialized_version(instance, "dataset", name) != version
-
-
-def stale_partitions(instance: dg.DagsterInstance, current: dict[str, str]) -> list[str]:
-    """Registered dataset partitions whose file's version is not the one last materialized (or never was)."""
-    registered = set(instance.get_dynamic_partitions(dataset_partitions.name))
-    return [n for n in sorted(registered & set(current)) if is_stale(instance, n, current[n])]
-
-
 @dg.schedule(job=dataset_job, cron_schedule="0 3 * * *", default_status=dg.DefaultScheduleStatus.RUNNING,
              description="Nightly re-check: re-materializes every registered dataset partition whose file no longer "
                          "matches its last materialized version (a change the sensor missed); automation does the rest.")
@@ -62,7 +51,7 @@ def nightly_recheck(context: dg.ScheduleEvaluationContext, sources: DatasetSourc
         current = {name: sources.version(name) for name in sources.files()}
     except (DatasetError, ValueError) as e:
         return dg.SkipReason(f"dataset folder not usable: {e}")
-    stale = stale_partitions(context.instance, current)
+    stale = stale_datasets(context.instance, current)
     if not stale:
         return dg.SkipReason("every registered dataset partition is current")
     return [dg.RunRequest(partition_key=n, run_key=f"nightly:{n}:{current[n]}") for n in stale]

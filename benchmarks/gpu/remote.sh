@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu/remote.sh park .gpu/t1 .gpu/data/full     # calls 1-3: park one part each
 #   bash benchmarks/gpu/remote.sh run [suite.py args]              # later calls: set up once, run / resume
 #   bash benchmarks/gpu/remote.sh py benchmarks/peak_memory.py     # another script over the same data
-#   bash benchmarks/gpu/remote.sh pc --pairs rotten_tomatoes ...   # the positive control (benchmarks/positive_control.py)
+#   bash benchmarks/gpu/remote.sh pc [positive_control args]       # the positive control (twins.tgz parked in a part)
 set -eo pipefail
 STASH=/root/stash SITE=/root/site WORK=/root/work PCWORK=/root/work_pc
 export GROUPLORA_CACHE=/root/glc PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
@@ -36,9 +36,11 @@ run|py|pc)
     export PYTHONPATH=$SITE:/tmp/shim
     mkdir -p $WORK
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-    if [ "$mode" = pc ]; then  # the positive control: twins of --pairs from the parked pack, resumable
-        mkdir -p $PCWORK
-        timeout "${LIMIT:-540}" python3 benchmarks/positive_control.py --device cuda --data /root/data --work $PCWORK \
+    if [ "$mode" = pc ]; then  # the positive control, resumable: the twins pack parked as twins.tgz, else twins of
+        mkdir -p $PCWORK         # --pairs made from the parked pack
+        if [ -f $STASH/twins.tgz ] && [ ! -d /root/twins ]; then tar xzf $STASH/twins.tgz -C /root; fi
+        data=/root/data; [ -d /root/twins ] && data=/root/twins
+        timeout "${LIMIT:-540}" python3 benchmarks/positive_control.py --device cuda --data $data --work $PCWORK \
             --out $PCWORK/positive_control_cuda.json "$@" 2>&1 | grep -v Warning | tee -a $PCWORK/log.txt \
             || echo "positive control stopped (rc $?)"
         cp $PCWORK/positive_control_cuda.json "$OUT/" 2>/dev/null || true

@@ -48,6 +48,7 @@ from grouplora.ml.training import TrainConfig, TrainExample, evaluate, train_ada
 
 # The demo's settings (orchestration/resources.py): BaseModelResource, GradientSettings, TrainingSettings.
 MAX_LENGTH, SCORE_BATCH, FEATURE_BATCH = 256, 16, 8
+PARTS = ("per_dataset", "training", "budgets", "dtype")
 TRAIN = dict(r=8, alpha=16, lr=1e-3, epochs=2, batch_size=8, max_length=160, warmup_ratio=0.1, seed=0)
 
 
@@ -257,7 +258,11 @@ def main() -> None:
         res["dtype"] = part_dtype(args, per, models)
     res["machine"]["load_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    # parts run separately accumulate in one file: a part's entry carries the command and machine it ran with
+    prev = json.loads(args.out.read_text()) if args.out.exists() else {}
+    meta = {k: v for k, v in res.items() if k not in PARTS}
+    merged = {k: v for k, v in prev.items() if k in PARTS} | {p: res[p] | {"run": meta} for p in PARTS if p in res}
+    args.out.write_text(json.dumps(merged, indent=2) + "\n")
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk.startswith("ratio")} for k, v in res.items()
                       if isinstance(v, dict) and any(kk.startswith("ratio") for kk in v)}, indent=2))
     print(f"-> {args.out}")

@@ -20,7 +20,7 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length:
     prefix = tokenizer("", add_special_tokens=True)["input_ids"]  # what the tokenizer puts in front, if anything
     if max_length <= len(prefix):
         raise ValueError(f"max_length={max_length} leaves no room after {len(prefix)} special tokens")
-    rows = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    rows = tokenizer(prompts, add_special_tokens=True)["input_ids"] if prompts else []
     keep = max_length - len(prefix)
     return [r if len(r) <= max_length else prefix + r[len(r) - keep:] for r in rows]
 

@@ -12,6 +12,7 @@ from grouplora.ml.forward_mode import forward_scores
 from grouplora.ml.model import label_token_ids
 from grouplora.ml.projection import Projection
 from grouplora.ml.subsets import Subset, make_subsets
+from grouplora.orchestration.devices import GPU_OP_TAGS, GPU_POOL
 from grouplora.orchestration.resources import BaseModelResource, WarehouseResource
 from grouplora.orchestration.settings import EstimationSettings, GradientSettings
 from grouplora.orchestration.store import ArtifactStore
@@ -24,6 +25,8 @@ from grouplora.orchestration.store import ArtifactStore
     code_version="1",
     description="Estimated validation loss/accuracy of every dataset after fine-tuning on each sampled subset "
                 "(all singletons, all pairs, seeded random subsets), by logistic regression on gradient features.",
+    op_tags=GPU_OP_TAGS,  # loads the model
+    pool=GPU_POOL,
 )
 def subset_estimates(context: dg.AssetExecutionContext, store: ArtifactStore, warehouse: WarehouseResource,
                      estimation_settings: EstimationSettings, base_model: BaseModelResource,

@@ -70,7 +70,7 @@ def take_features(context: dg.AssetExecutionContext, store: ArtifactStore, wareh
         "theta0_fingerprint": theta0_fingerprint, "projection_checksum": projection.checksum(),
         "projection_bytes": projection.nbytes, "seconds": round(seconds, 2),
         "examples_per_s": round(len(df) / seconds, 2), "mean_f0": float(f0.mean()),
-        "feature_norm_median": float(np.median(np.linalg.norm(feats, axis=1)))})
+        "feature_norm_median": float(np.median(np.linalg.norm(feats, axis=1))), "dtype": base_model.dtype})
 
 
 @dg.asset(

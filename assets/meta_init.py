@@ -53,4 +53,5 @@ def meta_init_adapter(context: dg.AssetExecutionContext, store: ArtifactStore, b
         "final_loss": result.final_loss, "epoch_losses": result.epoch_losses, "steps": result.steps,
         "train_flops": result.flops, "seconds": round(result.seconds, 1),
         "peak_memory_mb": round(result.peak_memory_bytes / 2**20, 1), "resumed_from_epoch": result.resumed_from_epoch,
-        "fingerprint": fingerprint, "path": dg.MetadataValue.path(str(out_dir)), "mlflow_run_id": run_id})
+        "fingerprint": fingerprint, "path": dg.MetadataValue.path(str(out_dir)), "mlflow_run_id": run_id,
+        "training": training_settings.fingerprint(), "numerics": base_model.numerics()})

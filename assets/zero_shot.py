@@ -47,4 +47,4 @@ def zero_shot_scores(context: dg.AssetExecutionContext, store: ArtifactStore, wa
     return dg.MaterializeResult(metadata={
         "dagster/row_count": len(out), **{f"accuracy_{k}": float(v) for k, v in acc.items()},
         "chance": 1.0 / len(label_ids), "seconds": round(seconds, 2), "examples_per_s": round(len(df) / seconds, 2),
-        "model_fingerprint": model_fingerprint(model)})
+        "model_fingerprint": model_fingerprint(model), "dtype": base_model.dtype})

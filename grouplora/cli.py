@@ -81,11 +81,14 @@ def _use_settings(device: str | None, dtype: str | None, settings_file: Path | N
     from grouplora.orchestration.resources import project_settings
 
     try:
-        project_settings()
+        model = project_settings()["base_model"]
     except ConfigError as e:
         raise click.BadParameter(str(e), param_hint="'--settings'") from None
     if executor == "ray":
         from grouplora.orchestration.executors import ray_executor
+
+        if model.device == "auto":  # Ray gives every GPU step a GPU, also when this host has none
+            os.environ[settings.DEVICE_ENV] = "cuda"
 
         try:
             ray_executor()

@@ -20,7 +20,6 @@ DEVICES = ("auto", "cpu", "cuda")
 RAY_CONFIG_TAG = "dagster-ray/config"  # the op tag dagster-ray's executor reads (dagster_ray.configs)
 GPU_POOL = "gpu"
 GPU_STEP_ENV = "GROUPLORA_GPU_STEP"
-CPU_STEP_ENV = "GROUPLORA_CPU_STEP"  # set by the Ray executor for steps it gives no GPU (executors.CPU_RUNTIME_ENV)
 # One GPU from Ray, and a runtime_env of its own: dagster-ray takes a step's runtime_env INSTEAD of the executor's
 # (which hides the GPUs from CPU steps), so it must not be empty.
 GPU_OP_TAGS = {RAY_CONFIG_TAG: json.dumps({"num_gpus": 1, "runtime_env": {"env_vars": {GPU_STEP_ENV: "1"}}})}
@@ -53,14 +52,6 @@ def resolve_device(requested: str = "auto") -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def gpu_step_device_type(requested: str = "auto") -> str:
-    """'cuda' or 'cpu': the device type the GPU steps of a run resolve `requested` to, asked from any step. A CPU
-    step on Ray sees no GPU itself (CPU_STEP_ENV), yet Ray runs every GPU step on a GPU: 'auto' there is 'cuda'."""
-    if check_device(requested) == "auto" and os.environ.get(CPU_STEP_ENV) == "1":
-        return "cuda"
-    return resolve_device(requested).partition(":")[0]
 
 
 def placement() -> dict:

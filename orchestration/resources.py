@@ -24,7 +24,7 @@ import pydantic
 from grouplora.ml.data_format import ConfigError, SuiteConfig, discover, load_suite_config, validate_name
 from grouplora.ml.hashing import sha256_file
 from grouplora.orchestration import settings
-from grouplora.orchestration.devices import check_device, gpu_step_device_type, resolve_device
+from grouplora.orchestration.devices import check_device, resolve_device
 from grouplora.orchestration.settings import GradientSettings, TrainingSettings
 from grouplora.orchestration.store import ArtifactStore
 from grouplora.orchestration.globs import literal_folder_glob
@@ -129,9 +129,11 @@ class BaseModelResource(dg.ConfigurableResource):
         return resolve_device(self.device)
 
     def numerics(self) -> str:
-        """What of the model's placement changes a trained adapter: the dtype and the GPU steps' device type
-        (cpu or cuda; which GPU, and how many, do not: every step trains on one device)."""
-        return f"{self.dtype}-{gpu_step_device_type(self.device)}"
+        """What of the model's placement changes a trained adapter: the dtype and the device type (cpu or cuda;
+        which GPU, and how many, do not: every step trains on one device). A step that loads no model may ask
+        (task_partition keys adapters by it): 'auto' then needs this host's view to be the GPU steps' (one host;
+        the CLI makes it 'cuda' under Ray)."""
+        return f"{self.dtype}-{self.torch_device().partition(':')[0]}"
 
     def load(self, load_in_4bit: bool | None = None) -> tuple[Any, Any]:
         """(model, tokenizer), loaded once per process; load_in_4bit overrides the setting (QLoRA training)."""

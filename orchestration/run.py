@@ -122,9 +122,25 @@ def run_datasets(names: Iterable[str], versions: dict[str, str], *, executor: Ex
     instance = get_instance()
     names = sorted(names)
     register_datasets(instance, names)
+    expected = settings_metadata()
     return run_partitions(instance, dataset_job, names,
-                          lambda n: freshness.partition_is_current(instance, n, versions[n], PER_DATASET_ASSETS),
+                          lambda n: freshness.partition_is_current(instance, n, versions[n], PER_DATASET_ASSETS,
+                                                                   expected),
                           executor=executor, progress=progress)
+
+
+def settings_metadata() -> dict[str, dict]:
+    """{asset: {metadata key: value}} that a materialization must have recorded to be current under the project's
+    settings now: after a settings change the CLI re-runs what that setting changes."""
+    from grouplora.orchestration.resources import project_settings
+
+    s = project_settings()
+    gradient, dtype = s["gradient_settings"], s["base_model"].dtype
+    return {"zero_shot_scores": {"dtype": dtype},
+            "gradient_features": {"settings": gradient.fingerprint(), "dtype": dtype},
+            "meta_gradient_features": {"d": gradient.d, "seed": gradient.seed, "dtype": dtype},
+            "meta_init_adapter": {"training": s["training_settings"].fingerprint(),
+                                  "numerics": s["base_model"].numerics()}}
 
 
 def register_datasets(instance: dg.DagsterInstance, names: list[str]) -> None:
@@ -218,10 +234,11 @@ def run_selection(target: str, names: Iterable[str], versions: dict[str, str], *
     for n in names:
         step(f"dataset:{n}", dataset_job, n, "dataset", not freshness.dataset_is_stale(instance, n, versions[n]))
     # selection_job is partitioned by dataset; the unpartitioned adapter runs under the target's partition tag
+    expected = settings_metadata()
     step("meta_init_adapter", selection_job, target, "meta_init_adapter",
-         freshness.meta_init_is_current(instance, names))
+         freshness.meta_init_is_current(instance, names, expected["meta_init_adapter"]))
     for n in names:
         step(f"meta_gradient_features:{n}", selection_job, n, "meta_gradient_features",
-             freshness.meta_features_are_current(instance, n))
+             freshness.meta_features_are_current(instance, n, expected["meta_gradient_features"]))
     step(f"target_selection:{target}", selection_job, target, "target_selection", False)
     return ran

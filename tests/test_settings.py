@@ -100,7 +100,8 @@ def test_the_cli_refuses_bad_settings_with_exit_2_before_running_anything(tmp_pa
 
 def test_a_value_of_the_settings_file_reaches_the_asset(plain_project, no_settings_env):
     """GradientSettings.d from the file is the d of the stored features, through the CLI's runner, even though
-    this process loaded (and cached) the Definitions before the file existed; the run records its settings."""
+    this process loaded (and cached) the Definitions before the file existed; the run records its settings; a
+    rerun skips what is current, and a changed setting re-runs what it changes."""
     import dagster as dg
 
     from grouplora.orchestration import run
@@ -112,12 +113,16 @@ def test_a_value_of_the_settings_file_reaches_the_asset(plain_project, no_settin
     path = plain_project / "settings.yaml"
     path.write_text("gradient: {d: 7}\nmodel: {device: cpu}\n")
     no_settings_env.setenv(SETTINGS_ENV, str(path))
-    ran = run.run_datasets(["reviews"], {"reviews": DatasetSourceResource().version("reviews")},
-                           executor="in_process")
-    assert ran == ["reviews"]
+    versions = {"reviews": DatasetSourceResource().version("reviews")}
+    assert run.run_datasets(["reviews"], versions, executor="in_process") == ["reviews"]
     _, X, sidecar = ArtifactStore().read_features(["reviews"], FEATURES)
     assert sidecar["d"] == 7 and X.shape[1] == 7 and sidecar["settings"].startswith("d7-")
     with dg.DagsterInstance.get() as instance:
         (record,) = instance.get_runs()
     assert record.run_config["resources"]["gradient_settings"]["config"]["d"] == 7
     assert record.run_config["resources"]["base_model"]["config"]["device"] == "cpu"
+
+    assert run.run_datasets(["reviews"], versions, executor="in_process") == []  # current: skipped
+    path.write_text("gradient: {d: 5}\nmodel: {device: cpu}\n")
+    assert run.run_datasets(["reviews"], versions, executor="in_process") == ["reviews"]
+    assert ArtifactStore().read_features(["reviews"], FEATURES)[2]["d"] == 5

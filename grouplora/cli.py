@@ -61,7 +61,8 @@ def project_options(command):
                            help="Project settings (YAML): sections gradient, estimation, partition, training, "
                                 "ensemble, selection, model (default $GROUPLORA_SETTINGS).")(command)
     command = click.option("--dtype", type=click.Choice(DTYPES), default=None,
-                           help="Base model precision (default: the settings file's model.dtype, else float32).")(command)
+                           help="Base model precision (default: the settings file's model.dtype, else "
+                                "float32).")(command)
     return click.option("--device", default=None, callback=_check_device,
                         help="cpu, cuda or cuda:N (default: the settings file's model.device, else cuda when "
                              "available; under Ray the GPU Ray assigns).")(command)

@@ -68,7 +68,8 @@ def partition_is_current(instance: dg.DagsterInstance, partition: str, version: 
                for a in assets[1:])
 
 
-def meta_init_is_current(instance: dg.DagsterInstance, names: list[str], expected: dict[str, Any] | None = None) -> bool:
+def meta_init_is_current(instance: dg.DagsterInstance, names: list[str],
+                         expected: dict[str, Any] | None = None) -> bool:
     """The meta-init adapter exists, was trained on (at least) `names` and after each one's latest dataset (and
     recorded the `expected` metadata)."""
     record = latest_materialization(instance, "meta_init_adapter", None)
@@ -79,7 +80,8 @@ def meta_init_is_current(instance: dg.DagsterInstance, names: list[str], expecte
             and newer(record, *(latest_materialization(instance, "dataset", n) for n in names)))
 
 
-def meta_features_are_current(instance: dg.DagsterInstance, name: str, expected: dict[str, Any] | None = None) -> bool:
+def meta_features_are_current(instance: dg.DagsterInstance, name: str,
+                              expected: dict[str, Any] | None = None) -> bool:
     """A dataset's meta_gradient_features were taken after both the meta-init adapter and the dataset (and
     recorded the `expected` metadata)."""
     record = latest_materialization(instance, "meta_gradient_features", name)

@@ -3,14 +3,16 @@ settings model per concern, each defined once and used by the assets, the CLI an
 
 Everything a step needs is under GROUPLORA_HOME (storage, DuckDB, MLflow, DAGSTER_HOME), so any process on any
 worker that sees that folder can run any step. Choices are `Literal`s and bounds are validated: a typo fails when
-the settings are built, instead of silently running another method.
+the settings are built, instead of silently running another method. A project settings file (YAML,
+$GROUPLORA_SETTINGS or `--settings`) sets any of them, one section per concern (read_settings_file;
+resources.project_settings adds the base model's section and --device / --dtype).
 """
 
 import hashlib
 import os
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import dagster as dg
 import pydantic
@@ -233,7 +235,7 @@ def read_settings_file(path: Path, sections: dict[str, tuple[str, type[dg.Config
 
 
 def checked(model: type[dg.ConfigurableResource], values: dict[str, Any], where: str,
-            error: Any = ValueError) -> dg.ConfigurableResource:
+            error: Callable[[str], Exception] = ValueError) -> dg.ConfigurableResource:
     """model(**values), or error("<where><setting>: <problem>") for the first problem pydantic found."""
     try:
         return model(**values)

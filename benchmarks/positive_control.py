@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -39,24 +38,22 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chain import affinity_stage  # noqa: E402
 from estimation_fidelity import ROOT, Data, _jsonable, load_data, machine  # noqa: E402
 
 from grouplora.ml.boosting import BoostResult, BoostSettings, RidgeBase, boost_group, logprobs_by_dataset, round_logits  # noqa: E402
 from grouplora.ml.calibration import LAM_GRID, Calibration, calibrate, calibration_subsets, finetune_subset  # noqa: E402
-from grouplora.ml.clustering import affinity_matrix_from, partition_datasets  # noqa: E402
 from grouplora.ml.datapack import TWIN_SUFFIX, write_twin_pack  # noqa: E402
 from grouplora.ml.ensemble import score_dataset  # noqa: E402
-from grouplora.ml.estimation import FeatureSet, score, solve_subsets  # noqa: E402
+from grouplora.ml.estimation import FeatureSet  # noqa: E402
 from grouplora.ml.features import compute_features  # noqa: E402
 from grouplora.ml.flops import forward_flops, lora_training_flops  # noqa: E402
 from grouplora.ml.folds import split_validation  # noqa: E402
 from grouplora.ml.lora import load_adapter  # noqa: E402
 from grouplora.ml.model import load_base_model  # noqa: E402
 from grouplora.ml.projection import Projection  # noqa: E402
-from grouplora.ml.subsets import make_subsets  # noqa: E402
 from grouplora.ml.training import TrainConfig, TrainExample, save_fresh_adapter, train_adapter  # noqa: E402
 
-SQL = ROOT / "dbt_like_sql" / "models"
 METHODS = ("zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble", "ensemble_with_all")
 
 
@@ -236,39 +233,23 @@ class Chain:
     # -------------------------------------------------------------------------------------- affinity
 
     def affinity(self, seed: int, feats: FeatureSet, lam: float) -> dict:
-        """Estimates → the pipeline's SQL models in DuckDB → T → SDP partition."""
-        import duckdb
-        a, names = self.a, self.s.names
-        size = min(a.subset_size, len(names))
-        n_random = min(a.n_random, math.comb(len(names), size)) if size > 2 else 0
-        subsets = make_subsets(names, n_random=n_random, size=size, seed=seed)
-        t = time.perf_counter()
-        fit = solve_subsets(feats, subsets, lam=lam)
-        est = score(feats, subsets, fit.W)
-        est_s = time.perf_counter() - t
-        est["mode"] = "linearized"
-        con = duckdb.connect()
-        con.register("subset_estimates", est)
-        table = con.sql((SQL / "subset_affinity.sql").read_text()).df()
-        pair = con.sql((SQL / "pairwise_affinity.sql").read_text()).df()
-        T, order = affinity_matrix_from(table.rename(columns={"affinity_neg_loss": "value"})[["target", "source", "value"]])
-        part = partition_datasets(T, order, max_m=a.max_m, seed=seed)
-        print("  groups: " + " | ".join(", ".join(g) for g in part.groups), flush=True)
+        """The pipeline's estimation → affinity → partition (chain.affinity_stage), and how it treated the twins."""
+        a = self.a
+        record, part, pair = affinity_stage(feats, lam=lam, n_random=a.n_random, size=a.subset_size, seed=seed,
+                                            max_m=a.max_m)
+        T, order = record["T"], record["names"]
         pos = {n: i for i, n in enumerate(order)}
+        lr = pair.set_index(["target", "source"])["loss_reduction"]
         twins = []
         for x, y in twin_pairs(order):
             i, j = pos[x], pos[y]
             row = lambda k: np.delete(T[k], k).mean()  # noqa: E731 - the target's mean affinity over helpers
-            lr = pair.set_index(["target", "source"])["loss_reduction"]
             twins.append({"dataset": x, "twin": y, "affinity_sym": float(part.A[i, j]),
                           "affinity_sym_rank": int((part.A[i] < part.A[i, j]).sum()),  # 0 = its most negative
                           "contrast": float((T[i, j] - row(i) + T[j, i] - row(j)) / 2),
                           "pairwise_loss_reduction": float((lr.loc[(x, y)] + lr.loc[(y, x)]) / 2),
                           "separated": part.group_of(x) != part.group_of(y)})
-        return {"names": order, "T": T, "A": part.A, "labels": part.labels, "groups": part.groups, "m": part.m,
-                "m_scores": None if part.m_scores is None else part.m_scores.to_dict(orient="records"),
-                "n_subsets": len(subsets), "estimate_seconds": est_s, "converged": bool(fit.converged.all()),
-                "lam": lam, "twins": twins, "twins_separated": all(t["separated"] for t in twins)}
+        return {**record, "twins": twins, "twins_separated": all(t["separated"] for t in twins)}
 
     # --------------------------------------------------------------------------------------- methods
 

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chain import affinity_stage  # noqa: E402
 from estimation_fidelity import (ROOT, Data, _jsonable, change_spearman, data_folder, estimates, extract,  # noqa: E402
                                  finetune, load_data, machine, metrics, pair_table, restored_grads, split_folds,
                                  zero_shot)
@@ -52,9 +53,8 @@ from estimation_fidelity import (ROOT, Data, _jsonable, change_spearman, data_fo
 from grouplora.ml.approx import SCALES, approximation_errors  # noqa: E402
 from grouplora.ml.boosting import BoostResult, BoostSettings, RidgeBase, boost_group, round_logits  # noqa: E402
 from grouplora.ml.calibration import LAM_GRID, calibrate, calibration_subsets, choose_lam, error_table  # noqa: E402
-from grouplora.ml.clustering import affinity_matrix_from, partition_datasets  # noqa: E402
 from grouplora.ml.ensemble import score_dataset  # noqa: E402
-from grouplora.ml.estimation import FeatureSet, Split, score, solve_subsets  # noqa: E402
+from grouplora.ml.estimation import FeatureSet, Split  # noqa: E402
 from grouplora.ml.lora import add_lora, load_adapter  # noqa: E402
 from grouplora.ml.projection import Projection  # noqa: E402
 from grouplora.ml.model import load_base_model  # noqa: E402
@@ -62,8 +62,6 @@ from grouplora.ml.scoring import predict_logprobs  # noqa: E402
 from grouplora.ml.selection import mean_hidden_state, select_auxiliaries  # noqa: E402
 from grouplora.ml.subsets import make_subsets  # noqa: E402
 from grouplora.ml.training import TrainConfig, TrainExample, train_adapter  # noqa: E402
-
-SQL = ROOT / "dbt_like_sql" / "models"
 
 
 # -------------------------------------------------------------------------------------------- plumbing
@@ -221,25 +219,11 @@ def stage_calibration(r: Runner, feats: FeatureSet, meta: Path) -> dict:
 
 
 def stage_affinity(r: Runner, feats: FeatureSet, lam: float) -> dict:
-    """The pipeline's estimation → SQL affinity → partition path, on the meta-initialization's features."""
-    import duckdb
+    """The pipeline's estimation → SQL affinity → partition path (chain.affinity_stage), on the
+    meta-initialization's features."""
     a = r.args
-    subsets = make_subsets(list(feats.names), n_random=a.n_random, size=3, seed=0)
-    t = time.perf_counter()
-    fit = solve_subsets(feats, subsets, lam=lam)
-    est = score(feats, subsets, fit.W)
-    est_s = time.perf_counter() - t
-    est["mode"] = "linearized"
-    con = duckdb.connect()
-    con.register("subset_estimates", est)
-    table = con.sql((SQL / "subset_affinity.sql").read_text()).df()
-    T, names = affinity_matrix_from(table.rename(columns={"affinity_neg_loss": "value"})[["target", "source", "value"]])
-    part = partition_datasets(T, names, max_m=a.max_m, seed=0)
-    print("  groups: " + " | ".join(", ".join(g) for g in part.groups), flush=True)
-    return {"names": names, "T": T, "labels": part.labels, "m": part.m, "groups": part.groups,
-            "m_scores": part.m_scores.to_dict(orient="records"), "n_subsets": len(subsets),
-            "n_subsets_in_affinity": int(sum(x.kind == "random" for x in subsets)),  # what subset_affinity averages
-            "estimate_seconds": est_s, "converged": bool(fit.converged.all()), "lam": lam}
+    record, _, _ = affinity_stage(feats, lam=lam, n_random=a.n_random, size=a.subset_size, seed=0, max_m=a.max_m)
+    return record
 
 
 def stage_fidelity(r: Runner, feats: FeatureSet, meta: Path, cal: dict) -> dict:
@@ -416,7 +400,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--d", type=int, default=200)
     p.add_argument("--lam", type=float, default=None, help="pin λ (default: calibrated against real fine-tunes)")
     p.add_argument("--lam-grid", type=lambda s: tuple(float(x) for x in s.split(",")), default=LAM_GRID)
-    p.add_argument("--n-random", type=int, default=300, help="random size-3 subsets for the affinity")
+    p.add_argument("--n-random", type=int, default=300, help="random subsets of --subset-size for the affinity")
+    p.add_argument("--subset-size", type=int, default=3)
     p.add_argument("--max-m", type=int, default=4)
     p.add_argument("--n-fidelity", type=int, default=20, help="random subsets fine-tuned to report estimation error")
     p.add_argument("--n-calibration", type=int, default=3, help="random subsets fine-tuned to choose λ")

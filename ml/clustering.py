@@ -603,6 +603,7 @@ class Partition:
     normalize: str
     objective: float  # partition_objective(A, labels)
     m_scores: pd.DataFrame | None  # choose_m's table (None when m was given)
+    sdp: SdpResult | None = None  # the SDP solve (relaxed objective, certified bound); None for spectral
 
     @property
     def m(self) -> int:
@@ -625,9 +626,10 @@ def partition_datasets(T: np.ndarray, names: list[str], *, m: int = 0, max_m: in
         m = min(m, n)
     else:
         m, scores = choose_m(A, range(2, max(2, min(max_m, n - 1)) + 1), clusterer=method, seed=seed)
-    labels = sdp_cluster(A, m, seed=seed).labels if method == "sdp" else spectral_cluster(A, m, seed=seed)
+    sdp = sdp_cluster(A, m, seed=seed) if method == "sdp" else None
+    labels = sdp.labels if sdp is not None else spectral_cluster(A, m, seed=seed)
     groups = [[names[i] for i in np.flatnonzero(labels == g)] for g in range(m)]
-    return Partition(list(names), labels, groups, A, method, normalize, partition_objective(A, labels), scores)
+    return Partition(list(names), labels, groups, A, method, normalize, partition_objective(A, labels), scores, sdp)
 
 
 __all__ = [

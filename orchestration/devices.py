@@ -34,13 +34,18 @@ def visible_gpus() -> tuple[str, ...] | None:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def check_device(requested: str) -> str:
+    """`requested` if it names a device setting (auto, cpu, cuda, cuda:N), else a ValueError."""
+    base, _, index = requested.partition(":")
+    if base not in DEVICES or (index and not (base == "cuda" and index.isdigit())):
+        raise ValueError(f"device {requested!r} is not one of auto, cpu, cuda, cuda:N")
+    return requested
+
+
 def resolve_device(requested: str = "auto") -> str:
     """The torch device for `requested`: 'auto' is the GPU this step was given ('cuda', i.e. the first id in
     CUDA_VISIBLE_DEVICES) when torch can use one, else 'cpu'; 'cpu', 'cuda' and 'cuda:N' pass through."""
-    if requested != "auto":
-        base, _, index = requested.partition(":")
-        if base not in DEVICES[1:] or (index and not (base == "cuda" and index.isdigit())):
-            raise ValueError(f"device {requested!r} is not one of auto, cpu, cuda, cuda:N")
+    if check_device(requested) != "auto":
         return requested
     if visible_gpus() == ():
         return "cpu"

@@ -25,8 +25,9 @@ from grouplora.orchestration.devices import GPU_POOL
 
 CPU_RUNTIME_ENV = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
 # What a step process needs from the launching process's environment (each step re-imports the definitions).
-FORWARDED_ENV = ("GROUPLORA_HOME", "GROUPLORA_DATASETS", "GROUPLORA_BASE_MODEL", "GROUPLORA_CACHE", "DAGSTER_HOME",
-                 "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "HF_HOME")
+FORWARDED_ENV = ("GROUPLORA_HOME", "GROUPLORA_DATASETS", "GROUPLORA_BASE_MODEL", "GROUPLORA_CACHE",
+                 "GROUPLORA_SETTINGS", "GROUPLORA_DEVICE", "GROUPLORA_DTYPE", "DAGSTER_HOME", "MLFLOW_TRACKING_URI",
+                 "MLFLOW_DISABLE_TELEMETRY", "HF_HOME")
 
 
 def ray_executor(address: str | None = None, env_vars: Sequence[str] = FORWARDED_ENV) -> dg.ExecutorDefinition:

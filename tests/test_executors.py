@@ -45,6 +45,50 @@ def test_gpu_tags_ask_ray_for_one_gpu_and_an_own_runtime_env(monkeypatch):
         ray_executor(None)
 
 
+# Every asset that loads the model's weights: a GPU step. The dataset step needs only the tokenizer, and
+# task_partition only the base model's settings (its numerics, for the adapter keys).
+GPU_ASSETS = {"zero_shot_scores", "gradient_features", "meta_gradient_features", "approximation_error", "adapter",
+              "meta_init_adapter", "ensemble", "subset_estimates", "target_selection"}
+
+
+def test_the_steps_that_load_the_model_ask_for_one_gpu_and_no_other_step_does():
+    import dagster as dg
+
+    from grouplora.orchestration.definitions import defs
+
+    seen = {}
+    for assets_def in defs.assets:
+        if isinstance(assets_def, dg.AssetsDefinition):
+            for key in assets_def.keys:
+                op = assets_def.op
+                seen[key.to_user_string()] = (op.tags.get(RAY_CONFIG_TAG) == GPU_OP_TAGS[RAY_CONFIG_TAG],
+                                              op.pool == GPU_POOL, "base_model" in assets_def.required_resource_keys)
+    assert GPU_ASSETS <= set(seen) and len(seen) > len(GPU_ASSETS) + 5
+    for name, (tagged, pooled, uses_model) in seen.items():
+        assert tagged == pooled == (name in GPU_ASSETS), name
+        assert not uses_model or name in GPU_ASSETS | {"dataset", "task_partition"}, name
+
+
+def test_the_cpu_dataset_step_loads_the_tokenizer_and_no_weights(tmp_path, make_folder):
+    import dagster as dg
+
+    from grouplora.assets.datasets import dataset
+    from grouplora.orchestration import resources as res
+    from grouplora.orchestration.store import ArtifactStore
+
+    folder = make_folder(tmp_path / "datasets")
+    res._load_model.cache_clear()
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("datasets", ["reviews"])
+        result = dg.materialize([dataset], partition_key="reviews", instance=instance, resources={
+            "sources": res.DatasetSourceResource(folder=str(folder)), "store": ArtifactStore(root=str(tmp_path / "s")),
+            "warehouse": res.WarehouseResource(path=str(tmp_path / "w.duckdb")),
+            "base_model": res.BaseModelResource(name="tiny")})
+    assert result.success and len(ArtifactStore(root=str(tmp_path / "s")).rows("reviews")) == 24
+    assert res._load_model.cache_info().currsize == 0  # no model was loaded in this process
+    assert res._load_tokenizer.cache_info().currsize >= 1
+
+
 @pytest.mark.slow
 def test_gpu_pool_limits_concurrent_gpu_steps_on_the_multiprocess_executor(plain_project):
     """One partition's run: zero-shot scoring and gradient features both become ready after the dataset step;

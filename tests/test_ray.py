@@ -38,9 +38,10 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head on loopback with 2 logical GPUs (no real GPU needed); yields the job API address."""
+    """A Ray head on loopback with 2 logical GPUs (no real GPU needed), shared by this file's tests; yields the job
+    API address."""
     from ray.job_submission import JobSubmissionClient
 
     temp = Path(tempfile.mkdtemp(prefix="glr-ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
@@ -83,6 +84,19 @@ def ray_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def _finished_ray_jobs(address: str, timeout_s: float = 120) -> dict:
+    """{(Dagster run id, step): Ray job} once every job has ended: a step's job may still be exiting after Dagster
+    recorded the step's success."""
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        jobs = JobSubmissionClient(address).list_jobs()
+        if all(j.status.is_terminal() for j in jobs) or time.monotonic() > deadline:
+            return {(j.metadata.get("dagster/run-id"), j.metadata.get("dagster/op")): j for j in jobs}
+        time.sleep(2)
+
+
 def _overlaps(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[0] < b[1] and b[0] < a[1]
 
@@ -98,7 +112,7 @@ def _max_concurrency(intervals: list[tuple[float, float]]) -> int:
 
 def test_ray_executor_runs_each_step_as_a_ray_job_on_its_own_gpu(plain_project, ray_head):
     import dagster as dg
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
     from grouplora.orchestration.devices import GPU_STEP_ENV, read_placements
     from pipeline_jobs import CPU_STEPS, GPU_STEPS
@@ -119,8 +133,7 @@ def test_ray_executor_runs_each_step_as_a_ray_job_on_its_own_gpu(plain_project, 
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert all(r["success"] for r in results), [err[-4000:] for _, err in outs]
 
-    ray_jobs = {(j.metadata.get("dagster/run-id"), j.metadata.get("dagster/op")): j
-                for j in JobSubmissionClient(ray_head).list_jobs()}
+    ray_jobs = _finished_ray_jobs(ray_head)
     gpu_runs = []
     with dg.DagsterInstance.get() as instance:
         for r in results:
@@ -144,3 +157,33 @@ def test_ray_executor_runs_each_step_as_a_ray_job_on_its_own_gpu(plain_project, 
     assert _max_concurrency([span for span, _ in gpu_runs]) <= 2
     print(f"\nray test: {len(ray_jobs)} Ray jobs, {len(pairs)} overlapping GPU pairs, "
           f"{time.monotonic() - start:.0f}s after the head was up")
+
+
+def test_the_cli_runner_runs_the_projects_jobs_on_ray_with_its_settings(plain_project, ray_head, monkeypatch):
+    """`grouplora run --executor ray`'s path: orchestration.run runs the project's own dataset_job (the real
+    Definitions, with the Ray executor) and every step is a Ray job; GPU steps ask for a GPU by their decorators;
+    the settings file's values reach the steps on Ray."""
+    import dagster as dg
+    from ray.job_submission import JobStatus
+
+    from grouplora.orchestration import run
+    from grouplora.orchestration.devices import GPU_STEP_ENV
+    from grouplora.orchestration.resources import DatasetSourceResource
+    from grouplora.orchestration.store import FEATURES, ArtifactStore
+
+    settings = plain_project / "settings.yaml"
+    settings.write_text("gradient: {d: 6}\n")
+    monkeypatch.setenv("GROUPLORA_SETTINGS", str(settings))
+    monkeypatch.setenv("RAY_ADDRESS", ray_head)
+    versions = {"facts": DatasetSourceResource().version("facts")}
+    assert run.run_datasets(["facts"], versions, executor="ray") == ["facts"]
+    assert ArtifactStore().read_features(["facts"], FEATURES)[2]["d"] == 6
+    with dg.DagsterInstance.get() as instance:
+        (record,) = instance.get_runs()
+    jobs = {op: j for (run_id, op), j in _finished_ray_jobs(ray_head).items() if run_id == record.run_id}
+    gpu = {"zero_shot_scores", "gradient_features"}
+    assert gpu | {"dataset", "dataset_dataset_schema"} <= set(jobs)  # the asset checks are steps too
+    assert all(j.status == JobStatus.SUCCEEDED for j in jobs.values()), {k: j.status for k, j in jobs.items()}
+    for step, job in jobs.items():
+        env = job.runtime_env["env_vars"]
+        assert (GPU_STEP_ENV in env) == (step in gpu) and ("CUDA_VISIBLE_DEVICES" in env) == (step not in gpu), step

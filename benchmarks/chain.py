@@ -9,7 +9,9 @@ same ml/ functions and SQL models the assets call, so an experiment measures wha
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -19,7 +21,41 @@ from grouplora.ml.clustering import Partition, affinity_matrix_from, partition_d
 from grouplora.ml.estimation import FeatureSet, estimate_subsets
 from grouplora.ml.subsets import estimation_subsets
 
+from estimation_fidelity import _jsonable
+
 SQL = Path(__file__).resolve().parents[1] / "dbt_like_sql" / "models"
+
+
+
+class Work:
+    """The resumable state: stage JSONs, adapters, cached logits, timings."""
+
+    def __init__(self, root: Path, budget_s: float | None):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.time()
+        self.budget_s = budget_s
+
+    def path(self, *parts: str) -> Path:
+        p = self.root.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def stage(self, name: str, fn: Callable[[], dict]) -> dict:
+        p = self.path(f"{name}.json")
+        if p.exists():
+            return json.loads(p.read_text())
+        if self.budget_s is not None and time.time() - self.t0 > self.budget_s:
+            raise TimeoutError(f"time budget spent before stage {name}: rerun to resume")
+        t = time.time()
+        print(f"== {name}", flush=True)
+        out = fn()
+        out["stage_seconds"] = time.time() - t
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1, default=_jsonable))
+        tmp.replace(p)
+        print(f"== {name} done in {out['stage_seconds']:.1f} s", flush=True)
+        return json.loads(p.read_text())  # as a resumed run reads it back
 
 
 def sql_models(estimates: pd.DataFrame, models: tuple[str, ...]) -> dict[str, pd.DataFrame]:

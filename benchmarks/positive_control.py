@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chain import affinity_stage  # noqa: E402
+from chain import Work, affinity_stage  # noqa: E402
 from estimation_fidelity import ROOT, Data, _jsonable, load_data, machine  # noqa: E402
 
 from grouplora.ml.boosting import BoostResult, BoostSettings, RidgeBase, boost_group, logprobs_by_dataset, round_logits  # noqa: E402
@@ -115,16 +115,13 @@ class Chain:
     def __init__(self, model, tok, suite: Suite, cfg: TrainConfig, args):
         self.model, self.tok, self.s, self.cfg, self.a = model, tok, suite, cfg, args
         self.kw = {"batch_size": args.eval_batch_size, "max_length": args.max_length}
+        self.work = Work(args.work, None)
 
     def path(self, *parts: str) -> Path:
-        p = self.a.work.joinpath(*parts)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return p
+        return self.work.path(*parts)
 
-    def stage(self, name: str, fn):
-        p = self.path(f"{name}.json")
-        if p.exists():
-            return json.loads(p.read_text())
+    def stage(self, name: str, fn) -> dict:
+        return self.work.stage(name, fn)
         t = time.time()
         print(f"== {name}", flush=True)
         out = fn()

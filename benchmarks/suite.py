@@ -39,13 +39,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chain import affinity_stage  # noqa: E402
+from chain import Work, affinity_stage  # noqa: E402
 from estimation_fidelity import (ROOT, Data, _jsonable, change_spearman, data_folder, estimates, extract,  # noqa: E402
                                  finetune, load_data, machine, metrics, pair_table, restored_grads, split_folds,
                                  zero_shot)
@@ -65,37 +65,6 @@ from grouplora.ml.training import TrainConfig, TrainExample, train_adapter  # no
 
 
 # -------------------------------------------------------------------------------------------- plumbing
-
-
-class Work:
-    """The resumable state: stage JSONs, adapters, cached logits, timings."""
-
-    def __init__(self, root: Path, budget_s: float | None):
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.t0 = time.time()
-        self.budget_s = budget_s
-
-    def path(self, *parts: str) -> Path:
-        p = self.root.joinpath(*parts)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return p
-
-    def stage(self, name: str, fn: Callable[[], dict]) -> dict:
-        p = self.path(f"{name}.json")
-        if p.exists():
-            return json.loads(p.read_text())
-        if self.budget_s is not None and time.time() - self.t0 > self.budget_s:
-            raise TimeoutError(f"time budget spent before stage {name}: rerun to resume")
-        t = time.time()
-        print(f"== {name}", flush=True)
-        out = fn()
-        out["stage_seconds"] = time.time() - t
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1, default=_jsonable))
-        tmp.replace(p)
-        print(f"== {name} done in {out['stage_seconds']:.1f} s", flush=True)
-        return out
 
 
 def examples_of(data: Sequence[Data], split: str = "train") -> list[TrainExample]:

@@ -90,10 +90,13 @@ def fit_ensemble(store: ArtifactStore, base_model: BaseModelResource, gradient_s
         yv, yt = val["label_id"].to_numpy(), test["label_id"].to_numpy()
         zs = store.zero_shot(n)
         zs_test = np.stack(zs[zs["split"] == "test"]["logprobs"].to_numpy())
+        zs_val = np.stack(zs[zs["split"] == "validation"]["logprobs"].to_numpy())
         scores, alpha, keep = dataset_methods(zv, yv, zt, yt, boosted=g in boosted)
         if keep is not None:
             kept[n] = keep
-        row = {"dataset": n, "zero_shot": accuracy(zs_test, yt), **scores}
+        row = {"dataset": n, "zero_shot": accuracy(zs_test, yt), **scores,
+               # the baselines on validation: promotion requires the ensemble to beat them (orchestration/registry)
+               "zero_shot_val": accuracy(zs_val, yv), "one_adapter_all_val": accuracy(zv[1], yv)}
         weights[n] = {k: float(v) for k, v in zip(names, alpha)}
         log.info(f"{n}: " + ", ".join(f"{k} {row[k]:.3f}" for k in METHODS))
         rows.append(row)
@@ -162,7 +165,9 @@ def ensemble(context: dg.AssetExecutionContext, store: ArtifactStore, base_model
         mlflow.log_metric("val_accuracy", float(table["ensemble_val"].mean()))
         mlflow.log_artifact(str(png))
         mlflow.log_artifact(str(out / "ensemble.json"))
-    store.write_ensemble_info({"mlflow_run_id": run.info.run_id, "val_accuracy": float(table["ensemble_val"].mean())})
+    store.write_ensemble_info({"mlflow_run_id": run.info.run_id, "val_accuracy": float(table["ensemble_val"].mean()),
+                               "val_zero_shot": float(table["zero_shot_val"].mean()),
+                               "val_one_adapter_all": float(table["one_adapter_all_val"].mean())})
     md = table[METHODS].copy()
     md.loc["MEAN"] = summary
     return dg.MaterializeResult(metadata={

@@ -137,7 +137,7 @@ def approximation_error(context: dg.AssetExecutionContext, store: ArtifactStore,
                      ylabel="|f(θ0+Δ) − f0 − gᵀΔ| / |f(θ0+Δ)|")
     store.write_report_csv("approximation_error", table)
     mlflow = mlflow_tracking.client_setup()
-    with mlflow.start_run(run_name="approximation_error") as run:
+    with mlflow.start_run(run_name="approximation_error", tags={"dagster.run_id": context.run.run_id}) as run:
         mlflow.log_params({"settings": gradient_settings.fingerprint(), "datasets": ",".join(names[:4])})
         for r in summary.itertuples():
             mlflow.log_metric("mean_rel_error", r.mean_rel_error, step=int(round(r.scale * 1000)))

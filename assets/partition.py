@@ -52,6 +52,11 @@ def task_partition(context: dg.AssetExecutionContext, store: ArtifactStore, ware
                               seed=ps.seed)
     m, scores = part.m, part.m_scores
     relaxed = float(part.sdp.objective) if part.sdp is not None else float("nan")
+    files = sources.files()
+    gone = [name for name in names if name not in files]
+    if gone:  # their partitions are still registered: `grouplora run` and the sensor delete them
+        raise dg.Failure(f"dataset(s) {', '.join(gone)} have gradient features but no usable file in {sources.root()} "
+                         "any more (removed?): delete their dataset partitions, then rerun the suite")
     versions = {name: sources.version(name) for name in names}
     training, numerics = training_settings.fingerprint(), base_model.numerics()
     groups = [{"key": group_key("g", members, versions, training, numerics), "members": members, "kind": "group"}

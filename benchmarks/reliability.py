@@ -26,9 +26,13 @@ import csv
 import gzip
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -990,6 +994,493 @@ def run_bad_inputs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------- through the command line (phase 2)
+#
+# The sections below drive the real `grouplora` command on real homes (tiny model, the small datasets below), as an
+# operator would: kill it, start it twice, feed it bad files, register challengers; then read the homes' own
+# records (Dagster runs and materializations, the MLflow store, the stored artifacts) to judge the outcome.
+
+GROUPLORA = Path(sys.executable).parent / "grouplora"
+TICKETS = [
+    ("I was charged twice for the same order this month.", "billing"),
+    ("My parcel has been stuck in transit for a week.", "delivery"),
+    ("Please refund the extra fee on my last invoice.", "billing"),
+    ("The courier left the box at the wrong address.", "delivery"),
+    ("Why does my statement show a payment I never made?", "billing"),
+    ("Tracking says delivered but nothing arrived.", "delivery"),
+    ("My card was declined although the balance is fine.", "billing"),
+    ("Can the driver come after six in the evening?", "delivery"),
+    ("The discount code was not applied to my bill.", "billing"),
+    ("Half of my order arrived, the rest is missing.", "delivery"),
+    ("I need a copy of the invoice for my company.", "billing"),
+    ("The package came crushed and soaking wet.", "delivery"),
+    ("You billed me after I cancelled my subscription.", "billing"),
+    ("Is weekend delivery available in my area?", "delivery"),
+    ("The price at checkout was higher than advertised.", "billing"),
+    ("My order shipped to my old address by mistake.", "delivery"),
+]
+FACTS = [
+    ("Water boils at 100 degrees Celsius at sea level.", "true"),
+    ("The sun orbits the earth once a day.", "false"),
+    ("Spiders have eight legs.", "true"),
+    ("Mount Everest is the lowest point on earth.", "false"),
+    ("Paris is the capital of France.", "true"),
+    ("Whales are a kind of fish.", "false"),
+    ("The moon reflects light from the sun.", "true"),
+    ("Ice sinks in liquid water.", "false"),
+    ("A year has twelve months.", "true"),
+    ("Bats are blind and cannot see at all.", "false"),
+    ("Humans need oxygen to live.", "true"),
+    ("Lightning never strikes the same place twice.", "false"),
+    ("Sound travels faster in water than in air.", "true"),
+    ("Goldfish remember things for only three seconds.", "false"),
+    ("The Pacific is the largest ocean.", "true"),
+    ("Glass is a slow-flowing liquid at room temperature.", "false"),
+]
+GOOD = ("movies", "tickets", "facts")  # the datasets every CLI case runs beside
+PIPELINE_CONFIG = CONFIG + ("  tickets:\n    task_type: intent\n    label_words: {billing: ' billing', delivery: ' delivery'}\n"
+                            "  facts:\n    task_type: fact_check\n    label_words: {'true': ' true', 'false': ' false'}\n")
+ACTIVE = ("NOT_STARTED", "STARTING", "STARTED", "CANCELING")
+
+
+def good_datasets(folder: Path, reviews: bool = True) -> Path:
+    """The pipeline's folder: movies, tickets (CSV), facts (JSONL) and, unless told otherwise, reviews."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_csv(folder / "movies.csv", rows_of(NEIGHBOUR))
+    write_csv(folder / "tickets.csv", rows_of(TICKETS))
+    write_jsonl(folder / "facts.jsonl", rows_of(FACTS))
+    if reviews:
+        write_csv(folder / f"{BAD}.csv", good_rows())
+    (folder / "datasets.yaml").write_text(PIPELINE_CONFIG)
+    return folder
+
+
+def touch_dataset(folder: Path, k: int) -> str:
+    """A new version of one dataset (k-th change): one more row, so the next run has real work at every stage."""
+    name = ["reviews", "tickets", "facts", "movies"][k % 4]
+    text = f"An unexpected new example number {k}."
+    if name == "facts":
+        with open(folder / "facts.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"text": text, "label": "true"}) + "\n")
+    else:
+        label = {"reviews": "positive", "movies": "negative", "tickets": "billing"}[name]
+        with open(folder / f"{name}.csv", "a", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerow([text, label])
+    return name
+
+
+def cli_env(home: Path) -> dict[str, str]:
+    env = {**os.environ, "GROUPLORA_HOME": str(home), "GROUPLORA_BASE_MODEL": "tiny", "PYTHONUNBUFFERED": "1",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1", "GROUPLORA_LOCK_TIMEOUT": "3600"}
+    for k in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "GROUPLORA_DEBUG", "GROUPLORA_DATASETS"):
+        env.pop(k, None)
+    return env
+
+
+class Cli:
+    """One `grouplora` process, its stdout and stderr read together, line by line, as they come."""
+
+    def __init__(self, home: Path, *args: str):
+        self.proc = subprocess.Popen([str(GROUPLORA), *args], env=cli_env(home), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, errors="replace")
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.extend(line.replace("\r", "\n").splitlines())
+
+    def wait_for(self, pattern: str, timeout: float) -> bool:
+        """Until a line matches (True) or the process ends or time runs out (False)."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < deadline:
+            while seen < len(self.lines):
+                if rx.search(self.lines[seen]):
+                    return True
+                seen += 1
+            if self.proc.poll() is not None and not self.reader.is_alive():
+                return False
+            time.sleep(0.05)
+        return False
+
+    def kill(self) -> bool:
+        """kill -9 the command (not its children: an operator kills the pid they see); True if it was running."""
+        running = self.proc.poll() is None
+        if running:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.finish(60)
+        return running
+
+    def finish(self, timeout: float = 1800) -> tuple[int, str]:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.join(30)
+        return self.proc.returncode, "\n".join(self.lines)
+
+
+def run_cli(home: Path, *args: str, timeout: float = 1800) -> tuple[int, str]:
+    return Cli(home, *args).finish(timeout)
+
+
+def tracking_uri(home: Path) -> str:
+    return f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+
+
+@contextmanager
+def dagster_instance(home: Path):
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(home / "dagster_home")) as instance:
+        yield instance
+
+
+def leftovers(home: Path) -> dict[str, int]:
+    """What a dead process may leave: Dagster runs not finished, MLflow runs RUNNING, logged models PENDING, model
+    versions half-registered and not set aside. Read while no grouplora process uses the home."""
+    import dagster as dg
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.tracking import MlflowClient
+
+    from grouplora.orchestration.recovery import orphaned_versions
+
+    out = {"dagster_runs": 0, "mlflow_runs": 0, "logged_models": 0, "half_versions": 0}
+    if (home / "dagster_home" / "history" / "runs.db").exists():
+        with dagster_instance(home) as instance:
+            out["dagster_runs"] = len(instance.get_runs(
+                filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus[s] for s in ACTIVE])))
+    if (home / "mlflow" / "mlflow.db").exists():
+        client = MlflowClient(tracking_uri=tracking_uri(home), registry_uri=tracking_uri(home))
+        exps = [e.experiment_id for e in client.search_experiments()]
+        if exps:
+            out["mlflow_runs"] = len(client.search_runs(exps, "attributes.status = 'RUNNING'", max_results=1000))
+            out["logged_models"] = sum(m.status == LoggedModelStatus.PENDING
+                                       for m in client.search_logged_models(exps, max_results=1000))
+        out["half_versions"] = len(orphaned_versions(client))
+    return out
+
+
+def consistency(home: Path, folder: Path) -> list[str]:
+    """Problems with a home after a run that should have finished everything (empty: consistent). Every dataset
+    partition current at its file's version, the suite and the ensemble current, each adapter's weights readable,
+    the results, ensemble and warehouse covering exactly the folder's datasets, the registry's newest version
+    complete (tags, challenger alias, the promotion decision) and holding the ensemble's validation accuracy."""
+    from mlflow.tracking import MlflowClient
+    from safetensors import safe_open
+
+    from grouplora.ml.ensemble import Ensemble
+    from grouplora.orchestration import freshness
+    from grouplora.orchestration.jobs import PER_DATASET_ASSETS
+    from grouplora.orchestration.registry import PROMOTION_TAG
+    from grouplora.orchestration.resources import DatasetSourceResource
+
+    problems: list[str] = []
+    sources = DatasetSourceResource(folder=str(folder))
+    versions = {n: sources.version(n) for n in sources.files()}
+    storage = home / "storage"
+    try:
+        spec = json.loads((storage / "partition" / "task_partition.json").read_text())
+        keys = [g["key"] for g in spec["groups"]] + [spec["baseline"]["key"]]
+    except (OSError, KeyError, ValueError) as e:
+        return [f"no readable task partition: {e}"]
+    with dagster_instance(home) as instance:
+        problems += [f"{n}: partition not current" for n, v in versions.items()
+                     if not freshness.partition_is_current(instance, n, v, PER_DATASET_ASSETS)]
+        if not freshness.suite_is_current(instance, versions, spec, PER_DATASET_ASSETS):
+            problems.append("suite not current")
+        if not freshness.ensemble_is_current(instance, keys):
+            problems.append("ensemble not current")
+    for key in keys:
+        try:
+            with safe_open(str(storage / "adapters" / key / "adapter_model.safetensors"), "pt") as f:
+                [f.get_tensor(k) for k in f.keys()]
+        except Exception as e:  # any way of being unreadable is the finding
+            problems.append(f"adapter {key}: {type(e).__name__}: {e}")
+    try:
+        results = pd.read_parquet(storage / "ensemble" / "results.parquet")
+        if sorted(results["dataset"]) != sorted(versions):
+            problems.append(f"results cover {sorted(results['dataset'])}, not {sorted(versions)}")
+        ens = Ensemble.load(storage / "ensemble" / "current" / "ensemble.json")
+        if sorted(ens.weights) != sorted(versions):
+            problems.append("ensemble weights cover other datasets")
+        info = json.loads((storage / "ensemble" / "current.json").read_text())
+    except Exception as e:
+        return problems + [f"ensemble artifacts: {type(e).__name__}: {e}"]
+    import duckdb
+
+    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as con:
+        rows = con.execute("SELECT count(*) FROM accuracy_report").fetchone()[0]
+        con.execute("SELECT count(*) FROM gradient_features").fetchone()
+    if rows != len(versions) + 1:
+        problems.append(f"accuracy_report has {rows} rows")
+    client = MlflowClient(tracking_uri=tracking_uri(home), registry_uri=tracking_uri(home))
+    newest = max(client.search_model_versions("name = 'grouplora-ensemble'"), key=lambda mv: int(mv.version))
+    missing = [t for t in ("val_accuracy", "base_model", PROMOTION_TAG) if t not in newest.tags]
+    if missing:
+        problems.append(f"newest version v{newest.version} lacks {missing}")
+    elif abs(float(newest.tags["val_accuracy"]) - info["val_accuracy"]) > 1e-9:
+        problems.append(f"newest version v{newest.version} is not the current ensemble")
+    if "challenger" not in (newest.aliases or []):
+        problems.append(f"challenger is not the newest version v{newest.version}")
+    return problems
+
+
+# A kill at each stage of a run: (stage, what to wait for, seconds after it). "@init" waits for the home's init lock
+# file: the first initialization of a new home's stores (their schema migrations) is under way.
+KILL_STAGES = [
+    ("first initialization of a new home", "@init", 1.0),
+    ("validating the folder", r"^== \d+ datasets in", 0.0),
+    ("dataset step", r" - dataset - .* rows from ", 0.0),
+    ("gradient features step", r" - gradient_features - ", 0.0),
+    ("zero-shot step", r" - zero_shot_scores - ", 0.0),
+    ("approximation error", r"^== suite-wide assets: approximation", 1.0),
+    ("subset estimates", r" - subset_estimates - .* subsets of ", 0.0),
+    ("task partition", r" - task_partition - ", 0.0),
+    ("adapter training, between epochs", r" - adapter - adapter .*: epoch 1 loss", 0.0),
+    ("ensemble fit", r" - ensemble - .*: zero_shot ", 0.0),
+    ("model registration", r"^Created version", 0.0),
+    ("after registration, before promotion", r" - registered_ensemble - registered ", 0.0),
+    ("promotion", r" - champion - (promoted|not promoted)", 0.0),
+]
+
+
+def run_kill(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="reliability-kill-"))
+    folder = good_datasets(work / "datasets")
+    home = work / "home"
+    stages = KILL_STAGES[: args.kill_trials] if args.kill_trials else KILL_STAGES
+    rows = []
+    for k, (stage, pattern, delay) in enumerate(stages):
+        changed = touch_dataset(folder, k) if k else None  # after the first trial the home is a used one
+        start = time.perf_counter()
+        cli = Cli(home, "run", "--datasets", str(folder))
+        if pattern == "@init":
+            hit = wait_path(home / ".init.lock", cli, 900)
+        else:
+            hit = cli.wait_for(pattern, 900)
+        time.sleep(delay)
+        killed = cli.kill()
+        left = leftovers(home)
+        rc, out = run_cli(home, "run", "--datasets", str(folder))
+        after = leftovers(home)
+        problems = consistency(home, folder) if rc == 0 else [f"rerun exit {rc}: {tail(out)}"]
+        row = {"stage": stage, "changed": changed, "killed_mid_run": killed and hit, "left_by_kill": left,
+               "rerun_exit": rc, "rerun_recovered": "recovered after a crash" in out, "left_after_rerun": after,
+               "consistent": not problems, "problems": problems[:5], "seconds": round(time.perf_counter() - start, 1)}
+        rows.append(row)
+        print(f"  kill at {stage}: {'killed' if row['killed_mid_run'] else 'NOT KILLED MID-RUN'}; left {left}; "
+              f"rerun exit {rc}, {'consistent' if not problems else problems[:2]}; after {after}", flush=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    trials = [r for r in rows if r["killed_mid_run"]]
+    return {"keys": {"kill_trials": len(trials), "kill_consistent": sum(r["consistent"] for r in trials),
+                     "stale_runs_left": sum(sum(r["left_after_rerun"].values()) for r in rows)},
+            "details": {"attempted": len(rows), "missed_stage": [r["stage"] for r in rows if not r["killed_mid_run"]],
+                        "kills_that_left_something": sum(any(r["left_by_kill"].values()) for r in trials),
+                        "trials": rows}}
+
+
+def wait_path(path: Path, cli: Cli, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and cli.proc.poll() is None:
+        if path.exists():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def tail(text: str, n: int = 3) -> list[str]:
+    return [line[:300] for line in text.strip().splitlines()[-n:]]
+
+
+def duplicated_work(home: Path) -> int:
+    """Materializations that repeat one already made: a dataset partition at a data version it had, an adapter key
+    trained again. With runs on one home serialized, a waiting run finds the work done and repeats none."""
+    import dagster as dg
+
+    with dagster_instance(home) as instance:
+        seen: dict[tuple, int] = {}
+        for asset in ("dataset", "adapter"):
+            for r in instance.fetch_materializations(dg.AssetKey(asset), limit=10_000).records:
+                m = r.asset_materialization
+                version = (m.tags or {}).get("dagster/data_version") if asset == "dataset" else None
+                seen[(asset, m.partition, version)] = seen.get((asset, m.partition, version), 0) + 1
+    return sum(n - 1 for n in seen.values())
+
+
+CONCURRENCY_TRIALS = [  # (home, runs started together, seconds between starts)
+    ("new", 3, 0.0), ("new", 2, 5.0), ("used", 3, 0.0), ("used", 2, 2.0)]
+
+
+def run_concurrency(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="reliability-concurrency-"))
+    rows, homes, k = [], [], 0
+    for i, (kind, n, stagger) in enumerate(CONCURRENCY_TRIALS):
+        if kind == "new":
+            home, folder = work / f"home{i}", good_datasets(work / f"datasets{i}")
+            homes.append((home, folder))
+        else:
+            home, folder = homes[(i - 2) % len(homes)]
+            touch_dataset(folder, k := k + 1)
+        start = time.perf_counter()
+        clis = []
+        for j in range(n):
+            if j:
+                time.sleep(stagger)
+            clis.append(Cli(home, "run", "--datasets", str(folder)))
+        outs = [c.finish() for c in clis]
+        left = leftovers(home)
+        problems = consistency(home, folder)
+        failed = [tail(out) for rc, out in outs if rc != 0]
+        row = {"home": kind, "runs": n, "stagger_s": stagger, "exits": [rc for rc, _ in outs],
+               "waited": sum("another grouplora run is using" in out for _, out in outs), "failed_runs": failed,
+               "left": left, "consistent": not problems, "problems": problems[:5],
+               "duplicated_work": duplicated_work(home), "seconds": round(time.perf_counter() - start, 1)}
+        row["broken"] = bool(failed or problems or any(left.values()))
+        rows.append(row)
+        print(f"  {n} runs on a {kind} home (stagger {stagger}s): exits {row['exits']}, {row['waited']} waited, "
+              f"{'consistent' if not problems else problems[:2]}, duplicated work {row['duplicated_work']}", flush=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"keys": {"concurrent_runs": sum(r["runs"] for r in rows),
+                     "concurrent_broken_homes": sum(r["broken"] for r in rows)},
+            "details": {"failed_runs": sum(len(r["failed_runs"]) for r in rows),
+                        "duplicated_work": sum(r["duplicated_work"] for r in rows), "trials": rows}}
+
+
+# The bad inputs taken through `grouplora run` (each case is one run of the command: ~20-30 s of start-up on this
+# CPU, so a sample of every group, including each failure the issue saw; --cli-cases all takes the whole corpus).
+CLI_CASES = [
+    "empty_csv", "empty_parquet", "header_only_csv", "latin1_csv", "utf16_csv_with_bom", "random_bytes_named_csv",
+    "parquet_truncated", "parquet_data_page_corrupted", "file_over_max_bytes",
+    "invalid_file_name", "duplicate_dataset_name", "symlink_to_outside_csv", "symlink_to_non_csv_inside",
+    "broken_symlink", "fifo_named_csv",
+    "ragged_row_extra_field", "unclosed_quote", "missing_label_column", "jsonl_invalid_line", "jsonl_nul_escape",
+    "empty_text", "label_nan_string", "nul_byte_in_csv_text", "text_20mb_jsonl", "label_too_long",
+    "one_class_only", "train_split_lacks_a_class", "one_training_row", "label_words_share_first_token",
+    "yaml_syntax_error", "split_fractions_not_summing_to_one", "template_unknown_placeholder",
+]
+
+
+def artifact_digests(home: Path, names: tuple[str, ...]) -> dict[str, str]:
+    """sha256 of every stored per-dataset artifact of `names` (rows, cards, zero-shot scores, features)."""
+    from grouplora.ml.hashing import sha256_file
+
+    storage = home / "storage"
+    return {str(p.relative_to(storage)): sha256_file(p) for kind in ("datasets", "zero_shot", "features")
+            for p in sorted((storage / kind).glob("*")) if p.stem in names}
+
+
+def run_cli_bad_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="reliability-cli-"))
+    home = work / "home"
+    base = good_datasets(work / "good", reviews=False)
+    (base / "datasets.yaml").write_text(CONFIG)
+    rc, out = run_cli(home, "run", "--datasets", str(base))
+    if rc != 0:
+        raise RuntimeError(f"the good datasets alone failed (exit {rc}): {tail(out, 20)}")
+    before = artifact_digests(home, GOOD)
+    builders = {name: build for name, _, build in CASES}
+    names = [c for c, g, _ in CASES if g != "control"] if args.cli_cases == ["all"] else (args.cli_cases or CLI_CASES)
+    rows = []
+    for name in [*names, "control_csv"]:
+        folder = work / "cases" / name
+        base_folder(folder)
+        write_csv(folder / "tickets.csv", rows_of(TICKETS))
+        write_jsonl(folder / "facts.jsonl", rows_of(FACTS))
+        expect = builders[name](folder)
+        start = time.perf_counter()
+        rc, out = run_cli(home, "run", "--datasets", str(folder))
+        traceback = "Traceback (most recent call last)" in out or "Stack Trace:" in out
+        after = artifact_digests(home, GOOD)
+        lost = sorted(k for k in before if after.get(k) != before[k])
+        if expect.file is None:  # the control: reviews is fine, so it runs beside the others
+            clear = rc == 0
+            line = None
+        else:
+            lines = [ln for ln in out.splitlines() if str(expect.file) in ln
+                     and (expect.row is None or f"row {expect.row}" in ln)]
+            line = lines[0].strip() if lines else None
+            clear = rc == 2 and line is not None
+            written = [str(p) for p in (home / "storage").glob(f"*/{BAD}.*")]
+            if written:
+                lost.append(f"rejected {BAD} wrote {written}")
+        rows.append({"case": name, "exit": rc, "clear": clear, "traceback": traceback, "lost": lost, "line": line,
+                     "tail": None if clear else tail(out), "seconds": round(time.perf_counter() - start, 1)})
+        print(f"  {'clear  ' if clear else 'UNCLEAR'} exit {rc}{' TRACEBACK' if traceback else ''}"
+              f"{' LOST ' + str(lost) if lost else ''} {name}: {(line or tail(out, 1)[0])[:150]}", flush=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    bad = [r for r in rows if r["case"] != "control_csv"]
+    return {"keys": {"tracebacks": sum(r["traceback"] for r in rows), "data_lost": sum(bool(r["lost"]) for r in rows)},
+            "details": {"cases_tried": len(bad), "clear": sum(r["clear"] for r in bad),
+                        "control_ran": rows[-1]["exit"] == 0, "cases": rows}}
+
+
+PROMOTION_CASES = [  # (registered name, val_accuracy, zero-shot, one adapter on all, should be promoted)
+    ("first below zero-shot", "a", 0.55, 0.60, 0.50, False),
+    ("first below one adapter on all", "b", 0.55, 0.40, 0.70, False),
+    ("first above both baselines (control)", "a", 0.80, 0.50, 0.60, True),
+    ("worse than the champion", "a", 0.70, 0.50, 0.60, False),
+    ("equal to the champion", "a", 0.80, 0.50, 0.60, False),
+    ("beats the champion, below one adapter on all", "a", 0.85, 0.50, 0.90, False),
+    ("beats the champion, ties zero-shot", "a", 0.85, 0.85, 0.60, False),
+    ("no finite val_accuracy", "a", float("nan"), 0.50, 0.60, False),
+    ("beats the champion and both baselines (control)", "a", 0.90, 0.50, 0.60, True),
+    ("no baselines recorded, beats the champion (control)", "a", 0.95, None, None, True),
+]
+
+
+def run_promotion(args: argparse.Namespace) -> dict[str, Any]:
+    """Real ensembles registered with chosen validation figures, then `grouplora promote`; and the champion a real
+    pipeline run chose, against its own baselines."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from mlflow.tracking import MlflowClient
+
+    from grouplora.orchestration.registry import PROMOTION_TAG, log_ensemble
+
+    work = Path(tempfile.mkdtemp(prefix="reliability-promotion-"))
+    home, folder = work / "home", good_datasets(work / "datasets")
+    rc, out = run_cli(home, "run", "--datasets", str(folder))
+    if rc != 0:
+        raise RuntimeError(f"the pipeline run failed (exit {rc}): {tail(out, 20)}")
+    client = MlflowClient(tracking_uri=tracking_uri(home), registry_uri=tracking_uri(home))
+    rows = []
+    pipeline = client.get_model_version_by_alias("grouplora-ensemble", "champion") \
+        if "champion" in client.get_registered_model("grouplora-ensemble").aliases else None
+    if pipeline is not None:  # whatever the run promoted beats the baselines it recorded
+        val = float(pipeline.tags["val_accuracy"])
+        ok = all(val > float(pipeline.tags[t]) for t in ("val_zero_shot", "val_one_adapter_all") if t in pipeline.tags)
+        rows.append({"case": "the pipeline run's own champion", "expected": ok, "promoted": True,
+                     "worse_promoted": not ok, "reason": pipeline.tags.get(PROMOTION_TAG)})
+    ensemble_json = home / "storage" / "ensemble" / "current" / "ensemble.json"
+    for case, model, val, zero_shot, one_all, expected in PROMOTION_CASES:
+        name = f"probe-{model}"
+        metrics = {"val_accuracy": val, **({"val_zero_shot": zero_shot} if zero_shot is not None else {}),
+                   **({"val_one_adapter_all": one_all} if one_all is not None else {})}
+        v = log_ensemble(ensemble_json, registered_name=name, tracking_uri=tracking_uri(home), metrics=metrics).version
+        rc, out = run_cli(home, "promote", "--name", name)
+        aliases = client.get_registered_model(name).aliases
+        promoted = str(aliases.get("champion")) == str(v)
+        reason = client.get_model_version(name, v).tags.get(PROMOTION_TAG)
+        rows.append({"case": case, "version": v, "expected": expected, "promoted": promoted,
+                     "worse_promoted": promoted and not expected, "exit": rc, "said": tail(out, 2), "reason": reason,
+                     "reason_shown": reason is not None and reason.split(": ", 1)[-1] in out})
+        print(f"  {'promoted' if promoted else 'refused '} ({'ok' if promoted == expected else 'WRONG'}) {case}: "
+              f"{reason}", flush=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"keys": {"worse_promoted": sum(r["worse_promoted"] for r in rows)},
+            "details": {"cases": len(rows), "as_expected": sum(r["promoted"] == r["expected"] for r in rows),
+                        "controls_refused": sum(r["expected"] and not r["promoted"] for r in rows),
+                        "reasons_shown": sum(r.get("reason_shown", True) for r in rows), "rows": rows}}
+
+
 @dataclass(frozen=True)
 class Section:
     name: str
@@ -1001,13 +1492,14 @@ class Section:
 SECTIONS = [
     Section("bad_inputs", ("bad_inputs_tried", "bad_inputs_unclear"), run_bad_inputs,
             "the bad-input corpus through the dataset asset's validation"),
-    Section("cli_bad_inputs", ("tracebacks", "data_lost"), None,
+    Section("cli_bad_inputs", ("tracebacks", "data_lost"), run_cli_bad_inputs,
             "the corpus through `grouplora run` beside good datasets: exit status, one line each, artifacts kept"),
-    Section("kill", ("kill_trials", "kill_consistent", "stale_runs_left"), None,
+    Section("kill", ("kill_trials", "kill_consistent", "stale_runs_left"), run_kill,
             "kill -9 at each stage, rerun, consistency, no STARTED/RUNNING leftovers"),
-    Section("concurrency", ("concurrent_runs", "concurrent_broken_homes"), None,
+    Section("concurrency", ("concurrent_runs", "concurrent_broken_homes"), run_concurrency,
             "concurrent `grouplora run` on new and used homes"),
-    Section("promotion", ("worse_promoted",), None, "worse and baseline-losing challengers are not promoted"),
+    Section("promotion", ("worse_promoted",), run_promotion,
+            "worse and baseline-losing challengers are not promoted"),
 ]
 KEYS = [k for s in SECTIONS for k in s.keys]
 
@@ -1028,6 +1520,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "(no download), smollm2-135m-instruct, or none.")
     ap.add_argument("--cases", nargs="*", default=None, help="bad_inputs: only these cases (by name).")
     ap.add_argument("--case-timeout", type=int, default=120)
+    ap.add_argument("--cli-cases", nargs="*", default=None,
+                    help="cli_bad_inputs: these cases (default: a sample of every group; 'all': the whole corpus).")
+    ap.add_argument("--kill-trials", type=int, default=0, help="kill: only the first N stages (default: all).")
     ap.add_argument("--keep", action="store_true", help="Keep the case folders (printed) for inspection.")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)

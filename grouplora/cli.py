@@ -10,11 +10,18 @@ from pathlib import Path
 import click
 
 from grouplora.ml.datapack import preset_names
+from grouplora.errors import BadInput, Group
 
 
-@click.group()
-def main() -> None:
-    """grouplora: one language model for many datasets, through grouped LoRA adapters."""
+@click.group(cls=Group)
+@click.option("--debug", is_flag=True, help="Print whole errors with their tracebacks (default: one line each).")
+def main(debug: bool) -> None:
+    """grouplora: one language model for many datasets, through grouped LoRA adapters.
+
+    Exit status: 0 done; 2 a problem with the input (a dataset file, the settings, a model name), one line each;
+    1 anything else."""
+    if debug:
+        os.environ["GROUPLORA_DEBUG"] = "1"  # run workers and step processes inherit it
 
 
 @main.group()
@@ -140,28 +147,34 @@ def select_cmd(target: str, datasets_dir: Path | None, executor: str, device: st
     per candidate): materializes what is missing, then prints each method's choice and the scores table."""
     _use_settings(device, dtype, settings_file, executor)
     from grouplora.ml.data_format import validate_name
-    from grouplora.orchestration import run, settings
+    from grouplora.orchestration import home, run, settings
 
-    resources, names = _dataset_files(datasets_dir)
-    sources = resources["sources"]
     try:
         validate_name(target, "target dataset name")
     except ValueError as e:
-        raise click.ClickException(str(e)) from e
-    if target not in names:
-        raise click.ClickException(f"unknown target {target!r}: the datasets in {sources.root()} are "
-                                   f"{', '.join(names)}")
-    if len(names) < 2:
-        raise click.ClickException(f"{target!r} is the only dataset in {sources.root()}: there is nothing to choose from")
-    versions = {n: sources.version(n) for n in names}
-    click.echo(f"== auxiliary datasets for {target} among {len(names)} datasets; state in {settings.home()}")
+        raise BadInput(str(e)) from None
+    resources = _resources(datasets_dir)
+    instance = _open_home(resources)
+    sources = resources["sources"]
+    with home.exclusive_run(notify=_warn):
+        versions, failures = _usable_datasets(resources, instance)
+        names = sorted(versions)
+        if target not in names:
+            _report(failures, len(names))
+            raise BadInput(f"unknown target {target!r}: the usable datasets in {sources.root()} are "
+                           f"{', '.join(names) or '(none)'}")
+        if len(names) < 2:
+            _report(failures, len(names))
+            raise BadInput(f"{target!r} is the only usable dataset in {sources.root()}: there is nothing to choose from")
+        click.echo(f"== auxiliary datasets for {target} among {len(names)} datasets; state in {settings.home()}")
 
-    def progress(step: str, status: str) -> None:
-        if status != "running":
-            click.echo(f"  {step}: {'ran' if status == 'done' else status}")
+        def progress(step: str, status: str) -> None:
+            if status != "running":
+                click.echo(f"  {step}: {'ran' if status == 'done' else status}")
 
-    run.run_selection(target, names, versions, executor=executor, progress=progress)
+        run.run_selection(target, names, versions, executor=executor, progress=progress)
     _print_selection(resources["store"], target)
+    _finish(failures, len(names))
 
 
 def _print_selection(store, target: str) -> None:
@@ -193,6 +206,8 @@ def ui_cmd(host: str, port: int, mlflow_port: int, device: str | None, dtype: st
     _use_settings(device, dtype, settings_file, "multiprocess")  # the daemon's runs: one step per GPU at once
     from grouplora.orchestration import run, settings
 
+    # the stores exist before the servers open them; the daemon's sensor keeps recovering after crashes from here on
+    _open_home(_resources(None), local_workers=True)
     home = run.dagster_home()
     bin_dir = Path(sys.executable).parent
     target = ["-w", "workspace.yaml"] if Path("workspace.yaml").exists() else ["-m", "grouplora.orchestration.definitions"]
@@ -237,54 +252,149 @@ def _default_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _dataset_files(datasets_dir: Path | None):
-    """(the project's resources, the dataset names in its source folder); --datasets points every later step at
-    that folder."""
+def _warn(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _resources(datasets_dir: Path | None):
+    """The project's resources; --datasets points every later step (and step process) at that folder."""
     if datasets_dir is not None:
         os.environ["GROUPLORA_DATASETS"] = str(Path(datasets_dir).resolve())
     from grouplora.orchestration.resources import make_resources
 
-    resources = make_resources()
-    names = sorted(resources["sources"].files())
-    if not names:
-        raise click.ClickException(f"no dataset files in {resources['sources'].root()}")
-    return resources, names
+    return make_resources()
+
+
+def _open_home(resources, *, local_workers: bool = False):
+    """Initialize the home's stores (under its init lock) and close what a crashed process left; the instance."""
+    from grouplora.orchestration.home import open_home
+
+    instance, report = open_home(resources["mlflow_tracking"].uri(), local_workers=local_workers,
+                                 registered_name=resources["ensemble_settings"].registered_name, notify=_warn)
+    for line in report.lines():
+        click.echo(f"recovered after a crash: {line}", err=True)
+    return instance
+
+
+def _usable_datasets(resources, instance) -> tuple[dict[str, str], list[tuple[str, bool]]]:
+    """(usable dataset -> version, one failure line per unusable file); the dataset partitions become exactly the
+    usable datasets (a removed or now unusable file's partition is deleted, as the sensor does)."""
+    from grouplora.orchestration import run
+    from grouplora.orchestration.intake import check_folder
+
+    check = check_folder(resources["sources"], resources["base_model"], instance)
+    removed = run.sync_datasets(instance, list(check.versions))
+    if removed:
+        click.echo(f"left out from now on (file removed or unusable): {', '.join(removed)}")
+    return check.versions, [(str(p), True) for p in check.problems]
+
+
+def _report(failures: list[tuple[str, bool]], ok: int) -> None:
+    if failures:
+        click.echo(f"ok {ok}, failed {len(failures)}", err=True)
+        for line, _ in failures:
+            click.echo(f"  {line}", err=True)
+
+
+def _finish(failures: list[tuple[str, bool]], ok: int) -> None:
+    """Print the summary; exit 2 if a bad input failed, 1 if only other steps did."""
+    if not failures:
+        click.echo(f"ok {ok}, failed 0")
+        return
+    _report(failures, ok)
+    raise click.exceptions.Exit(2 if any(is_input for _, is_input in failures) else 1)
 
 
 def _run_pipeline(datasets_dir: Path | None, executor: str) -> None:
+    from grouplora.orchestration import home, run, settings
+
+    resources = _resources(datasets_dir)
+    instance = _open_home(resources)
+    with home.exclusive_run(notify=_warn):
+        versions, failures = _usable_datasets(resources, instance)
+        click.echo(f"== {len(versions)} datasets in {resources['sources'].root()}; state in {settings.home()}"
+                   + (f" ({len(failures)} file(s) not usable, listed at the end)" if failures else ""))
+        if not versions:
+            _finish(failures or [(f"no dataset files in {resources['sources'].root()}", True)], 0)
+        good = _run_datasets(versions, executor, failures)
+        try:
+            if good:
+                _run_suite_onwards(resources, instance, {n: versions[n] for n in good}, executor)
+        except run.StepFailures as e:
+            failures += [(line, e.input_errors()) for line in e.lines()]
+            for f in e.failures if settings.debug() else []:
+                click.echo(f"--- {f.step}:\n{f.detail}", err=True)
+            click.echo(f"stopped: run {e.run_id} of {e.job_name} failed"
+                       + ("" if settings.debug() else " (rerun with --debug for its traceback)"), err=True)
+    _finish(failures, len(good))
+
+
+def _run_datasets(versions: dict[str, str], executor: str, failures: list[tuple[str, bool]]) -> list[str]:
+    """The per-dataset partitions; a failed one is added to `failures` and the others go on. The good names."""
     from tqdm import tqdm
 
-    from grouplora.orchestration import run, settings
+    from grouplora.orchestration import run
 
-    resources, names = _dataset_files(datasets_dir)
-    sources = resources["sources"]
-    versions = {n: sources.version(n) for n in names}
-    click.echo(f"== {len(names)} datasets in {sources.root()}; state in {settings.home()}")
+    names = sorted(versions)
     bar = tqdm(total=len(names), desc="datasets", unit="dataset")
-    ran = run.run_datasets(names, versions, executor=executor, progress=progress_for(bar))
+    ran, failed = run.run_datasets(names, versions, executor=executor, progress=progress_for(bar))
     bar.close()
-    click.echo(f"ran {len(ran)} dataset partitions ({len(names) - len(ran)} already current)")
-    click.echo("== suite-wide assets: approximation error, subset estimates, affinity tables, partition")
-    run.run_suite(executor)
-    _print_results(resources["warehouse"])
+    for name, e in failed.items():
+        failures += [(f"{name}: {line}", e.input_errors()) for line in e.lines()]
+    click.echo(f"ran {len(ran)} dataset partitions ({len(names) - len(ran) - len(failed)} already current"
+               + (f", {len(failed)} failed" if failed else "") + ")")
+    return [n for n in names if n not in failed]
+
+
+def _run_suite_onwards(resources, instance, versions: dict[str, str], executor: str) -> None:
+    """The suite, the adapters and the ensemble, each skipped when it is current (a rerun, or a run that waited for
+    another one on this home, does nothing twice); raises StepFailures when one fails."""
+    from tqdm import tqdm
+
+    from grouplora.orchestration import freshness, run
+    from grouplora.orchestration.jobs import PER_DATASET_ASSETS
 
     store = resources["store"]
+    if freshness.suite_is_current(instance, versions, _stored_partition(store), PER_DATASET_ASSETS):
+        click.echo("== suite-wide assets: current")
+    else:
+        click.echo("== suite-wide assets: approximation error, subset estimates, affinity tables, partition")
+        run.run_suite(executor)
+    _print_results(resources["warehouse"])
+
     spec = store.partition()
     adapters = [g["key"] for g in spec["groups"]] + [spec["baseline"]["key"]]
     click.echo(f"\n== {spec['m']} groups: " + " | ".join(", ".join(g["members"]) for g in spec["groups"]))
     bar = tqdm(total=len(adapters), desc="adapters", unit="adapter")
-    trained = run.run_adapters(adapters, executor=executor, progress=progress_for(bar))
+    trained, failed = run.run_adapters(adapters, executor=executor, progress=progress_for(bar))
     bar.close()
-    click.echo(f"trained {len(trained)} adapters ({len(adapters) - len(trained)} unchanged)")
-    click.echo("== ensemble, boosting, results, registry")
-    run.run_ensemble(executor)
+    click.echo(f"trained {len(trained)} adapters ({len(adapters) - len(trained) - len(failed)} unchanged"
+               + (f", {len(failed)} failed" if failed else "") + ")")
+    if failed:
+        first = next(iter(failed.values()))
+        raise run.StepFailures(first.run_id, first.job_name,
+                               [f for e in failed.values() for f in e.failures])
+    if freshness.ensemble_is_current(instance, adapters):
+        click.echo("== ensemble: current (registered and promotion decided)")
+    else:
+        click.echo("== ensemble, boosting, results, registry")
+        run.run_ensemble(executor)
     _print_ensemble(store)
+
+
+def _stored_partition(store) -> dict | None:
+    import dagster as dg
+
+    try:
+        return store.partition()
+    except dg.Failure:  # never partitioned
+        return None
 
 
 def progress_for(bar):
     def progress(name: str, status: str) -> None:
         bar.set_postfix_str(f"{name}: {status}")
-        if status in ("current", "done"):
+        if status in ("current", "done", "failed"):
             bar.update(1)
 
     return progress

@@ -19,7 +19,8 @@ from grouplora.assets.zero_shot import zero_shot_scores
 from grouplora.orchestration.automation import automation_sensor, with_automation
 from grouplora.orchestration.jobs import adapter_job, dataset_job, ensemble_job, report_job, selection_job, suite_job
 from grouplora.orchestration.resources import make_resources
-from grouplora.orchestration.sensors import dataset_files_sensor, nightly_recheck
+from grouplora.orchestration.logs import console_logger
+from grouplora.orchestration.sensors import dataset_files_sensor, nightly_recheck, stale_runs_sensor
 
 
 def build_definitions(executor: dg.ExecutorDefinition = dg.multi_or_in_process_executor) -> dg.Definitions:
@@ -32,12 +33,14 @@ def build_definitions(executor: dg.ExecutorDefinition = dg.multi_or_in_process_e
                                 meta_init_adapter, meta_gradient_features, target_selection]),
         asset_checks=[dataset_schema, dataset_class_balance, approximation_error_within_threshold, champion_gate],
         jobs=[dataset_job, suite_job, report_job, adapter_job, ensemble_job, selection_job],
-        sensors=[dataset_files_sensor, automation_sensor],
+        sensors=[dataset_files_sensor, automation_sensor, stale_runs_sensor],
         schedules=[nightly_recheck],
         # Locations resolve from GROUPLORA_* when a run uses them, not here: loading defs binds no project. The
         # settings are the project's settings file's ($GROUPLORA_SETTINGS) as of now: the launchpad's defaults.
         resources=make_resources(),
         executor=executor,
+        # Dagster's console logger; `grouplora run` asks it for one line per record (orchestration/logs.py).
+        loggers={"console": console_logger},
     )
 
 

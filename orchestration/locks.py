@@ -44,7 +44,8 @@ def home_lock(path: str | os.PathLike, timeout: float = 600.0, message: str | No
               poll: float = 0.2, notify: Callable[[str], None] = _say) -> Iterator[Path]:
     """Hold an exclusive lock on `path` (created with its folder) for the `with` block.
 
-    When another process holds it, `notify` gets one line (`message`, else a default naming the lock file), then
+    When another process holds it, `notify` gets one line (`message`, where "{holder}" becomes the holder's pid and
+    host; else a default naming the lock file and its holder), then
     this waits, polling every `poll` seconds, for up to `timeout` seconds (0: don't wait) and raises LockTimeout
     naming the lock file and its holder. Reentrant use from one process on the same path would deadlock: don't."""
     path = Path(path)
@@ -64,7 +65,8 @@ def home_lock(path: str | os.PathLike, timeout: float = 600.0, message: str | No
                                       + (f" by {holder}" if holder else "")
                                       + "; if no grouplora process is running, the lock is free: retry") from None
                 if not told:
-                    notify(message or f"waiting for {path}" + (f" (held by {holder})" if holder else "") + " ...")
+                    notify(message.replace("{holder}", holder or "another process") if message else
+                           f"waiting for {path}" + (f" (held by {holder})" if holder else "") + " ...")
                     told = True
                 time.sleep(poll)
         os.ftruncate(fd, 0)

@@ -8,8 +8,9 @@ else: training checkpoints stay behind). The base model is NOT in the artifact: 
 the JSON's `base_fingerprint` checks that the loaded base is the one the adapters were trained on.
 
 Promotion uses aliases only (no stages): `log_ensemble` points `challenger` at the new version and tags it
-with its validation metrics; `promote` moves `champion` to the challenger iff there is no champion yet or
-the challenger's metric strictly beats the champion's.
+with its validation metrics (and the baselines' validation accuracy); `promote` moves `champion` to the challenger
+iff it strictly beats every baseline tagged on it and the champion (or there is no champion yet), and tags the
+version with the decision and its reason.
 
 Class names: `DatasetSpec` has label words (what the model answers), not label values. The value returned
 for class i of dataset D is `Ensemble.meta["classes"][D][i]`; without that entry it is label_words[i]
@@ -253,11 +254,13 @@ def log_ensemble(ensemble_path: Path, *, registered_name: str, tracking_uri: str
                                            artifacts={ARTIFACT_KEY: str(folder)}, signature=SIGNATURE,
                                            pip_requirements=_pip_requirements(),
                                            registered_model_name=registered_name)
-    version = str(info.registered_model_version)
-    for k, v in metrics.items():
-        client.set_model_version_tag(registered_name, version, k, str(float(v)))
-    client.set_model_version_tag(registered_name, version, "base_model", ens.base_model)
-    client.set_registered_model_alias(registered_name, CHALLENGER, version)
+            # Tags and alias while the run is still RUNNING: crash recovery takes a version whose run ended
+            # without them for a half-registered one (orchestration/recovery.py).
+            version = str(info.registered_model_version)
+            for k, v in metrics.items():
+                client.set_model_version_tag(registered_name, version, k, str(float(v)))
+            client.set_model_version_tag(registered_name, version, "base_model", ens.base_model)
+            client.set_registered_model_alias(registered_name, CHALLENGER, version)
     return ModelVersionInfo(registered_name, version, run.info.run_id)
 
 
@@ -278,13 +281,22 @@ def _metric(client: MlflowClient, mv: Any, metric: str) -> float | None:
     return None
 
 
+# Validation accuracy of the baselines, tagged on each version by the ensemble's registration (when it has them):
+# a challenger must beat each one present, as well as the champion.
+BASELINES = {"val_zero_shot": "zero-shot", "val_one_adapter_all": "one adapter on all datasets"}
+PROMOTION_TAG = "grouplora.promotion"
+
+
 def promote(registered_name: str, *, tracking_uri: str, metric: str = "val_accuracy",
-            higher_is_better: bool = True) -> PromotionResult:
-    """Move `champion` to the `challenger` version iff there is no champion or the challenger's `metric`
-    strictly beats the champion's. Nothing changes otherwise; the result says why."""
+            higher_is_better: bool = True, version: str | None = None) -> PromotionResult:
+    """Move `champion` to the challenger iff its `metric` strictly beats every baseline tagged on it (BASELINES;
+    with the default metric) and the champion's, or there is no champion. The challenger is `version` when given
+    (a pipeline run promotes the version it registered itself), else the version the `challenger` alias names.
+    Nothing else changes; the decision and its reason are tagged on the challenger (PROMOTION_TAG)."""
     client = use_tracking(tracking_uri)
     client.get_registered_model(registered_name)  # a clear MlflowException when the name is unknown
-    ch = _alias_version(client, registered_name, CHALLENGER)
+    ch = client.get_model_version(registered_name, version) if version is not None else \
+        _alias_version(client, registered_name, CHALLENGER)
     cur = _alias_version(client, registered_name, CHAMPION)
     cur_v = str(cur.version) if cur is not None else None  # the store may hand back ints
     cur_value = _metric(client, cur, metric) if cur is not None else None
@@ -293,25 +305,37 @@ def promote(registered_name: str, *, tracking_uri: str, metric: str = "val_accur
     value = _metric(client, ch, metric)
     ch_v = str(ch.version)
 
-    def refuse(reason: str) -> PromotionResult:
-        return PromotionResult(False, ch_v, cur_v, value, cur_value, reason)
+    def decide(promoted: bool, reason: str) -> PromotionResult:
+        client.set_model_version_tag(registered_name, ch_v, PROMOTION_TAG,
+                                     f"{'promoted' if promoted else 'not promoted'}: {reason}")
+        return PromotionResult(promoted, ch_v, ch_v if promoted else cur_v, value, cur_value, reason)
+
+    def beats(a: float, b: float) -> bool:
+        return a > b if higher_is_better else a < b
 
     if value is None or not math.isfinite(value):
-        return refuse(f"challenger v{ch_v} has no finite {metric} ({value})")
+        return decide(False, f"challenger v{ch_v} has no finite {metric} ({value})")
     if cur is not None and cur_v == ch_v:
-        return refuse(f"v{ch_v} is already the champion")
+        return PromotionResult(False, ch_v, cur_v, value, cur_value, f"v{ch_v} is already the champion")
+    if metric == "val_accuracy":
+        for tag, what in BASELINES.items():
+            base = _metric(client, ch, tag)
+            if base is not None and not (math.isfinite(base) and beats(value, base)):
+                return decide(False, f"challenger v{ch_v} {metric}={value:g} does not beat the {what} baseline "
+                                     f"({tag}={base:g})")
     if cur is not None:
         if cur_value is None or not math.isfinite(cur_value):
-            return refuse(f"champion v{cur_v} has no finite {metric} to compare with")
-        beats = value > cur_value if higher_is_better else value < cur_value
-        if not beats:
-            return refuse(f"challenger v{ch_v} {metric}={value:g} does not beat "
-                          f"champion v{cur_v} {metric}={cur_value:g}")
+            return decide(False, f"champion v{cur_v} has no finite {metric} to compare with")
+        if not beats(value, cur_value):
+            return decide(False, f"challenger v{ch_v} {metric}={value:g} does not beat "
+                                 f"champion v{cur_v} {metric}={cur_value:g}")
     client.set_registered_model_alias(registered_name, CHAMPION, ch_v)
     client.set_model_version_tag(registered_name, ch_v, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     before = "no champion before" if cur is None else f"beats v{cur_v} {metric}={cur_value:g}"
-    return PromotionResult(True, ch_v, ch_v, value, cur_value,
-                           f"v{ch_v} {metric}={value:g} promoted to {CHAMPION} ({before})")
+    baselines = [f"{tag}={_metric(client, ch, tag):g}" for tag in BASELINES
+                 if metric == "val_accuracy" and _metric(client, ch, tag) is not None]
+    return decide(True, f"v{ch_v} {metric}={value:g} promoted to {CHAMPION} ({before}"
+                        + (f"; beats the baselines {', '.join(baselines)}" if baselines else "") + ")")
 
 
 def alias_state(registered_name: str, *, tracking_uri: str, metric: str = "val_accuracy") -> dict[str, Any]:

@@ -21,7 +21,8 @@ import duckdb
 import pandas as pd
 import pydantic
 
-from grouplora.ml.data_format import ConfigError, SuiteConfig, discover, load_suite_config, validate_name
+from grouplora.ml.data_format import (ConfigError, DatasetError, SuiteConfig, discover, load_suite_config, scan,
+                                        validate_name)
 from grouplora.ml.hashing import sha256_file
 from grouplora.orchestration import settings
 from grouplora.orchestration.devices import check_device, resolve_device
@@ -41,8 +42,14 @@ class DatasetSourceResource(dg.ConfigurableResource):
         return Path(self.folder) if self.folder else settings.datasets_folder()
 
     def files(self) -> dict[str, Path]:
+        """Dataset name -> file for every usable file; unusable ones (see `scan`) are left out, so that one bad file
+        never stops the others."""
+        return self.scan()[0]
+
+    def scan(self) -> tuple[dict[str, Path], list[DatasetError]]:
+        """The usable files and one DatasetError per unusable one (ml.data_format.scan); a missing folder is empty."""
         folder = self.root()
-        return discover(folder) if folder.exists() else {}
+        return scan(folder) if folder.exists() else ({}, [])
 
     def config(self) -> SuiteConfig:
         return load_suite_config(self.root() / self.config_file)

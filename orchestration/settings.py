@@ -46,6 +46,23 @@ def settings_file() -> Path | None:
     return Path(value).resolve() if value else None
 
 
+def debug() -> bool:
+    """GROUPLORA_DEBUG=1 (`grouplora --debug`): print whole errors with their stack traces."""
+    return os.environ.get("GROUPLORA_DEBUG", "") not in ("", "0")
+
+
+def lock_timeout() -> float:
+    """Seconds a command waits for another one on the same home (GROUPLORA_LOCK_TIMEOUT, default one day)."""
+    value = os.environ.get("GROUPLORA_LOCK_TIMEOUT", "86400")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"GROUPLORA_LOCK_TIMEOUT must be a number of seconds, got {value!r}") from None
+    if not seconds >= 0:
+        raise ValueError(f"GROUPLORA_LOCK_TIMEOUT must be >= 0, got {value!r}")
+    return seconds
+
+
 # ------------------------------------------------------------------------------------------ typed settings
 
 

@@ -2,6 +2,7 @@
 multiprocess runs, a real DuckDB file; then the sensor's view of added, changed and removed files."""
 
 import json
+import re
 
 import dagster as dg
 import duckdb
@@ -25,8 +26,8 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
     assert sorted(versions) == ["facts", "parity", "reviews"]
     # One dataset through the multiprocess executor (every step in its own process, as on a cluster), the
     # others in process (faster): both must give the same kind of artifacts.
-    assert run.run_datasets(["facts"], versions, executor="multiprocess") == ["facts"]
-    assert run.run_datasets(versions, versions, executor="in_process") == ["parity", "reviews"]
+    assert run.run_datasets(["facts"], versions, executor="multiprocess") == (["facts"], {})
+    assert run.run_datasets(versions, versions, executor="in_process") == (["parity", "reviews"], {})
     run.run_suite(executor="in_process")
 
     db = project / "var" / "warehouse.duckdb"
@@ -58,8 +59,8 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
     spec = json.loads((project / "var" / "storage" / "partition" / "task_partition.json").read_text())
     assert sorted(m for g in spec["groups"] for m in g["members"]) == sorted(counts)
     keys = [g["key"] for g in spec["groups"]] + [spec["baseline"]["key"]]
-    assert run.run_adapters(keys, executor="in_process") == keys
-    assert run.run_adapters(keys, executor="in_process") == []  # content-keyed: nothing retrains
+    assert run.run_adapters(keys, executor="in_process") == (keys, {})
+    assert run.run_adapters(keys, executor="in_process") == ([], {})  # content-keyed: nothing retrains
     for key in keys:
         folder = project / "var" / "storage" / "adapters" / key
         assert (folder / "adapter_config.json").exists() and (folder / "adapter_model.safetensors").exists()
@@ -102,15 +103,17 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
         [dg.AssetCheckKey(dg.AssetKey("dataset"), "dataset_schema")])
     assert checks, "the schema check ran"
     # A rerun with nothing changed resumes: no partition runs again.
-    assert run.run_datasets(versions, versions) == []
+    assert run.run_datasets(versions, versions) == ([], {})
 
     # A bad new version fails with the file, row and problem, and leaves the previous good artifact in place.
     stored = project / "var" / "storage" / "datasets" / "reviews.parquet"
     good = stored.read_bytes()
     (project / "datasets" / "reviews.csv").write_text("text,label\nonly,pos\nclass,pos\n")
     versions["reviews"] = sources.version("reviews")
-    with pytest.raises(RuntimeError, match=r"reviews.csv: only one class \('pos'\)"):
-        run.run_datasets(["reviews"], versions)
+    ran, failed = run.run_datasets(["reviews"], versions)
+    assert ran == [] and list(failed) == ["reviews"]
+    assert failed["reviews"].input_errors() and len(failed["reviews"].lines()) == 1
+    assert re.fullmatch(r"dataset: .*reviews.csv: only one class \('pos'\): .*", failed["reviews"].lines()[0])
     assert stored.read_bytes() == good
 
 

@@ -6,6 +6,7 @@ so an unchanged group is never retrained. Training checkpoints every epoch and a
 
 import dagster as dg
 
+from grouplora.orchestration.devices import GPU_OP_TAGS, GPU_POOL
 from grouplora.orchestration.partitions import adapter_partitions
 from grouplora.orchestration.resources import BaseModelResource, MlflowResource
 from grouplora.orchestration.settings import TrainingSettings
@@ -23,11 +24,17 @@ from grouplora.orchestration.store import ArtifactStore
     code_version="1",
     description="A LoRA adapter trained with peft on one group's train data (peft format: adapter_config.json + "
                 "adapter_model.safetensors); the 'all_' key is the one-adapter-on-everything baseline.",
+    op_tags=GPU_OP_TAGS,  # loads the model
+    pool=GPU_POOL,
 )
 def adapter(context: dg.AssetExecutionContext, store: ArtifactStore, base_model: BaseModelResource,
             training_settings: TrainingSettings, mlflow_tracking: MlflowResource) -> dg.MaterializeResult:
     key = context.partition_key
     spec = store.adapter_spec(key)
+    if spec.get("numerics", base_model.numerics()) != base_model.numerics():  # the key promises these numerics
+        raise dg.Failure(f"adapter {key} is keyed for {spec['numerics']} (dtype-device type) but this step runs "
+                         f"{base_model.numerics()}: set --device/--dtype (or model: in the settings file) as when "
+                         "task_partition ran, or re-materialize task_partition")
     model, tokenizer = base_model.load(load_in_4bit=training_settings.qlora or None)  # QLoRA: a 4-bit base
     examples = store.examples(tokenizer, spec["members"])
     out_dir = store.adapter_dir(key)

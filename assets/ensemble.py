@@ -16,6 +16,7 @@ from grouplora.ml.model import label_token_ids, model_fingerprint
 from grouplora.ml.plots import accuracy_table_png
 from grouplora.ml.projection import Projection
 from grouplora.ml.scoring import accuracy
+from grouplora.orchestration.devices import GPU_OP_TAGS, GPU_POOL
 from grouplora.orchestration.resources import BaseModelResource, MlflowResource, WarehouseResource
 from grouplora.orchestration.settings import EnsembleSettings, GradientSettings, TrainingSettings
 from grouplora.orchestration.store import ArtifactStore, png_markdown
@@ -109,6 +110,8 @@ def fit_ensemble(store: ArtifactStore, base_model: BaseModelResource, gradient_s
     code_version="1",
     description="Per-dataset non-negative weights over the adapters (fit on validation), cheap boosting rounds, "
                 "and test accuracy of zero-shot, one adapter on all, grouped, + boosting and the ensemble.",
+    op_tags=GPU_OP_TAGS,  # loads the model
+    pool=GPU_POOL,
 )
 def ensemble(context: dg.AssetExecutionContext, store: ArtifactStore, base_model: BaseModelResource,
              gradient_settings: GradientSettings, ensemble_settings: EnsembleSettings,

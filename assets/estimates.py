@@ -1,17 +1,16 @@
 """Subset estimates: the fine-tuning result of every sampled subset of datasets, from gradient features alone."""
 
 import time
-from math import comb
-
 import dagster as dg
 import numpy as np
 import pandas as pd
 
-from grouplora.ml.estimation import FeatureSet, score, solve_subsets
+from grouplora.ml.estimation import FeatureSet, estimate_subsets
 from grouplora.ml.forward_mode import forward_scores
 from grouplora.ml.model import label_token_ids
 from grouplora.ml.projection import Projection
-from grouplora.ml.subsets import Subset, make_subsets
+from grouplora.ml.subsets import Subset, estimation_subsets
+from grouplora.orchestration.devices import GPU_OP_TAGS, GPU_POOL
 from grouplora.orchestration.resources import BaseModelResource, WarehouseResource
 from grouplora.orchestration.settings import EstimationSettings, GradientSettings
 from grouplora.orchestration.store import ArtifactStore
@@ -24,6 +23,8 @@ from grouplora.orchestration.store import ArtifactStore
     code_version="1",
     description="Estimated validation loss/accuracy of every dataset after fine-tuning on each sampled subset "
                 "(all singletons, all pairs, seeded random subsets), by logistic regression on gradient features.",
+    op_tags=GPU_OP_TAGS,  # loads the model
+    pool=GPU_POOL,
 )
 def subset_estimates(context: dg.AssetExecutionContext, store: ArtifactStore, warehouse: WarehouseResource,
                      estimation_settings: EstimationSettings, base_model: BaseModelResource,
@@ -34,15 +35,10 @@ def subset_estimates(context: dg.AssetExecutionContext, store: ArtifactStore, wa
     frame, X, feature_settings = store.read_features(names)
     features = FeatureSet.from_frame(frame, X)
     s = estimation_settings
-    size = min(s.size, len(names))
-    # singletons and pairs are always in; random subsets of size ≤ 2 would repeat them
-    n_random = min(s.n_random, comb(len(names), size)) if size > 2 else 0
-    subsets = make_subsets(names, n_random=n_random, size=size, seed=s.seed)
+    subsets = estimation_subsets(names, n_random=s.n_random, size=s.size, seed=s.seed)
     start = time.perf_counter()
-    fit = solve_subsets(features, subsets, lam=s.lam)
-    table = score(features, subsets, fit.W)
+    table, fit = estimate_subsets(features, subsets, lam=s.lam)
     seconds = time.perf_counter() - start
-    table["mode"] = "linearized"
     singles = [(k, x) for k, x in enumerate(subsets) if x.kind == "singleton"][: s.verify_subsets]
     if singles:
         start_fwd = time.perf_counter()

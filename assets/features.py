@@ -13,6 +13,7 @@ from grouplora.ml.features import compute_features
 from grouplora.ml.model import label_token_ids, model_fingerprint
 from grouplora.ml.plots import line_chart
 from grouplora.ml.projection import Projection
+from grouplora.orchestration.devices import GPU_OP_TAGS, GPU_POOL
 from grouplora.orchestration.partitions import dataset_partitions
 from grouplora.orchestration.resources import BaseModelResource, MlflowResource, WarehouseResource
 from grouplora.orchestration.settings import GradientSettings
@@ -69,7 +70,7 @@ def take_features(context: dg.AssetExecutionContext, store: ArtifactStore, wareh
         "theta0_fingerprint": theta0_fingerprint, "projection_checksum": projection.checksum(),
         "projection_bytes": projection.nbytes, "seconds": round(seconds, 2),
         "examples_per_s": round(len(df) / seconds, 2), "mean_f0": float(f0.mean()),
-        "feature_norm_median": float(np.median(np.linalg.norm(feats, axis=1)))})
+        "feature_norm_median": float(np.median(np.linalg.norm(feats, axis=1))), "dtype": base_model.dtype})
 
 
 @dg.asset(
@@ -79,6 +80,8 @@ def take_features(context: dg.AssetExecutionContext, store: ArtifactStore, wareh
     kinds={"pytorch", "parquet", "duckdb"},
     code_version="1",
     description="Per train/validation example: f0 and the LoRA gradient of f projected to d dims (one backward per batch).",
+    op_tags=GPU_OP_TAGS,  # loads the model
+    pool=GPU_POOL,
 )
 def gradient_features(context: dg.AssetExecutionContext, store: ArtifactStore, warehouse: WarehouseResource,
                       base_model: BaseModelResource, gradient_settings: GradientSettings) -> dg.MaterializeResult:
@@ -94,6 +97,8 @@ def gradient_features(context: dg.AssetExecutionContext, store: ArtifactStore, w
     code_version="1",
     description="gradient_features at θ0 = the meta-initialization adapter (B ≠ 0: lora_A and lora_B gradients), "
                 "for choosing auxiliary datasets (target_selection); DuckDB view meta_gradient_features.",
+    op_tags=GPU_OP_TAGS,  # loads the model
+    pool=GPU_POOL,
 )
 def meta_gradient_features(context: dg.AssetExecutionContext, store: ArtifactStore, warehouse: WarehouseResource,
                            base_model: BaseModelResource, gradient_settings: GradientSettings) -> dg.MaterializeResult:
@@ -108,6 +113,8 @@ def meta_gradient_features(context: dg.AssetExecutionContext, store: ArtifactSto
     kinds={"pytorch", "mlflow"},
     code_version="1",
     description="First-order approximation error |f(θ0+Δ) − f0 − gᵀΔ| / |f(θ0+Δ)| for random LoRA perturbations.",
+    op_tags=GPU_OP_TAGS,  # loads the model
+    pool=GPU_POOL,
 )
 def approximation_error(context: dg.AssetExecutionContext, store: ArtifactStore, base_model: BaseModelResource,
                         gradient_settings: GradientSettings, mlflow_tracking: MlflowResource) -> dg.MaterializeResult:

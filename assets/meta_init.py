@@ -12,6 +12,7 @@ import dagster as dg
 
 from grouplora.ml.model import model_fingerprint
 from grouplora.ml.training import run_key
+from grouplora.orchestration.devices import GPU_OP_TAGS, GPU_POOL
 from grouplora.orchestration.resources import BaseModelResource, MlflowResource
 from grouplora.orchestration.settings import TrainingSettings
 from grouplora.orchestration.store import DATASETS, META_INIT, ArtifactStore
@@ -25,6 +26,8 @@ from grouplora.orchestration.store import DATASETS, META_INIT, ArtifactStore
     code_version="1",
     description="One LoRA adapter trained on every dataset's train split (multitask): the meta-initialization θ0 "
                 "at which meta_gradient_features are taken (peft format, storage/adapters/meta_init/).",
+    op_tags=GPU_OP_TAGS,  # loads the model
+    pool=GPU_POOL,
 )
 def meta_init_adapter(context: dg.AssetExecutionContext, store: ArtifactStore, base_model: BaseModelResource,
                       training_settings: TrainingSettings, mlflow_tracking: MlflowResource) -> dg.MaterializeResult:
@@ -33,7 +36,8 @@ def meta_init_adapter(context: dg.AssetExecutionContext, store: ArtifactStore, b
         raise dg.Failure("no materialized dataset partitions: materialize `dataset` first")
     model, tokenizer = base_model.load(load_in_4bit=training_settings.qlora or None)
     examples = store.examples(tokenizer, names)
-    key = run_key(training_settings.config(), model_fingerprint(model), examples, None)[:16]
+    key = run_key(training_settings.config(), f"{model_fingerprint(model)}-{base_model.numerics()}", examples,
+                  None)[:16]
     work = store.training_dir(f"{META_INIT}_{key}")  # checkpoints per epoch; resumes; keyed by content
     result, run_id = mlflow_tracking.train_logged(
         context, training_settings, base_model.model_name(), (model, tokenizer), examples, work,
@@ -49,4 +53,5 @@ def meta_init_adapter(context: dg.AssetExecutionContext, store: ArtifactStore, b
         "final_loss": result.final_loss, "epoch_losses": result.epoch_losses, "steps": result.steps,
         "train_flops": result.flops, "seconds": round(result.seconds, 1),
         "peak_memory_mb": round(result.peak_memory_bytes / 2**20, 1), "resumed_from_epoch": result.resumed_from_epoch,
-        "fingerprint": fingerprint, "path": dg.MetadataValue.path(str(out_dir)), "mlflow_run_id": run_id})
+        "fingerprint": fingerprint, "path": dg.MetadataValue.path(str(out_dir)), "mlflow_run_id": run_id,
+        "training": training_settings.fingerprint(), "numerics": base_model.numerics()})

@@ -19,6 +19,7 @@ from grouplora.ml.estimation import FeatureSet
 from grouplora.ml.model import model_fingerprint
 from grouplora.ml.plots import bar_chart
 from grouplora.ml.selection import Selection, mean_hidden_state, select_auxiliaries
+from grouplora.orchestration.devices import GPU_OP_TAGS, GPU_POOL
 from grouplora.orchestration.partitions import dataset_partitions
 from grouplora.orchestration.resources import BaseModelResource, MlflowResource, WarehouseResource
 from grouplora.orchestration.settings import SelectionSettings
@@ -74,6 +75,8 @@ def selection_chart(selection: Selection, path: Path) -> Path:
     description="Auxiliary datasets for one target (the partition key), estimated from meta_gradient_features: "
                 "random-ensemble score per auxiliary, forward stepwise selection, and the none / all / gradient "
                 "cosine / hidden-state cosine baselines; scores table (DuckDB view target_selection) and bar chart.",
+    op_tags=GPU_OP_TAGS,  # loads the model
+    pool=GPU_POOL,
 )
 def target_selection(context: dg.AssetExecutionContext, store: ArtifactStore, warehouse: WarehouseResource,
                      base_model: BaseModelResource, selection_settings: SelectionSettings,

@@ -9,6 +9,7 @@ import pandas as pd
 
 from grouplora.ml.model import label_token_ids, model_fingerprint
 from grouplora.ml.scoring import predict_logprobs
+from grouplora.orchestration.devices import GPU_OP_TAGS, GPU_POOL
 from grouplora.orchestration.partitions import dataset_partitions
 from grouplora.orchestration.resources import BaseModelResource, WarehouseResource
 from grouplora.orchestration.store import ZERO_SHOT, ArtifactStore
@@ -21,6 +22,8 @@ from grouplora.orchestration.store import ZERO_SHOT, ArtifactStore
     kinds={"pytorch", "parquet"},
     code_version="1",
     description="Zero-shot label log-probabilities of the base model for every example of one dataset.",
+    op_tags=GPU_OP_TAGS,  # loads the model
+    pool=GPU_POOL,
 )
 def zero_shot_scores(context: dg.AssetExecutionContext, store: ArtifactStore, warehouse: WarehouseResource,
                      base_model: BaseModelResource) -> dg.MaterializeResult:
@@ -44,4 +47,4 @@ def zero_shot_scores(context: dg.AssetExecutionContext, store: ArtifactStore, wa
     return dg.MaterializeResult(metadata={
         "dagster/row_count": len(out), **{f"accuracy_{k}": float(v) for k, v in acc.items()},
         "chance": 1.0 / len(label_ids), "seconds": round(seconds, 2), "examples_per_s": round(len(df) / seconds, 2),
-        "model_fingerprint": model_fingerprint(model)})
+        "model_fingerprint": model_fingerprint(model), "dtype": base_model.dtype})

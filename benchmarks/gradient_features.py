@@ -7,6 +7,15 @@ flatten, copy to host, dense ±1/√d numpy projection), all in one process on t
 
 llama-1b / llama-8b are randomly initialised LlamaConfig models of those shapes (no weights needed: the
 timings are real even though the outputs are not). Writes benchmarks/results/gradient_features_<device>_<model>.json.
+
+--pipeline: the pipeline's own pass instead, on real prompts (--data, a data pack folder): `compute_features` as
+the gradient_features asset calls it (one call per dataset, train + validation, batched by a token budget, the
+zero-shot log-probs from the same pass) against the floor, a plain forward + backward of Σ f into the LoRA .grad
+over the same prompts in length-sorted batches of B examples, at the best B of a sweep; same process, same model.
+Writes features_examples_per_s and features_ratio_to_best_floor (= floor examples/s at its best B / features
+examples/s; ≤ 1.11 means ≥ 0.9x the floor) into benchmarks/results/pipeline_<device>.json (other keys kept):
+
+    python benchmarks/gradient_features.py --pipeline --device cuda --data /root/data
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from grouplora.ml.features import GradientHooks, batch_features
 from grouplora.ml.lora import add_lora, lora_weights
 from grouplora.ml.model import label_token_ids, load_base_model
 from grouplora.ml.projection import Projection
-from grouplora.ml.scoring import label_logits, log_odds
+from grouplora.ml.scoring import label_logits, log_odds, token_batches
 
 LLAMA_SHAPES = {  # Llama 3.2 1B and Llama 3.1 8B
     "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -121,7 +130,15 @@ def main() -> None:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: time by process_time, for CPUs shared with other jobs")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--pipeline", action="store_true", help="time the pipeline's compute_features on --data")
+    ap.add_argument("--data", type=Path, default=None, help="a data pack folder (pipeline mode)")
+    ap.add_argument("--budgets", default="", help="pipeline mode: token budgets to try (default by device)")
+    ap.add_argument("--floor-batches", default="", help="pipeline mode: floor batch sizes (default by device)")
+    ap.add_argument("--max-length", type=int, default=256, help="pipeline mode: BaseModelResource.max_length")
+    ap.add_argument("--max-examples", type=int, default=0, help="pipeline mode: cap examples per dataset (0: all)")
     args = ap.parse_args()
+    if args.pipeline:
+        return pipeline(args)
 
     dev = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if dev.startswith("cuda") else "float32"))
@@ -272,6 +289,109 @@ def main() -> None:
           f"check vs autograd {check:.1e} -> {path}")
     if "approx" in res:
         print(json.dumps(res["approx"], indent=2))
+
+
+def pipeline_prompts(folder: Path, max_examples: int = 0) -> list[tuple[str, list[str], list[int], list[str]]]:
+    """[(dataset, train + validation prompts, labels, label words)] of a data pack, as the dataset asset renders them."""
+    from grouplora.ml.data_format import classes_for, discover, load_dataset, load_suite_config
+    cfg = load_suite_config(folder / "datasets.yaml")
+    out = []
+    for name, path in sorted(discover(folder).items()):
+        c = cfg.for_dataset(name)
+        df = load_dataset(path, c)
+        df = df[df["split"].isin(["train", "validation"])]
+        if max_examples:
+            df = df.head(max_examples)
+        out.append((name, df["prompt"].tolist(), df["label_id"].tolist(), c.words_for(classes_for(df, c))))
+    return out
+
+
+def pipeline(args) -> None:
+    """compute_features as the gradient_features asset runs it vs the forward+backward floor at its best batch."""
+    from grouplora.ml.features import compute_features
+    if args.data is None:
+        raise SystemExit("--pipeline needs --data (a data pack folder: grouplora data build --preset full)")
+    dev = args.device
+    cuda = dev.startswith("cuda")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    budgets = [int(b) for b in (args.budgets or ("4096,8192,16384,32768,65536" if cuda else "512,1024,2048")).split(",")]
+    floor_bs = [int(b) for b in (args.floor_batches or ("16,32,64,128,256,512" if cuda else "8,16,32")).split(",")]
+    t0 = time.perf_counter()
+    model, tok = build_model(args.model, dtype, dev)
+    load_s = time.perf_counter() - t0
+    pm = add_lora(model, r=args.r, alpha=2 * args.r, target_modules=tuple(args.targets.split(",")))
+    proj = Projection.for_model(pm, d=args.d, seed=0)
+    sets = [(n, p, y, label_token_ids(tok, w)) for n, p, y, w in pipeline_prompts(args.data, args.max_examples)]
+    n_ex = sum(len(p) for _, p, _, _ in sets)
+    all_lora = [p for p in pm.parameters() if p.requires_grad]
+
+    def features(budget: int):
+        for _, prompts, labels, lab in sets:  # one call per dataset partition, as the asset makes them
+            compute_features(pm, tok, prompts, labels, lab, proj, batch_size=None, max_tokens=budget,
+                             max_length=args.max_length, return_logprobs=True)
+
+    # The floor's batches are tokenized and on the device before the clock starts: a floor kinder than our pass.
+    floor_data = {}
+    for b in floor_bs:
+        floor_data[b] = []
+        for _, prompts, labels, lab in sets:
+            y = torch.as_tensor(labels)
+            lab_t = torch.as_tensor(lab, device=dev)
+            for idx, enc in token_batches(tok, prompts, args.max_length, batch_size=b):
+                floor_data[b].append((enc["input_ids"].to(dev), enc["attention_mask"].to(dev), y[idx].to(dev), lab_t))
+
+    def floor(b: int):
+        for ids, mask, y, lab_t in floor_data[b]:
+            f = log_odds(label_logits(pm, ids, mask, lab_t), y)
+            f.sum().backward()
+            for p in all_lora:
+                p.grad = None
+
+    fns = {f"floor_b{b}": (lambda b=b: floor(b)) for b in floor_bs}
+    fns |= {f"features_t{t}": (lambda t=t: features(t)) for t in budgets}
+    with torch.enable_grad():
+        times = timed(fns, dev, args.warmup, args.repeats)
+    peaks = {}
+    if cuda:
+        for k, fn in fns.items():
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            peaks[k] = torch.cuda.max_memory_allocated()
+    col = 1 if args.clock == "cpu" else 0
+    eps = {k: n_ex / statistics.median(t[col] for t in v) for k, v in times.items()}
+    best_floor = max((k for k in eps if k.startswith("floor_")), key=eps.get)
+    best_feat = max((k for k in eps if k.startswith("features_")), key=eps.get)
+    lengths = [len(r) for _, p, _, _ in sets for r in tok(p)["input_ids"]]
+    res = {
+        "features_examples_per_s": round(eps[best_feat], 1),
+        "features_ratio_to_best_floor": round(eps[best_floor] / eps[best_feat], 4),
+        "features_max_tokens": int(best_feat.removeprefix("features_t")),
+        "floor_examples_per_s": round(eps[best_floor], 1), "floor_best_batch": int(best_floor.removeprefix("floor_b")),
+        "features_benchmark": {
+            "what": "compute_features(return_logprobs=True) per dataset on train+validation prompts, batched by a "
+                    "token budget, vs floor = forward + f.sum().backward() into LoRA .grad in length-sorted batches of "
+                    "B examples (pre-tokenized, on the device), best B; ratio = floor ex/s / features ex/s",
+            "model": args.model, "device": dev,
+            "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+            "dtype": str(dtype).removeprefix("torch."), "lora_param_dtype": str(all_lora[0].dtype).removeprefix("torch."),
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+            "peft": __import__("peft").__version__, "data": str(args.data), "datasets": len(sets),
+            "examples": n_ex, "tokens": sum(lengths), "mean_tokens": round(sum(lengths) / len(lengths), 1),
+            "max_length": args.max_length, "d": args.d, "lora_r": args.r, "model_load_s": round(load_s, 2),
+            "examples_per_s": {k: round(v, 1) for k, v in eps.items()},
+            "peak_memory_bytes": peaks, "clock": args.clock, "repeats": args.repeats, "warmup": args.warmup,
+            "wall_s": {k: [round(t[0], 4) for t in v] for k, v in times.items()},
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"pipeline_{dev.split(':')[0]}.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(old | res, indent=2) + "\n")
+    for k, v in eps.items():
+        print(f"{k:18s} {v:10.1f} examples/s" + (f"  peak {peaks[k] / 2**30:.2f} GiB" if k in peaks else ""))
+    print(f"features {res['features_examples_per_s']} ex/s at max_tokens {res['features_max_tokens']}; floor "
+          f"{res['floor_examples_per_s']} ex/s at batch {res['floor_best_batch']}; ratio "
+          f"{res['features_ratio_to_best_floor']} -> {path}")
 
 
 def approx_report(pm, tok, n: int, proj: Projection) -> dict:

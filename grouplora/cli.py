@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from grouplora.ml.datapack import preset_names
 from grouplora.errors import BadInput, Group
 
 
@@ -29,7 +30,7 @@ def data() -> None:
 
 
 @data.command("build")
-@click.option("--preset", type=click.Choice(["demo", "full"]), default="demo", show_default=True)
+@click.option("--preset", type=click.Choice(preset_names()), default="demo", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default data/<preset>).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def data_build(preset: str, out: Path | None, seed: int) -> None:
@@ -44,24 +45,86 @@ def data_build(preset: str, out: Path | None, seed: int) -> None:
 
 
 EXECUTOR = click.option(
-    "--executor", type=click.Choice(["in_process", "multiprocess"]), default="in_process", show_default=True,
+    "--executor", type=click.Choice(["in_process", "multiprocess", "ray"]), default="in_process", show_default=True,
     help="in_process: a run's steps share one process (loads the model once per run: best on a small CPU); "
-         "multiprocess: one process per step, as the daemon and a cluster run them.")
+         "multiprocess: one process per step, as the daemon and a cluster run them, at most one GPU step per GPU; "
+         "ray: each step a Ray job on the cluster at $RAY_ADDRESS (pip install 'grouplora[ray]').")
+DTYPES = ("float32", "bfloat16", "float16")  # BaseModelResource.dtype's choices (a test checks they agree)
+
+
+def _check_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from grouplora.orchestration.devices import check_device
+
+    try:
+        return None if value is None else check_device(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def project_options(command):
+    """--device, --dtype and --settings: the project's settings for this command's runs (project_settings)."""
+    command = click.option("--settings", "settings_file", default=None,
+                           type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                           help="Project settings (YAML): sections gradient, estimation, partition, training, "
+                                "ensemble, selection, model (default $GROUPLORA_SETTINGS).")(command)
+    command = click.option("--dtype", type=click.Choice(DTYPES), default=None,
+                           help="Base model precision (default: the settings file's model.dtype, else "
+                                "float32).")(command)
+    return click.option("--device", default=None, callback=_check_device,
+                        help="cpu, cuda or cuda:N (default: the settings file's model.device, else cuda when "
+                             "available; under Ray the GPU Ray assigns).")(command)
+
+
+def _use_settings(device: str | None, dtype: str | None, settings_file: Path | None, executor: str) -> None:
+    """Point every later step at these settings (environment variables the steps inherit and the runs read)
+    and check them now: a bad settings file is a usage error (exit 2) naming the file and the key. Then make
+    the executor ready: Ray's address and extra; multiprocess: the GPU pool's limit."""
+    from grouplora.ml.data_format import ConfigError
+    from grouplora.orchestration import settings
+
+    for env, value in ((settings.SETTINGS_ENV, settings_file and str(settings_file.resolve())),
+                       (settings.DEVICE_ENV, device), (settings.DTYPE_ENV, dtype)):
+        if value:
+            os.environ[env] = value
+    from grouplora.orchestration.resources import project_settings
+
+    try:
+        model = project_settings()["base_model"]
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint="'--settings'") from None
+    if executor == "ray":
+        from grouplora.orchestration.executors import ray_executor
+
+        if model.device == "auto":  # Ray gives every GPU step a GPU, also when this host has none
+            os.environ[settings.DEVICE_ENV] = "cuda"
+
+        try:
+            ray_executor()
+        except (ImportError, ValueError) as e:
+            raise click.UsageError(f"--executor ray: {e}") from None
+    from grouplora.orchestration.run import use_gpu_pool
+
+    use_gpu_pool(executor)
 
 
 @main.command("run")
 @click.option("--datasets", "datasets_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Folder of dataset files (default $GROUPLORA_DATASETS or data/demo).")
 @EXECUTOR
-def run_cmd(datasets_dir: Path | None, executor: str) -> None:
+@project_options
+def run_cmd(datasets_dir: Path | None, executor: str, device: str | None, dtype: str | None,
+            settings_file: Path | None) -> None:
     """Materialize every dataset's assets and the suite's assets through Dagster, then print the results."""
+    _use_settings(device, dtype, settings_file, executor)
     _run_pipeline(datasets_dir, executor)
 
 
 @main.command("demo")
 @EXECUTOR
-def demo_cmd(executor: str) -> None:
+@project_options
+def demo_cmd(executor: str, device: str | None, dtype: str | None, settings_file: Path | None) -> None:
     """Build the demo data pack, run the whole pipeline on it with SmolLM2-135M-Instruct, print the results."""
+    _use_settings(device, dtype, settings_file, executor)
     start = time.perf_counter()
     from grouplora.ml.datapack import build_datapack
 
@@ -77,9 +140,12 @@ def demo_cmd(executor: str) -> None:
 @click.option("--datasets", "datasets_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Folder of dataset files (default $GROUPLORA_DATASETS or data/demo).")
 @EXECUTOR
-def select_cmd(target: str, datasets_dir: Path | None, executor: str) -> None:
+@project_options
+def select_cmd(target: str, datasets_dir: Path | None, executor: str, device: str | None, dtype: str | None,
+               settings_file: Path | None) -> None:
     """Choose auxiliary datasets for TARGET from first-order estimates at a meta-initialization (no fine-tuning
     per candidate): materializes what is missing, then prints each method's choice and the scores table."""
+    _use_settings(device, dtype, settings_file, executor)
     from grouplora.ml.data_format import validate_name
     from grouplora.orchestration import home, run, settings
 
@@ -132,8 +198,12 @@ def _print_selection(store, target: str) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
 @click.option("--port", default=3000, show_default=True, help="Dagster webserver port.")
 @click.option("--mlflow-port", default=5000, show_default=True, help="MLflow UI port.")
-def ui_cmd(host: str, port: int, mlflow_port: int) -> None:
-    """Start the Dagster webserver + daemon (`dagster dev`) and the MLflow server over the project's state."""
+@project_options
+def ui_cmd(host: str, port: int, mlflow_port: int, device: str | None, dtype: str | None,
+           settings_file: Path | None) -> None:
+    """Start the Dagster webserver + daemon (`dagster dev`) and the MLflow server over the project's state
+    (the launchpad's settings: --settings, --device, --dtype)."""
+    _use_settings(device, dtype, settings_file, "multiprocess")  # the daemon's runs: one step per GPU at once
     from grouplora.orchestration import run, settings
 
     # the stores exist before the servers open them; the daemon's sensor keeps recovering after crashes from here on

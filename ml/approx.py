@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from grouplora.ml.lora import base_weight, is_fresh, lora_scaling, lora_weights
-from grouplora.ml.scoring import encode, label_logits, length_batches, log_odds, model_device, prompt_lengths
+from grouplora.ml.scoring import encode, label_logits, log_odds, model_device, token_batches
 
 SCALES = (0.001, 0.005, 0.01, 0.02)
 
@@ -47,8 +47,7 @@ def f_values(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     dev = model_device(model)
     lab = torch.as_tensor(label_ids, device=dev)
     f = np.zeros(len(prompts))
-    for idx in length_batches(prompt_lengths(tokenizer, prompts, max_length), batch_size):
-        enc = encode(tokenizer, [prompts[i] for i in idx], max_length)
+    for idx, enc in token_batches(tokenizer, prompts, max_length, batch_size=batch_size):
         z = label_logits(model, enc["input_ids"].to(dev), enc["attention_mask"].to(dev), lab)
         f[idx] = log_odds(z, torch.tensor([labels[i] for i in idx], device=dev)).double().cpu().numpy()
     return f

@@ -48,7 +48,7 @@ class DatasetError(ValueError):
 
 
 class ConfigError(DatasetError):
-    """A problem in the YAML of per-dataset settings."""
+    """A problem in a YAML settings file (datasets.yaml, the project settings file)."""
 
 
 class LimitError(DatasetError):
@@ -161,7 +161,7 @@ def load_suite_config(path: Path | None) -> SuiteConfig:
     checked here (a ConfigError naming the file and the setting), so for_dataset cannot fail later."""
     if path is None or not Path(path).exists():
         return SuiteConfig({}, {})
-    raw = _read_config(Path(path))
+    raw = read_yaml(Path(path), _ConfigLoader)
     if not isinstance(raw, dict) or set(raw) - {"defaults", "datasets"}:
         raise ConfigError(path, "expected a mapping with top-level keys 'defaults' and 'datasets' only")
     defaults, datasets = raw.get("defaults") or {}, raw.get("datasets") or {}
@@ -176,7 +176,8 @@ def load_suite_config(path: Path | None) -> SuiteConfig:
     return SuiteConfig(_check_block(path, "defaults", defaults), checked)
 
 
-def _read_config(path: Path) -> Any:
+def read_yaml(path: Path, loader: type[yaml.SafeLoader] = yaml.SafeLoader) -> Any:
+    """A small hand-written YAML file, safe-loaded; a ConfigError naming the file for any problem reading it."""
     try:
         if not path.is_file():
             raise ConfigError(path, "not a regular file")
@@ -190,7 +191,7 @@ def _read_config(path: Path) -> Any:
     except UnicodeDecodeError as e:
         raise ConfigError(path, f"undecodable bytes (not UTF-8) at byte {e.start}") from None
     try:
-        return yaml.load(text, Loader=_ConfigLoader)
+        return yaml.load(text, Loader=loader)
     except yaml.YAMLError as e:
         raise ConfigError(path, f"not valid YAML: {e}") from None
     except RecursionError:

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from grouplora.ml.lora import lora_modules
 from grouplora.ml.projection import Projection
-from grouplora.ml.scoring import encode, label_logits, length_batches, log_odds, model_device, prompt_lengths
+from grouplora.ml.scoring import label_logits, log_odds, model_device, token_batches
 
 
 class GradientHooks:
@@ -80,20 +80,27 @@ def gradient_hooks(model: torch.nn.Module, projection: Projection) -> Iterator[G
 
 def batch_features(model: torch.nn.Module, hooks: GradientHooks, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor, labels: torch.Tensor,
-                   label_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(f (b,), features (b, d)) of one batch: one forward, one backward of Σ_b f_b."""
+                   label_ids: torch.Tensor, *, return_logits: bool = False):
+    """(f (b,), features (b, d)) of one batch: one forward, one backward of Σ_b f_b. return_logits: also the
+    (b, C) label logits of that same forward, detached (what scoring reads, at no extra cost)."""
     hooks.start(attention_mask)
-    f = log_odds(label_logits(model, input_ids, attention_mask, label_ids), labels)
+    z = label_logits(model, input_ids, attention_mask, label_ids)
+    f = log_odds(z, labels)
     # autograd.grad rather than .backward(): the same pass, but no .grad is left on the model
     torch.autograd.grad(f.sum(), hooks.params, allow_unused=True)
     feats, hooks.mask, hooks.feats = hooks.feats, None, None
-    return f.detach(), feats
+    return (f.detach(), feats, z.detach()) if return_logits else (f.detach(), feats)
 
 
 def compute_features(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                     labels: list[int], label_ids: list[int], projection: Projection, *, batch_size: int = 8,
-                     max_length: int = 256, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(f0 (N,), features (N, d) float32) in the prompts' order; f0 = log-odds of the gold label at θ0."""
+                     labels: list[int], label_ids: list[int], projection: Projection, *,
+                     batch_size: int | None = 8, max_tokens: int | None = None, max_length: int = 256,
+                     return_logprobs: bool = False, progress: bool = False):
+    """(f0 (N,), features (N, d) float32) in the prompts' order; f0 = log-odds of the gold label at θ0.
+
+    return_logprobs: (f0, features, logprobs (N, C) float32), the label log-softmax of the same forward: at a
+    fresh LoRA (B = 0) θ0 is the base model, so these ARE the zero-shot scores (predict_logprobs on the base),
+    with no second pass. Batches: length_batches (batch_size examples and/or max_tokens padded tokens)."""
     if len(prompts) != len(labels):
         raise ValueError(f"{len(prompts)} prompts but {len(labels)} labels")
     dev = model_device(model)
@@ -101,7 +108,8 @@ def compute_features(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     y_all = torch.as_tensor(labels, dtype=torch.long)
     f0 = np.zeros(len(prompts), dtype=np.float32)
     feats = np.zeros((len(prompts), projection.d), dtype=np.float32)
-    batches = length_batches(prompt_lengths(tokenizer, prompts, max_length), batch_size)
+    logprobs = np.zeros((len(prompts), len(lab)), dtype=np.float32)
+    batches = token_batches(tokenizer, prompts, max_length, batch_size=batch_size, max_tokens=max_tokens)
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc="gradient features", unit="batch")
@@ -109,12 +117,12 @@ def compute_features(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     model.eval()  # no dropout: f must be the deterministic function being linearised
     try:
         with torch.enable_grad(), gradient_hooks(model, projection) as hooks:
-            for idx in batches:
-                enc = encode(tokenizer, [prompts[i] for i in idx], max_length)
-                f, phi = batch_features(model, hooks, enc["input_ids"].to(dev), enc["attention_mask"].to(dev),
-                                        y_all[idx].to(dev), lab)
+            for idx, enc in batches:
+                f, phi, z = batch_features(model, hooks, enc["input_ids"].to(dev), enc["attention_mask"].to(dev),
+                                           y_all[idx].to(dev), lab, return_logits=True)
                 f0[idx] = f.float().cpu().numpy()
                 feats[idx] = phi.cpu().numpy()
+                logprobs[idx] = torch.log_softmax(z.float(), dim=-1).cpu().numpy()
     finally:
         model.train(was_training)
-    return f0, feats
+    return (f0, feats, logprobs) if return_logprobs else (f0, feats)

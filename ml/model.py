@@ -60,12 +60,25 @@ def load_base_model(
     if name_or_path == "tiny":
         model, tok = _tiny(dtype, device, load_in_4bit, cache)
     else:
-        folder = smollm2_folder(cache) if name_or_path == SMOLLM2 else Path(name_or_path)
-        if not (folder / "config.json").exists():
-            raise FileNotFoundError(f"{name_or_path!r} is neither {SMOLLM2!r}, 'tiny' nor a HF model folder")
+        folder = _model_folder(name_or_path, cache)
         tok = AutoTokenizer.from_pretrained(folder)
         model = _from_folder(folder, dtype, device, load_in_4bit)
     return model.eval(), _prepare_tokenizer(tok)
+
+
+def load_tokenizer(name_or_path: str = SMOLLM2, *, cache_dir: Path | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of load_base_model(name_or_path), without loading the weights (for CPU-only steps)."""
+    if name_or_path == "tiny":
+        return _prepare_tokenizer(_tiny_tokenizer())
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return _prepare_tokenizer(AutoTokenizer.from_pretrained(_model_folder(name_or_path, cache)))
+
+
+def _model_folder(name_or_path: str, cache: Path) -> Path:
+    folder = smollm2_folder(cache) if name_or_path == SMOLLM2 else Path(name_or_path)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{name_or_path!r} is neither {SMOLLM2!r}, 'tiny' nor a HF model folder")
+    return folder
 
 
 def _from_folder(folder: Path, dtype: torch.dtype, device: str, load_in_4bit: bool) -> PreTrainedModel:

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from .estimation import FeatureSet, score, solve_subsets
-from .scoring import answer_hidden, encode, length_batches, model_device, prompt_lengths
+from .scoring import answer_hidden, model_device, token_batches
 from .subsets import Subset, make_subsets
 
 METHODS = ("none", "all", "random_ensemble", "forward_selection", "gradient_cosine", "hidden_cosine")
@@ -136,8 +136,7 @@ def mean_hidden_state(model: torch.nn.Module, tokenizer, prompts: list[str], *, 
         raise ValueError("mean_hidden_state needs at least one prompt")
     dev = model_device(model)
     total = None
-    for idx in length_batches(prompt_lengths(tokenizer, prompts, max_length), batch_size):
-        enc = encode(tokenizer, [prompts[i] for i in idx], max_length)
+    for _, enc in token_batches(tokenizer, prompts, max_length, batch_size=batch_size):
         h = answer_hidden(model, enc["input_ids"].to(dev), enc["attention_mask"].to(dev)).double().sum(0)
         total = h if total is None else total + h
     return (total / len(prompts)).cpu().numpy()

@@ -22,19 +22,26 @@ from grouplora.orchestration.resources import make_resources
 from grouplora.orchestration.logs import console_logger
 from grouplora.orchestration.sensors import dataset_files_sensor, nightly_recheck, stale_runs_sensor
 
-defs = dg.Definitions(
-    # Automation conditions (orchestration/automation.py) make re-materialization incremental.
-    assets=with_automation([dataset, zero_shot_scores, gradient_features, approximation_error, subset_estimates,
-                            *build_sql_assets(), task_partition, adapter, ensemble, registered_ensemble, champion,
-                            meta_init_adapter, meta_gradient_features, target_selection]),
-    asset_checks=[dataset_schema, dataset_class_balance, approximation_error_within_threshold, champion_gate],
-    jobs=[dataset_job, suite_job, report_job, adapter_job, ensemble_job, selection_job],
-    sensors=[dataset_files_sensor, automation_sensor, stale_runs_sensor],
-    schedules=[nightly_recheck],
-    # Locations resolve from GROUPLORA_* when a run uses them, not here: loading defs binds no project.
-    resources=make_resources(),
-    # Multiprocess by default (each step in its own process, as on a cluster); a run may ask for in_process.
-    executor=dg.multi_or_in_process_executor,
-    # Dagster's console logger; `grouplora run` asks it for one line per record (orchestration/logs.py).
-    loggers={"console": console_logger},
-)
+
+def build_definitions(executor: dg.ExecutorDefinition = dg.multi_or_in_process_executor) -> dg.Definitions:
+    """The project's Definitions with `executor` (multiprocess by default, each step in its own process as on a
+    cluster; a run may ask for in_process; orchestration.run.ray_job passes the Ray executor)."""
+    return dg.Definitions(
+        # Automation conditions (orchestration/automation.py) make re-materialization incremental.
+        assets=with_automation([dataset, zero_shot_scores, gradient_features, approximation_error, subset_estimates,
+                                *build_sql_assets(), task_partition, adapter, ensemble, registered_ensemble, champion,
+                                meta_init_adapter, meta_gradient_features, target_selection]),
+        asset_checks=[dataset_schema, dataset_class_balance, approximation_error_within_threshold, champion_gate],
+        jobs=[dataset_job, suite_job, report_job, adapter_job, ensemble_job, selection_job],
+        sensors=[dataset_files_sensor, automation_sensor, stale_runs_sensor],
+        schedules=[nightly_recheck],
+        # Locations resolve from GROUPLORA_* when a run uses them, not here: loading defs binds no project. The
+        # settings are the project's settings file's ($GROUPLORA_SETTINGS) as of now: the launchpad's defaults.
+        resources=make_resources(),
+        executor=executor,
+        # Dagster's console logger; `grouplora run` asks it for one line per record (orchestration/logs.py).
+        loggers={"console": console_logger},
+    )
+
+
+defs = build_definitions()

@@ -7,6 +7,8 @@ orchestration/automation.py; the CLI runs jobs one after another in its own proc
 this module, so a rerun skips what is current. It imports no other grouplora module of the orchestration layer.
 """
 
+from typing import Any
+
 import dagster as dg
 
 from grouplora.orchestration.partitions import dataset_partitions
@@ -33,6 +35,17 @@ def newer(record: dg.EventLogRecord | None, *than: dg.EventLogRecord | None) -> 
     return record is not None and all(t is None or record.storage_id > t.storage_id for t in than)
 
 
+def holds(record: dg.EventLogRecord | None, expected: dict[str, Any] | None) -> bool:
+    """The materialization recorded every expected metadata value (e.g. the settings it ran with); a value it
+    did not record never matches, so what ran before a setting was recorded runs again."""
+    if not expected:
+        return True
+    if record is None or record.asset_materialization is None:
+        return False
+    metadata = record.asset_materialization.metadata
+    return all(k in metadata and metadata[k].value == v for k, v in expected.items())
+
+
 def dataset_is_stale(instance: dg.DagsterInstance, name: str, version: str) -> bool:
     """True unless the `dataset` partition's last materialization holds exactly this file version."""
     return materialized_version(instance, "dataset", name) != version
@@ -44,29 +57,36 @@ def stale_datasets(instance: dg.DagsterInstance, current: dict[str, str]) -> lis
     return [n for n in sorted(registered & set(current)) if dataset_is_stale(instance, n, current[n])]
 
 
-def partition_is_current(instance: dg.DagsterInstance, partition: str, version: str, assets: list[str]) -> bool:
-    """True when the dataset partition holds `version` and every later per-dataset asset was built after it."""
+def partition_is_current(instance: dg.DagsterInstance, partition: str, version: str, assets: list[str],
+                         expected: dict[str, dict[str, Any]] | None = None) -> bool:
+    """True when the dataset partition holds `version` and every later per-dataset asset was built after it,
+    recording the `expected` metadata ({asset: {key: value}}: the settings it must have run with)."""
     if dataset_is_stale(instance, partition, version):
         return False
-    first = latest_materialization(instance, assets[0], partition)
-    return all(newer(latest_materialization(instance, a, partition), first) for a in assets[1:])
+    records = {a: latest_materialization(instance, a, partition) for a in assets}
+    return all(newer(records[a], records[assets[0]]) and holds(records[a], (expected or {}).get(a))
+               for a in assets[1:])
 
 
-def meta_init_is_current(instance: dg.DagsterInstance, names: list[str]) -> bool:
-    """The meta-init adapter exists, was trained on (at least) `names` and after each one's latest dataset."""
+def meta_init_is_current(instance: dg.DagsterInstance, names: list[str],
+                         expected: dict[str, Any] | None = None) -> bool:
+    """The meta-init adapter exists, was trained on (at least) `names` and after each one's latest dataset (and
+    recorded the `expected` metadata)."""
     record = latest_materialization(instance, "meta_init_adapter", None)
-    if record is None or record.asset_materialization is None:
+    if record is None or record.asset_materialization is None or not holds(record, expected):
         return False
     trained_on = record.asset_materialization.metadata.get("datasets")
     return (trained_on is not None and set(names) <= set(trained_on.value)
             and newer(record, *(latest_materialization(instance, "dataset", n) for n in names)))
 
 
-def meta_features_are_current(instance: dg.DagsterInstance, name: str) -> bool:
-    """A dataset's meta_gradient_features were taken after both the meta-init adapter and the dataset."""
-    return newer(latest_materialization(instance, "meta_gradient_features", name),
-                 latest_materialization(instance, "meta_init_adapter", None),
-                 latest_materialization(instance, "dataset", name))
+def meta_features_are_current(instance: dg.DagsterInstance, name: str,
+                              expected: dict[str, Any] | None = None) -> bool:
+    """A dataset's meta_gradient_features were taken after both the meta-init adapter and the dataset (and
+    recorded the `expected` metadata)."""
+    record = latest_materialization(instance, "meta_gradient_features", name)
+    return newer(record, latest_materialization(instance, "meta_init_adapter", None),
+                 latest_materialization(instance, "dataset", name)) and holds(record, expected)
 
 
 def job_succeeded_after(instance: dg.DagsterInstance, job_name: str,

@@ -1,6 +1,7 @@
 """MLflow model registry for the served ensemble: log a version, promote it by alias, load it to predict.
 
-A registered version is an MLflow pyfunc (`EnsembleModel`) whose single artifact is a folder with
+A registered version is an MLflow models-from-code pyfunc: its code is `serving_model.py` (which sets an
+`EnsembleModel`; nothing is pickled) and its single artifact is a folder with
 `ensemble.json` and one sub-folder per adapter (adapter_config.json + adapter_model.safetensors, nothing
 else: training checkpoints stay behind). The base model is NOT in the artifact: the JSON names it (e.g.
 "smollm2-135m-instruct", loaded from the local model cache by `grouplora.ml.model.load_base_model`), and
@@ -23,6 +24,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,7 @@ import pandas as pd  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.models import ModelSignature  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from mlflow.types import ColSpec, Schema  # noqa: E402
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema  # noqa: E402
 
 from grouplora.ml.ensemble import Ensemble  # noqa: E402
 
@@ -46,11 +48,14 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 EXPERIMENT = "grouplora"
 DEFAULT_NAME = "grouplora-ensemble"
+MODEL_CODE = Path(__file__).with_name("serving_model.py")  # what log_ensemble logs as the model
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "dataset"), ColSpec("string", "text"),
                    ColSpec("string", "text_pair", required=False)]),
     outputs=Schema([ColSpec("string", "dataset"), ColSpec("string", "label"), ColSpec("double", "probability")]),
+    # merged: the merged adapter (one adapter's cost, an approximation) instead of the exact ensemble
+    params=ParamSchema([ParamSpec("batch_size", "long", 16), ParamSpec("merged", "boolean", False)]),
 )
 
 
@@ -115,9 +120,10 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 
     Input: a DataFrame with columns `dataset`, `text` and optionally `text_pair`. Output: a DataFrame with
     `dataset`, `label` (the predicted label value, see `class_names`) and `probability` (of that label),
-    row for row. The artifact holds the ensemble JSON and its adapters only; load_context loads the base
-    model named in the JSON (by name, e.g. "smollm2-135m-instruct" from the local model cache, or "tiny"):
-    it is not copied into the registry.
+    row for row. Params: batch_size (prompts per forward), merged (serve each dataset's merged adapter).
+    The artifact holds the ensemble JSON and its adapters only; load_context loads the base model named in
+    the JSON (by name, e.g. "smollm2-135m-instruct" from the local model cache, or "tiny"): it is not copied
+    into the registry. Logged as code (serving_model.py), never pickled.
     """
 
     def load_context(self, context: Any) -> None:
@@ -125,15 +131,23 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 
         self.ensemble = Ensemble.load(Path(context.artifacts[ARTIFACT_KEY]) / ENSEMBLE_JSON)
         self.model, self.tokenizer = load_base_model(self.ensemble.base_model)
+        # MLflow's server runs requests in threads; the adapters loaded on the one base (active adapter,
+        # mixed-batch hooks, merged adapters) are shared state: one prediction at a time.
+        self.lock = threading.Lock()
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return predict_frame(self.ensemble, self.model, self.tokenizer, model_input,
-                             batch_size=int((params or {}).get("batch_size", 16)))
+        params = params or {}
+        with self.lock:
+            return predict_frame(self.ensemble, self.model, self.tokenizer, model_input,
+                                 batch_size=int(params.get("batch_size", 16)),
+                                 merged=bool(params.get("merged", False)))
 
 
 def predict_frame(ensemble: Ensemble, model: Any, tokenizer: Any, frame: pd.DataFrame, *,
-                  batch_size: int = 16) -> pd.DataFrame:
-    """EnsembleModel.predict without MLflow: one (dataset, label, probability) row per input row, in order."""
+                  batch_size: int = 16, merged: bool = False) -> pd.DataFrame:
+    """EnsembleModel.predict without MLflow: one (dataset, label, probability) row per input row, in order.
+    Each dataset's rows go through all its adapters in one pass (ml.ensemble.predict), or with merged=True
+    through its merged adapter."""
     from grouplora.ml.ensemble import predict
     from grouplora.ml.prompts import render
 
@@ -155,7 +169,7 @@ def predict_frame(ensemble: Ensemble, model: Any, tokenizer: Any, frame: pd.Data
         idx = list(rows)
         prompts = [render(spec.template, str(frame.at[i, "text"]), _pair(pairs.iloc[i])) for i in idx]
         classes = class_names(ensemble, dataset)
-        pred, probs = predict(ensemble, model, tokenizer, dataset, prompts, batch_size=batch_size)
+        pred, probs = predict(ensemble, model, tokenizer, dataset, prompts, batch_size=batch_size, merged=merged)
         for j, i in enumerate(idx):
             labels[i] = classes[int(pred[j])]
             probability[i] = float(probs[j, int(pred[j])])
@@ -236,7 +250,7 @@ def log_ensemble(ensemble_path: Path, *, registered_name: str, tracking_uri: str
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
             mlflow.log_params({"base_model": ens.base_model, "base_fingerprint": ens.base_fingerprint or "-",
                                "adapters": len(ens.adapters), "datasets": len(ens.datasets)})
-            info = mlflow.pyfunc.log_model(name="model", python_model=EnsembleModel(),
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE),
                                            artifacts={ARTIFACT_KEY: str(folder)}, signature=SIGNATURE,
                                            pip_requirements=_pip_requirements(),
                                            registered_model_name=registered_name)

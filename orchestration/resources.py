@@ -8,20 +8,24 @@ Definitions once can run projects with other GROUPLORA_* settings (tests do).
 
 
 import copy
+import os
 import random
 import time
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import dagster as dg
 import duckdb
 import pandas as pd
+import pydantic
 
-from grouplora.ml.data_format import DatasetError, SuiteConfig, load_suite_config, scan, validate_name
+from grouplora.ml.data_format import (ConfigError, DatasetError, SuiteConfig, discover, load_suite_config, scan,
+                                        validate_name)
 from grouplora.ml.hashing import sha256_file
 from grouplora.orchestration import settings
+from grouplora.orchestration.devices import check_device, resolve_device
 from grouplora.orchestration.settings import GradientSettings, TrainingSettings
 from grouplora.orchestration.store import ArtifactStore
 from grouplora.orchestration.globs import literal_folder_glob
@@ -112,19 +116,40 @@ class BaseModelResource(dg.ConfigurableResource):
     """The base language model: SmolLM2-135M-Instruct from its registry wheel, a local HF folder, or 'tiny'."""
 
     name: str = ""  # "" = $GROUPLORA_BASE_MODEL or smollm2-135m-instruct
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto: the GPU this step was given (Ray, or the host's first), else the CPU; or cpu, cuda, cuda:N
+    device: str = "auto"
     load_in_4bit: bool = False
     max_length: int = 256
     batch_size: int = 16
 
+    @pydantic.field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        return check_device(value)
+
     def model_name(self) -> str:
         return self.name or settings.base_model_name()
+
+    def torch_device(self) -> str:
+        """The device this step's model goes on (resolved here: under Ray, the GPU Ray assigned this step)."""
+        return resolve_device(self.device)
+
+    def numerics(self) -> str:
+        """What of the model's placement changes a trained adapter: the dtype and the device type (cpu or cuda;
+        which GPU, and how many, do not: every step trains on one device). A step that loads no model may ask
+        (task_partition keys adapters by it): 'auto' then needs this host's view to be the GPU steps' (one host;
+        the CLI makes it 'cuda' under Ray)."""
+        return f"{self.dtype}-{self.torch_device().partition(':')[0]}"
 
     def load(self, load_in_4bit: bool | None = None) -> tuple[Any, Any]:
         """(model, tokenizer), loaded once per process; load_in_4bit overrides the setting (QLoRA training)."""
         four_bit = self.load_in_4bit if load_in_4bit is None else load_in_4bit
-        return _load_model(self.model_name(), self.dtype, self.device, four_bit)
+        return _load_model(self.model_name(), self.dtype, self.torch_device(), four_bit)
+
+    def tokenizer(self) -> Any:
+        """The tokenizer alone (a CPU step needs no weights)."""
+        return _load_tokenizer(self.model_name())
 
     def with_lora(self, gradient_settings: GradientSettings, init_adapter: str | None = None) -> tuple[Any, Any]:
         """θ0: a private copy of the base model with fresh LoRA (B = 0) or a saved adapter: `init_adapter` when
@@ -142,7 +167,7 @@ class BaseModelResource(dg.ConfigurableResource):
     def first_token(self, word: str) -> int:
         from grouplora.ml.model import label_token_ids
 
-        return label_token_ids(self.load()[1], [word])[0]
+        return label_token_ids(self.tokenizer(), [word])[0]
 
 
 @lru_cache(maxsize=2)
@@ -153,6 +178,13 @@ def _load_model(name: str, dtype: str, device: str, load_in_4bit: bool) -> tuple
     from grouplora.ml.model import load_base_model
 
     return load_base_model(name, dtype=getattr(torch, dtype), device=device, load_in_4bit=load_in_4bit)
+
+
+@lru_cache(maxsize=2)
+def _load_tokenizer(name: str) -> Any:
+    from grouplora.ml.model import load_tokenizer
+
+    return load_tokenizer(name)
 
 
 class MlflowResource(dg.ConfigurableResource):
@@ -200,9 +232,35 @@ class MlflowResource(dg.ConfigurableResource):
         return result, run.info.run_id
 
 
+# A project settings file holds the settings models' sections and the base model's (orchestration/settings.py).
+SETTINGS_SECTIONS = {**settings.SETTINGS_SECTIONS, "model": ("base_model", BaseModelResource)}
+
+
+def project_settings() -> dict[str, dg.ConfigurableResource]:
+    """{resource key: resource} of every settings section: its defaults, then what the file $GROUPLORA_SETTINGS
+    sets, then $GROUPLORA_DEVICE / $GROUPLORA_DTYPE over the model section (`--device` / `--dtype`). Read and
+    checked when called; a ConfigError names the file (or variable) and the key."""
+    path = settings.settings_file()
+    values = settings.read_settings_file(path, SETTINGS_SECTIONS) if path else {}
+    model = values.setdefault("base_model", {})
+    for env, field in ((settings.DEVICE_ENV, "device"), (settings.DTYPE_ENV, "dtype")):
+        if os.environ.get(env):
+            model[field] = os.environ[env]
+    where = path or f"${settings.DEVICE_ENV} / ${settings.DTYPE_ENV}"
+    return {key: settings.checked(cls, values.get(key, {}), f"{section}.", lambda problem: ConfigError(where, problem))
+            for section, (key, cls) in SETTINGS_SECTIONS.items()}
+
+
+def settings_run_config() -> dict[str, Any]:
+    """The `resources` run config that sets every settings resource to project_settings(), every field: a run
+    carries its settings itself (shown with the run in the UI), whatever Definitions its process cached."""
+    return {key: {"config": {f: getattr(r, f) for f in type(r).model_fields}}
+            for key, r in project_settings().items()}
+
+
 def make_resources() -> dict[str, dg.ConfigurableResource]:
     """Every resource under its key. Locations resolve from the environment when used, so the same objects
-    serve whatever GROUPLORA_HOME / GROUPLORA_DATASETS / GROUPLORA_BASE_MODEL a run sees."""
+    serve whatever GROUPLORA_HOME / GROUPLORA_DATASETS / GROUPLORA_BASE_MODEL a run sees. The settings are the
+    project's (project_settings: the UI's launchpad shows them) when the Definitions load."""
     return {"sources": DatasetSourceResource(), "store": ArtifactStore(), "warehouse": WarehouseResource(),
-            "base_model": BaseModelResource(), "mlflow_tracking": MlflowResource(),
-            **settings.settings_resources()}
+            "mlflow_tracking": MlflowResource(), **project_settings()}

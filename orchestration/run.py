@@ -19,7 +19,7 @@ from grouplora.orchestration.jobs import PER_DATASET_ASSETS
 from grouplora.orchestration.partitions import dataset_partitions
 from grouplora.orchestration.recovery import owner_tags
 
-Executor = Literal["multiprocess", "in_process"]
+Executor = Literal["multiprocess", "in_process", "ray"]
 
 DAGSTER_YAML = """\
 # Project-local Dagster instance (written by grouplora). Runs, events and schedules live in this folder.
@@ -64,6 +64,24 @@ def _job(name: str) -> dg.JobDefinition:
     from grouplora.orchestration.definitions import defs
 
     return defs.resolve_job_def(name)
+
+
+def ray_job(name: str, address: str | None = None) -> dg.JobDefinition:
+    """Job `name` of the Definitions with the Ray executor at `address` (reconstructed in every step's process)."""
+    from grouplora.orchestration.definitions import build_definitions
+    from grouplora.orchestration.executors import ray_executor
+
+    return build_definitions(ray_executor(address)).resolve_job_def(name)
+
+
+def use_gpu_pool(executor: Executor) -> None:
+    """Multiprocess on one host: at most one GPU step per GPU at once (one slot on a CPU-only host)."""
+    if executor == "multiprocess":
+        import torch
+
+        from grouplora.orchestration.executors import set_gpu_pool_limit
+
+        set_gpu_pool_limit(get_instance(), max(1, torch.cuda.device_count()))
 
 
 def dataset_job() -> dg.JobDefinition:
@@ -138,11 +156,21 @@ def run_job(instance: dg.DagsterInstance, job_fn: Callable[[], dg.JobDefinition]
     with each failing step's own error if it fails.
 
     "multiprocess" runs every step in its own process (what the daemon and a cluster do); "in_process" runs
-    the steps of this run in one process, which on a small CPU saves loading torch and the model per step."""
+    the steps of this run in one process, which on a small CPU saves loading torch and the model per step;
+    "ray" submits every step as a Ray job ($RAY_ADDRESS; orchestration/executors.py). The run carries the
+    project's settings in its run config (resources.settings_run_config)."""
+    from grouplora.orchestration.resources import settings_run_config
+
     console = {"log_level": os.environ.get("GROUPLORA_LOG_LEVEL", "INFO"), "tracebacks": settings.debug()}
-    run_config = {"loggers": {"console": {"config": console}}, "execution": {"config": {executor: {}}}}
+    run_config = {"loggers": {"console": {"config": console}}, "resources": settings_run_config()}
     tags = {**owner_tags(), **(tags or {})}
-    with dg.execute_job(dg.reconstructable(job_fn), instance=instance, tags=tags, run_config=run_config,
+    if executor == "ray":  # a job of its own, with the Ray executor: it takes no "execution" config
+        job = dg.build_reconstructable_job(__name__, ray_job.__name__, reconstructable_kwargs={
+            "name": job_fn().name, "address": os.environ.get("RAY_ADDRESS")})
+    else:
+        job = dg.reconstructable(job_fn)
+        run_config["execution"] = {"config": {executor: {}}}
+    with dg.execute_job(job, instance=instance, tags=tags, run_config=run_config,
                         asset_selection=asset_selection, raise_on_error=False) as result:
         if not result.success:
             raise StepFailures(result.run_id, result.job_def.name, _failures(result), tags.get("dagster/partition"))
@@ -157,9 +185,25 @@ def run_datasets(names: Iterable[str], versions: dict[str, str], *, executor: Ex
     instance = get_instance()
     names = sorted(names)
     register_datasets(instance, names)
+    expected = settings_metadata()
     return run_partitions(instance, dataset_job, names,
-                          lambda n: freshness.partition_is_current(instance, n, versions[n], PER_DATASET_ASSETS),
+                          lambda n: freshness.partition_is_current(instance, n, versions[n], PER_DATASET_ASSETS,
+                                                                   expected),
                           executor=executor, progress=progress)
+
+
+def settings_metadata() -> dict[str, dict]:
+    """{asset: {metadata key: value}} that a materialization must have recorded to be current under the project's
+    settings now: after a settings change the CLI re-runs what that setting changes."""
+    from grouplora.orchestration.resources import project_settings
+
+    s = project_settings()
+    gradient, dtype = s["gradient_settings"], s["base_model"].dtype
+    return {"zero_shot_scores": {"dtype": dtype},
+            "gradient_features": {"settings": gradient.fingerprint(), "dtype": dtype},
+            "meta_gradient_features": {"d": gradient.d, "seed": gradient.seed, "dtype": dtype},
+            "meta_init_adapter": {"training": s["training_settings"].fingerprint(),
+                                  "numerics": s["base_model"].numerics()}}
 
 
 def register_datasets(instance: dg.DagsterInstance, names: list[str]) -> None:
@@ -272,10 +316,11 @@ def run_selection(target: str, names: Iterable[str], versions: dict[str, str], *
     for n in names:
         step(f"dataset:{n}", dataset_job, n, "dataset", not freshness.dataset_is_stale(instance, n, versions[n]))
     # selection_job is partitioned by dataset; the unpartitioned adapter runs under the target's partition tag
+    expected = settings_metadata()
     step("meta_init_adapter", selection_job, target, "meta_init_adapter",
-         freshness.meta_init_is_current(instance, names))
+         freshness.meta_init_is_current(instance, names, expected["meta_init_adapter"]))
     for n in names:
         step(f"meta_gradient_features:{n}", selection_job, n, "meta_gradient_features",
-             freshness.meta_features_are_current(instance, n))
+             freshness.meta_features_are_current(instance, n, expected["meta_gradient_features"]))
     step(f"target_selection:{target}", selection_job, target, "target_selection", False)
     return ran

@@ -3,18 +3,21 @@ settings model per concern, each defined once and used by the assets, the CLI an
 
 Everything a step needs is under GROUPLORA_HOME (storage, DuckDB, MLflow, DAGSTER_HOME), so any process on any
 worker that sees that folder can run any step. Choices are `Literal`s and bounds are validated: a typo fails when
-the settings are built, instead of silently running another method.
+the settings are built, instead of silently running another method. A project settings file (YAML,
+$GROUPLORA_SETTINGS or `--settings`) sets any of them, one section per concern (read_settings_file;
+resources.project_settings adds the base model's section and --device / --dtype).
 """
 
 import hashlib
 import os
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import dagster as dg
 import pydantic
 
+from grouplora.ml.data_format import ConfigError, read_yaml
 from grouplora.ml.training import TrainConfig
 
 # ------------------------------------------------------------------------------------------ environment
@@ -31,6 +34,16 @@ def datasets_folder() -> Path:
 
 def base_model_name() -> str:
     return os.environ.get("GROUPLORA_BASE_MODEL", "smollm2-135m-instruct")
+
+
+SETTINGS_ENV = "GROUPLORA_SETTINGS"  # the project settings file (YAML); `--settings` sets it
+DEVICE_ENV = "GROUPLORA_DEVICE"  # the base model's device over the file's; `--device` sets it
+DTYPE_ENV = "GROUPLORA_DTYPE"  # the base model's dtype over the file's; `--dtype` sets it
+
+
+def settings_file() -> Path | None:
+    value = os.environ.get(SETTINGS_ENV)
+    return Path(value).resolve() if value else None
 
 
 def debug() -> bool:
@@ -201,3 +214,51 @@ def settings_resources() -> dict[str, dg.ConfigurableResource]:
     return {"gradient_settings": GradientSettings(), "estimation_settings": EstimationSettings(),
             "partition_settings": PartitionSettings(), "training_settings": TrainingSettings(),
             "ensemble_settings": EnsembleSettings(), "selection_settings": SelectionSettings()}
+
+
+# The sections of a project settings file: section -> (resource key, typed settings model).
+SETTINGS_SECTIONS: dict[str, tuple[str, type[dg.ConfigurableResource]]] = {
+    "gradient": ("gradient_settings", GradientSettings), "estimation": ("estimation_settings", EstimationSettings),
+    "partition": ("partition_settings", PartitionSettings), "training": ("training_settings", TrainingSettings),
+    "ensemble": ("ensemble_settings", EnsembleSettings), "selection": ("selection_settings", SelectionSettings)}
+
+
+def read_settings_file(path: Path, sections: dict[str, tuple[str, type[dg.ConfigurableResource]]],
+                       ) -> dict[str, dict[str, Any]]:
+    """{resource key: {setting: value}} of a project settings file (YAML, safe-loaded): one mapping per section,
+    each checked by its settings model; only the settings the file sets, as the model parsed them. Anything else
+    (unknown section or setting, wrong type, out of bounds) is a ConfigError naming the file and the key."""
+    raw = read_yaml(path)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path, f"expected a mapping of sections ({', '.join(sections)}), got a {type(raw).__name__}")
+    unknown = sorted(map(str, set(raw) - set(sections)))
+    if unknown:
+        raise ConfigError(path, f"unknown section(s) {unknown}; allowed: {sorted(sections)}")
+    out = {}
+    for section, block in raw.items():
+        key, model = sections[section]
+        if block is None:
+            continue
+        if not isinstance(block, dict):
+            raise ConfigError(path, f"{section} must be a mapping of setting to value, got {block!r}")
+        unknown = sorted(map(str, set(block) - set(model.model_fields)))
+        if unknown:
+            raise ConfigError(path, f"{section}: unknown setting(s) {unknown}; allowed: {sorted(model.model_fields)}")
+        parsed = checked(model, block, f"{section}.", lambda problem: ConfigError(path, problem))
+        out[key] = {k: getattr(parsed, k) for k in block}
+    return out
+
+
+def checked(model: type[dg.ConfigurableResource], values: dict[str, Any], where: str,
+            error: Callable[[str], Exception] = ValueError) -> dg.ConfigurableResource:
+    """model(**values), or error("<where><setting>: <problem>") for the first problem pydantic found."""
+    try:
+        return model(**values)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        got = f" (got {first['input']!r})" if loc and "input" in first else ""
+        raise error(f"{where}{loc}: {msg}{got}" if loc else f"{where.rstrip('.')}: {msg}") from None

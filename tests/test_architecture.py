@@ -2,7 +2,7 @@
 
 - `ml/` imports no Dagster and nothing of grouplora outside `ml/`;
 - an asset module imports only `ml/` and the asset-facing orchestration modules (the store, resources, settings,
-  partitions, the MLflow registry), never another asset module;
+  partitions, the MLflow registry, devices), never another asset module;
 - only `orchestration/definitions.py` imports asset modules;
 - no `.path(` / `storage.path(` call builds a stored artifact's path outside `orchestration/store.py`;
 - no import cycle among grouplora modules (imports inside functions count too).
@@ -17,7 +17,7 @@ FOLDERS = {"grouplora.ml": "ml", "grouplora.assets": "assets", "grouplora.orches
            "grouplora.dbt_like_sql": "dbt_like_sql", "grouplora": "grouplora"}
 ASSET_FACING = {"grouplora.orchestration.store", "grouplora.orchestration.resources",
                 "grouplora.orchestration.settings", "grouplora.orchestration.partitions",
-                "grouplora.orchestration.registry", "grouplora.orchestration.globs"}
+                "grouplora.orchestration.registry", "grouplora.orchestration.globs", "grouplora.orchestration.devices"}
 
 
 def modules() -> dict[str, Path]:

@@ -111,8 +111,9 @@ def test_dataset_and_zero_shot_materialize_directly(tmp_path, make_folder):
         assert con.execute("SELECT count(*) FROM zero_shot_scores").fetchone()[0] == 24
 
 
-def test_task_partition_groups_an_in_memory_affinity_directly(tmp_path, make_folder):
-    """Two clear clusters in a hand-made subset_affinity table: {facts, parity} and {reviews} apart."""
+def _partition_of_an_in_memory_affinity(tmp_path, make_folder, base_model: BaseModelResource) -> tuple[dict, set, dict]:
+    """task_partition on a hand-made subset_affinity table with two clear clusters: {facts, parity} and {reviews}.
+    Returns (the partition spec, the adapter partitions registered, the asset's metadata)."""
     from grouplora.assets.partition import task_partition
 
     folder = make_folder(tmp_path / "datasets")
@@ -124,16 +125,39 @@ def test_task_partition_groups_an_in_memory_affinity_directly(tmp_path, make_fol
                            "affinity_accuracy": 0.5} for t in names for s in names])
     with duckdb.connect(str(tmp_path / "warehouse.duckdb")) as con:
         con.register("affinity", affinity)
-        con.execute("CREATE TABLE subset_affinity AS SELECT * FROM affinity")
+        con.execute("CREATE OR REPLACE TABLE subset_affinity AS SELECT * FROM affinity")
     with dg.instance_for_test() as instance:
         context = dg.build_asset_context(instance=instance)
         result = task_partition(context, store=resources["store"], warehouse=resources["warehouse"],
                                 sources=resources["sources"], partition_settings=PartitionSettings(m=2, normalize="none"),
-                                training_settings=TrainingSettings())
+                                training_settings=TrainingSettings(), base_model=base_model)
         registered = set(instance.get_dynamic_partitions(adapter_partitions.name))
-    spec = resources["store"].partition()
+    return resources["store"].partition(), registered, result.metadata
+
+
+def test_task_partition_groups_an_in_memory_affinity_directly(tmp_path, make_folder):
+    spec, registered, metadata = _partition_of_an_in_memory_affinity(tmp_path, make_folder,
+                                                                     BaseModelResource(name="tiny", device="cpu"))
     assert sorted(sorted(g["members"]) for g in spec["groups"]) == [["facts", "parity"], ["reviews"]]
     keys = {g["key"] for g in spec["groups"]} | {spec["baseline"]["key"]}
-    assert registered == keys and set(result.metadata["new_adapter_keys"]) == keys
+    assert registered == keys and set(metadata["new_adapter_keys"]) == keys
+    store = ArtifactStore(root=str(tmp_path / "storage"))
     for key in keys:
-        assert resources["store"].adapter_spec(key)["training"] == TrainingSettings().fingerprint()
+        assert store.adapter_spec(key)["training"] == TrainingSettings().fingerprint()
+        assert store.adapter_spec(key)["numerics"] == "float32-cpu"
+
+
+def test_adapter_keys_change_with_the_dtype_and_the_device_type_only(tmp_path, make_folder):
+    """An adapter trained in bf16 (or on a GPU) is another result: another key, so it is trained, not reused.
+    Which GPU does not change it."""
+    def keys(case: str, **model) -> list[str]:
+        spec, _, _ = _partition_of_an_in_memory_affinity(tmp_path / case, make_folder,
+                                                          BaseModelResource(name="tiny", **model))
+        return [g["key"] for g in spec["groups"]] + [spec["baseline"]["key"]]
+
+    fp32 = keys("a", dtype="float32", device="cpu")
+    assert keys("b", dtype="float32", device="cpu") == fp32  # stable
+    bf16 = keys("c", dtype="bfloat16", device="cpu")
+    cuda = keys("d", dtype="float32", device="cuda")
+    assert not set(bf16) & set(fp32) and not set(cuda) & set(fp32) and not set(cuda) & set(bf16)
+    assert keys("e", dtype="float32", device="cuda:1") == cuda

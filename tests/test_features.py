@@ -72,6 +72,37 @@ def test_features_are_reproducible_and_batch_invariant():
     assert Projection.for_model(pm, d=200, seed=4).checksum() != proj.checksum()
 
 
+def test_token_budget_features_equal_one_at_a_time():
+    pm, tok, lab = _lora(fresh=False)
+    proj = Projection.for_model(pm, d=200, seed=0)
+    f1, g1 = compute_features(pm, tok, PROMPTS, LABELS, lab, proj, batch_size=1, max_length=64)
+    for budget in (16, 100, 10_000):
+        f, g = compute_features(pm, tok, PROMPTS, LABELS, lab, proj, batch_size=None, max_tokens=budget,
+                                max_length=64)
+        np.testing.assert_allclose(g, g1, rtol=1e-4, atol=1e-6 * np.abs(g1).max())
+        np.testing.assert_allclose(f, f1, atol=1e-5)
+
+
+def test_one_forward_gives_the_zero_shot_logprobs():
+    """At θ0 = a fresh LoRA (B = 0) the features pass's label log-probs are the base model's zero-shot
+    scores: the zero_shot asset can read them off the same forward."""
+    pm, tok, lab = _lora(fresh=True)
+    proj = Projection.for_model(pm, d=200, seed=0)
+    f0, feats, lp = compute_features(pm, tok, PROMPTS, LABELS, lab, proj, batch_size=None, max_tokens=100,
+                                     max_length=64, return_logprobs=True)
+    base, _ = load_base_model("tiny")  # the same weights, no LoRA layers at all
+    zero_shot = predict_logprobs(base, tok, PROMPTS, lab, batch_size=16, max_length=64)
+    assert lp.shape == (len(PROMPTS), 2) and lp.dtype == np.float32
+    np.testing.assert_allclose(lp, zero_shot, atol=1e-5)
+    # and f0 is the gold label's log-odds of those same log-probs
+    y = np.array(LABELS)
+    lo = lp[np.arange(len(y)), y] - np.log(np.exp(lp).sum(1) - np.exp(lp[np.arange(len(y)), y]))
+    np.testing.assert_allclose(f0, lo, atol=1e-4)
+    f0b, featsb = compute_features(pm, tok, PROMPTS, LABELS, lab, proj, batch_size=None, max_tokens=100,
+                                   max_length=64)
+    assert np.array_equal(f0b, f0) and np.array_equal(featsb, feats)  # the same pass, with or without them
+
+
 def test_projection_factors_depend_on_seed_and_name_only():
     shapes = {"m.layers.0.q.lora_B": (64, 8), "m.layers.1.q.lora_B": (64, 8), "m.layers.0.q.lora_A": (8, 64)}
     p = Projection(shapes, d=200, seed=7)
@@ -186,3 +217,63 @@ def test_hooks_on_4bit_base_give_true_gradients(tmp_path):
     np.testing.assert_allclose(f4, f32, atol=1e-4)
     rel = np.linalg.norm(feats4 - feats32, axis=1) / np.linalg.norm(feats32, axis=1)
     assert rel.max() < 1e-4, rel
+
+
+def test_lora_on_gives_the_features_of_a_copy_and_hands_the_base_back(tmp_path):
+    """Features at θ0 from a LoRA put on the cached base and taken off again (no deepcopy of the base) equal
+    those on a copy; the base comes back with the same weights, flags and mode, for fresh and saved adapters."""
+    import copy
+
+    from grouplora.ml.lora import lora_on
+    from grouplora.ml.model import model_fingerprint
+
+    base, tok = load_base_model("tiny")
+    lab = label_token_ids(tok, [" positive", " negative"])
+    fp, flags = model_fingerprint(base), [p.requires_grad for p in base.parameters()]
+    ref = add_lora(copy.deepcopy(base), r=8, alpha=16, seed=0)
+    proj = Projection.for_model(ref, d=200, seed=0)
+    want = compute_features(ref, tok, PROMPTS, LABELS, lab, proj, batch_size=4, max_length=64)
+    with lora_on(base, r=8, alpha=16, seed=0) as pm:
+        got = compute_features(pm, tok, PROMPTS, LABELS, lab, proj, batch_size=4, max_length=64)
+        pm.save_pretrained(str(tmp_path / "a"))
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(a, b)
+    with lora_on(base, adapter=tmp_path / "a") as pm:
+        assert all(w.requires_grad for w in lora_weights(pm).values())
+        again = compute_features(pm, tok, PROMPTS, LABELS, lab, proj, batch_size=4, max_length=64)
+    np.testing.assert_allclose(again[1], want[1], rtol=1e-5, atol=1e-7)
+    assert model_fingerprint(base) == fp and [p.requires_grad for p in base.parameters()] == flags
+    assert not base.training and not any("lora_" in n for n, _ in base.named_modules())
+
+
+def test_bf16_base_keeps_fp32_lora_master_weights(tmp_path):
+    """A bf16 base (GPU path: `dtype` of load_base_model) gets fp32 LoRA weights from peft (autocast_adapter_dtype),
+    for a fresh LoRA, a loaded adapter and through training (the optimizer steps fp32 master weights); features and
+    scores stay close to the fp32 model's."""
+    from grouplora.ml.lora import lora_on
+    from grouplora.ml.training import TrainConfig, TrainExample, train_adapter
+
+    b16, tok = load_base_model("tiny", dtype=torch.bfloat16)
+    f32, _ = load_base_model("tiny")
+    lab = label_token_ids(tok, [" positive", " negative"])
+    assert {p.dtype for p in b16.parameters()} == {torch.bfloat16}
+    with lora_on(b16, r=8, alpha=16, seed=0) as pm, lora_on(f32, r=8, alpha=16, seed=0) as ref:
+        assert {w.dtype for w in lora_weights(pm).values()} == {torch.float32}
+        proj = Projection.for_model(ref, d=200, seed=0)
+        got = compute_features(pm, tok, PROMPTS, LABELS, lab, proj, batch_size=4, max_length=64,
+                               return_logprobs=True)
+        want = compute_features(ref, tok, PROMPTS, LABELS, lab, proj, batch_size=4, max_length=64,
+                                return_logprobs=True)
+    assert all(a.dtype == np.float32 and np.isfinite(a).all() for a in got)
+    np.testing.assert_allclose(got[2], want[2], atol=0.05)  # label log-probs: bf16 rounding of a random model
+    cos = (got[1] * want[1]).sum(1) / np.linalg.norm(got[1], axis=1) / np.linalg.norm(want[1], axis=1)
+    assert cos.min() > 0.95, cos
+    ex = [TrainExample(p, y, lab) for p, y in zip(PROMPTS, LABELS)]
+    res = train_adapter((b16, tok), ex, TrainConfig(lr=1e-2, epochs=1, batch_size=4), tmp_path / "a")
+    assert np.isfinite(res.final_loss)
+    from safetensors.torch import load_file
+    assert {t.dtype for t in load_file(tmp_path / "a" / "adapter_model.safetensors").values()} == {torch.float32}
+    with lora_on(b16, adapter=tmp_path / "a") as pm:
+        assert {w.dtype for w in lora_weights(pm).values()} == {torch.float32}
+        assert np.isfinite(predict_logprobs(pm, tok, PROMPTS, lab, max_tokens=64, max_length=64)).all()
+    assert {p.dtype for p in b16.parameters()} == {torch.bfloat16}

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from grouplora.ml.model import label_token_ids, load_base_model, model_fingerprint
-from grouplora.ml.scoring import accuracy, encode, label_logits, log_odds, predict_logprobs
+from grouplora.ml.scoring import (accuracy, encode, label_logits, length_batches, log_odds, predict_logprobs,
+                                  prompt_lengths, shuffled_length_batches, token_batches)
 
 PROMPTS = [
     "Review: the movie was wonderful. Sentiment:",
@@ -97,6 +98,67 @@ def test_predict_logprobs_is_batch_invariant(tiny):
     np.testing.assert_allclose(a, c, atol=1e-5)
     assert len({round(float(r[0]), 4) for r in a}) > 1  # rows differ: order was restored, not one row copied
     assert accuracy(a, a.argmax(1)) == 1.0 and accuracy(a, 1 - a.argmax(1)) == 0.0
+
+
+def test_length_batches_respect_the_token_budget():
+    lengths = [5, 40, 3, 40, 12, 7, 7, 100, 1, 12]
+    for batch_size, max_tokens in [(None, 40), (3, None), (4, 60), (None, 1), (None, 10_000)]:
+        batches = length_batches(lengths, batch_size, max_tokens=max_tokens)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # each index once
+        for b in batches:
+            padded = len(b) * max(lengths[i] for i in b)
+            assert len(b) == 1 or max_tokens is None or padded <= max_tokens
+            assert batch_size is None or len(b) <= batch_size
+            assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    # a budget packs short examples densely and gives the 100-token one a batch of its own
+    batches = length_batches(lengths, max_tokens=100)
+    assert batches[0] == [7] and len(batches) == 3
+    assert length_batches(lengths, max_tokens=10_000) == [sorted(range(10), key=lambda i: (-lengths[i], i))]
+    with pytest.raises(ValueError):
+        length_batches(lengths)
+
+
+def test_token_budget_scoring_equals_one_at_a_time_whatever_the_padding_side(tiny):
+    """Batches packed by a token budget mix lengths 3 to 30: padding must not leak into any row; a tokenizer
+    that pads on the left (as many HF folders do) must not change anything (we pad right ourselves)."""
+    model, tok = tiny
+    lab = label_token_ids(tok, [" positive", " negative"])
+    prompts = PROMPTS + ["ok", "Review: " + "long and winding, " * 6 + "Sentiment:"]
+    lengths = prompt_lengths(tok, prompts, 64)
+    assert max(lengths) > 5 * min(lengths)
+    one = predict_logprobs(model, tok, prompts, lab, batch_size=1, max_length=64)
+    for budget in (8, 64, 200, 10_000):
+        packed = predict_logprobs(model, tok, prompts, lab, batch_size=None, max_tokens=budget, max_length=64)
+        np.testing.assert_allclose(packed, one, atol=1e-5)
+    assert any(len(idx) > 2 for idx, _ in token_batches(tok, prompts, 64, max_tokens=200))  # really batched
+    tok.padding_side = "left"
+    try:
+        left = predict_logprobs(model, tok, prompts, lab, batch_size=None, max_tokens=200, max_length=64)
+        enc = encode(tok, prompts[:2], 64)
+    finally:
+        tok.padding_side = "right"
+    np.testing.assert_allclose(left, one, atol=1e-5)
+    assert enc["attention_mask"][:, 0].all()  # right-padded: every row starts with a real token
+
+
+def test_shuffled_length_batches_keep_batch_size_and_cut_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 200, size=203).tolist()
+    plain = shuffled_length_batches(lengths, 8, [0, 0], window=1)
+    grouped = shuffled_length_batches(lengths, 8, [0, 0], window=8)
+    for batches in (plain, grouped):
+        assert sorted(i for b in batches for i in b) == list(range(203))
+        assert len(batches) == -(-203 // 8) and [len(b) for b in batches[:-1]] == [8] * 25 and len(batches[-1]) == 3
+    assert grouped == shuffled_length_batches(lengths, 8, [0, 0], window=8)  # seeded: same order on resume
+    assert grouped != shuffled_length_batches(lengths, 8, [0, 1], window=8)  # another epoch, another order
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    assert padded(grouped) < 0.8 * padded(plain)
+    # still shuffled: the batches do not come longest first
+    firsts = [max(lengths[i] for i in b) for b in grouped[:-1]]
+    assert firsts != sorted(firsts, reverse=True)
 
 
 def _bnb_cpu_works() -> bool:

@@ -1,0 +1,240 @@
+"""Where the demo's time goes, per stage and per asset, for two versions of the code in one session.
+
+Each version is a git ref checked out into its own worktree with its own .venv (`make install`; the package is an
+editable install with a package-dir remap, so two versions cannot share one environment). Each runs the real
+chain, `grouplora run --datasets DATA` (or, with --cold, `make demo` in a fresh clone with an empty model/archive
+cache: install, downloads, model conversion and the chain), with a fresh GROUPLORA_HOME; then its own Dagster event
+log is read back for every run (job, partition, start/end) and every step (start/success). The versions take
+turns (--rounds), so a drifting load on the shared machine hits both alike.
+
+    python benchmarks/demo_profile.py --ref old=main --ref new=. --data data/demo
+    python benchmarks/demo_profile.py --ref old=main --ref new=speed --data data/demo --cold
+    python benchmarks/demo_profile.py --ref old=main --ref new=. --data /tmp/tiny-data --model tiny   # a smoke run
+
+`.` is this checkout as it is (its own .venv). Writes benchmarks/results/demo_profile.json (--out): per version the
+wall time, seconds per stage (dataset partitions, suite, adapters, ensemble, and the time outside Dagster runs) and
+per asset (summed over partitions), every run, the machine's load, and the ratios new / old; plus the command.
+
+`--collect DAGSTER_HOME` (used internally, run with a version's own python) prints that instance's runs as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = {"dataset_job": "datasets", "suite_job": "suite", "adapter_job": "adapters", "ensemble_job": "ensemble",
+          "selection_job": "selection", "report_job": "suite"}
+
+
+# ------------------------------------------------------------------------------------------ collect
+
+
+def collect(dagster_home: Path) -> list[dict]:
+    """Every run of the instance at dagster_home: job, partition, status, start/end, and its steps' start/end."""
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    import dagster as dg
+
+    instance = dg.DagsterInstance.get()
+    runs = []
+    for run in reversed(instance.get_runs()):  # oldest first
+        stats = instance.get_run_stats(run.run_id)
+        steps = [{"step": s.step_key, "status": str(s.status.value) if s.status else None,
+                  "start": s.start_time, "end": s.end_time}
+                 for s in instance.get_run_step_stats(run.run_id)]
+        runs.append({"run_id": run.run_id, "job": run.job_name, "partition": run.tags.get("dagster/partition"),
+                     "status": run.status.value, "start": stats.start_time, "end": stats.end_time, "steps": steps})
+    return runs
+
+
+def summarize(runs: list[dict], wall_s: float) -> dict:
+    """Seconds per stage (by job) and per asset (by step key, summed over partitions) from collect()'s runs."""
+    stages: dict[str, float] = {}
+    assets: dict[str, dict] = {}
+    run_overhead = 0.0
+    for r in runs:
+        if r["start"] is None or r["end"] is None:
+            continue
+        dur = r["end"] - r["start"]
+        stage = STAGES.get(r["job"], r["job"])
+        stages[stage] = stages.get(stage, 0.0) + dur
+        step_sum = 0.0
+        for s in r["steps"]:
+            if s["start"] is None or s["end"] is None:
+                continue
+            a = assets.setdefault(s["step"], {"s": 0.0, "n": 0, "stage": stage})
+            a["s"] += s["end"] - s["start"]
+            a["n"] += 1
+            step_sum += s["end"] - s["start"]
+        run_overhead += dur - step_sum
+    in_runs = sum(stages.values())
+    return {"wall_s": round(wall_s, 1),
+            "stages_s": {k: round(v, 1) for k, v in stages.items()} | {"outside_runs": round(wall_s - in_runs, 1)},
+            "assets_s": {k: {"s": round(v["s"], 1), "n": v["n"], "stage": v["stage"]}
+                         for k, v in sorted(assets.items(), key=lambda kv: -kv[1]["s"])},
+            "run_overhead_s": round(run_overhead, 1),  # inside runs but outside steps: launching, events, teardown
+            "runs": len(runs), "failed_runs": sum(r["status"] != "SUCCESS" for r in runs)}
+
+
+# ------------------------------------------------------------------------------------------ checkouts
+
+
+def sh(cmd: list[str] | str, cwd: Path, env: dict | None = None, log: Path | None = None) -> float:
+    """Run a command (its output to `log`), raise if it fails; return its wall seconds."""
+    t0 = time.perf_counter()
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    try:
+        rc = subprocess.call(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, shell=isinstance(cmd, str))
+    finally:
+        if log:
+            out.close()
+    if rc != 0:
+        raise RuntimeError(f"{cmd} failed in {cwd} (exit {rc}); see {log}")
+    return time.perf_counter() - t0
+
+
+def checkout(label: str, ref: str, workdir: Path, cold: bool, log: Path) -> Path:
+    """The folder holding version `ref`: this checkout for '.', else a worktree (a fresh clone with --cold)."""
+    if ref == "." and not cold:
+        return ROOT
+    dest = workdir / f"{label}-{'clone' if cold else 'wt'}"
+    if cold:
+        if dest.exists():
+            shutil.rmtree(dest)
+        sh(["git", "clone", "-q", "--no-hardlinks", str(ROOT), str(dest)], ROOT, log=log)
+        if ref != ".":
+            sh(["git", "checkout", "-q", commit_of(ref)], dest, log=log)
+        else:  # this checkout's uncommitted state too
+            diff = subprocess.run(["git", "diff", "HEAD"], cwd=ROOT, capture_output=True, check=True).stdout
+            if diff:
+                subprocess.run(["git", "apply", "-"], cwd=dest, input=diff, check=True)
+        return dest
+    if not dest.exists():
+        sh(["git", "worktree", "add", "-q", "--detach", str(dest), commit_of(ref)], ROOT, log=log)
+    else:
+        sh(["git", "checkout", "-q", "--detach", commit_of(ref)], dest, log=log)
+    return dest
+
+
+def commit_of(ref: str) -> str:
+    cwd = ROOT
+    return subprocess.run(["git", "rev-parse", ref if ref != "." else "HEAD"], cwd=cwd, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run_version(label: str, ref: str, args, workdir: Path) -> dict:
+    log = workdir / f"{label}.log"
+    folder = checkout(label, ref, workdir, args.cold, log)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GROUPLORA_", "DAGSTER_"))}
+    env |= {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", "GROUPLORA_BASE_MODEL": args.model}
+    res = {"ref": ref, "commit": commit_of(ref), "folder": str(folder), "log": str(log), "load_before": load()}
+    if ref == ".":
+        res["uncommitted_changes"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                                         cwd=ROOT, capture_output=True, text=True).stdout.strip())
+    if args.cold:  # everything a new user waits for: install, downloads, model conversion, the chain
+        home = folder / "var"
+        env |= {"GROUPLORA_CACHE": str(folder / ".cold-cache")}  # `make demo` builds and runs data/demo
+        wall = sh(["make", "demo"], folder, env, log)
+    else:
+        if not (folder / ".venv" / ".installed").exists():
+            res["install_s"] = round(sh(["make", "install"], folder, env, log), 1)
+        home = workdir / f"{label}-home"
+        if home.exists():
+            shutil.rmtree(home)
+        env |= {"GROUPLORA_HOME": str(home), "DAGSTER_HOME": str(home / "dagster_home")}
+        wall = sh([str(folder / ".venv" / "bin" / "grouplora"), "run", "--datasets", str(Path(args.data).resolve())],
+                  folder, env, log)
+    res["load_after"] = load()
+    dagster_home = home / "dagster_home"
+    out = subprocess.run([str(folder / ".venv" / "bin" / "python"), str(Path(__file__).resolve()), "--collect",
+                          str(dagster_home)], capture_output=True, text=True, env=env, check=True)
+    runs = json.loads(out.stdout)
+    return res | summarize(runs, wall) | {"run_list": runs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ref", action="append", default=[], metavar="LABEL=REF",
+                    help="a version to time (git ref, or '.' = this checkout); give two, e.g. old=main new=.")
+    ap.add_argument("--data", default=None, help="dataset folder (default: data/demo, built by `grouplora data build`)")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="GROUPLORA_BASE_MODEL (tiny for a smoke run)")
+    ap.add_argument("--cold", action="store_true", help="`make demo` in a fresh clone with an empty cache")
+    ap.add_argument("--rounds", type=int, default=1, help="times each version runs, taking turns")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/grouplora-demo-profile"))
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "demo_profile.json")
+    ap.add_argument("--collect", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.collect is not None:
+        print(json.dumps(collect(args.collect)))
+        return
+    refs = dict(r.split("=", 1) for r in (args.ref or ["old=main", "new=."]))
+    if args.cold:
+        args.data = None  # `make demo` builds the demo pack from the (empty) cache itself
+    elif args.data is None:
+        args.data = str(ROOT / "data" / "demo")
+    if args.data and not Path(args.data).is_dir():
+        raise SystemExit(f"no dataset folder {args.data}: build it with `grouplora data build --preset demo`")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {k: [] for k in refs}
+    for rnd in range(args.rounds):
+        for label, ref in refs.items():
+            print(f"round {rnd + 1}/{args.rounds}: {label} = {ref} ...", flush=True)
+            r = run_version(label, ref, args, args.workdir)
+            print(f"  {label}: {r['wall_s']:.0f}s  " + "  ".join(f"{k} {v:.0f}s" for k, v in r["stages_s"].items()),
+                  flush=True)
+            results[label].append(r)
+    versions = {k: best(v) for k, v in results.items()}
+    out = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+           "mode": "make demo, fresh clone, empty cache" if args.cold else "grouplora run, fresh GROUPLORA_HOME",
+           "data": args.data, "model": args.model, "rounds": args.rounds,
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+           "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "versions": versions, "all_rounds": {k: [strip(r) for r in v] for k, v in results.items()}}
+    if len(versions) == 2:
+        (a, va), (b, vb) = versions.items()
+        out["ratios"] = {f"{b}/{a}": ratios(va, vb)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps({k: {"wall_s": v["wall_s"], **v["stages_s"]} for k, v in versions.items()}, indent=2))
+    if "ratios" in out:
+        print(json.dumps(out["ratios"], indent=2))
+    print(f"-> {args.out}")
+
+
+def best(rounds: list[dict]) -> dict:
+    """The round with the least wall time (the least disturbed by other load), without its raw run list."""
+    return strip(min(rounds, key=lambda r: r["wall_s"]))
+
+
+def strip(r: dict) -> dict:
+    return {k: v for k, v in r.items() if k != "run_list"}
+
+
+def ratios(old: dict, new: dict) -> dict:
+    keys = ["wall_s"] + [f"stage:{k}" for k in old["stages_s"]] + [f"asset:{k}" for k in old["assets_s"]]
+
+    def get(v: dict, k: str):
+        if k == "wall_s":
+            return v["wall_s"]
+        kind, name = k.split(":", 1)
+        x = v["stages_s" if kind == "stage" else "assets_s"].get(name)
+        return x["s"] if isinstance(x, dict) else x
+
+    return {k: round(get(new, k) / get(old, k), 3) for k in keys if get(old, k) and get(new, k) is not None}
+
+
+if __name__ == "__main__":
+    main()

@@ -1178,7 +1178,7 @@ def consistency(home: Path, folder: Path) -> list[str]:
     from grouplora.orchestration import freshness
     from grouplora.orchestration.jobs import PER_DATASET_ASSETS
     from grouplora.orchestration.registry import PROMOTION_TAG
-    from grouplora.orchestration.resources import DatasetSourceResource
+    from grouplora.orchestration.resources import DatasetSourceResource, settings_run_config
 
     problems: list[str] = []
     sources = DatasetSourceResource(folder=str(folder))
@@ -1192,9 +1192,10 @@ def consistency(home: Path, folder: Path) -> list[str]:
     with dagster_instance(home) as instance:
         problems += [f"{n}: partition not current" for n, v in versions.items()
                      if not freshness.partition_is_current(instance, n, v, PER_DATASET_ASSETS)]
-        if not freshness.suite_is_current(instance, versions, spec, PER_DATASET_ASSETS):
+        config = settings_run_config()  # the defaults, as the CLI runs used them
+        if not freshness.suite_is_current(instance, versions, spec, PER_DATASET_ASSETS, config):
             problems.append("suite not current")
-        if not freshness.ensemble_is_current(instance, keys):
+        if not freshness.ensemble_is_current(instance, keys, config):
             problems.append("ensemble not current")
     for key in keys:
         try:

@@ -114,7 +114,7 @@ def test_a_value_of_the_settings_file_reaches_the_asset(plain_project, no_settin
     path.write_text("gradient: {d: 7}\nmodel: {device: cpu}\n")
     no_settings_env.setenv(SETTINGS_ENV, str(path))
     versions = {"reviews": DatasetSourceResource().version("reviews")}
-    assert run.run_datasets(["reviews"], versions, executor="in_process") == ["reviews"]
+    assert run.run_datasets(["reviews"], versions, executor="in_process") == (["reviews"], {})
     _, X, sidecar = ArtifactStore().read_features(["reviews"], FEATURES)
     assert sidecar["d"] == 7 and X.shape[1] == 7 and sidecar["settings"].startswith("d7-")
     with dg.DagsterInstance.get() as instance:
@@ -122,7 +122,7 @@ def test_a_value_of_the_settings_file_reaches_the_asset(plain_project, no_settin
     assert record.run_config["resources"]["gradient_settings"]["config"]["d"] == 7
     assert record.run_config["resources"]["base_model"]["config"]["device"] == "cpu"
 
-    assert run.run_datasets(["reviews"], versions, executor="in_process") == []  # current: skipped
+    assert run.run_datasets(["reviews"], versions, executor="in_process") == ([], {})  # current: skipped
     path.write_text("gradient: {d: 5}\nmodel: {device: cpu}\n")
-    assert run.run_datasets(["reviews"], versions, executor="in_process") == ["reviews"]
+    assert run.run_datasets(["reviews"], versions, executor="in_process") == (["reviews"], {})
     assert ArtifactStore().read_features(["reviews"], FEATURES)[2]["d"] == 5

@@ -30,9 +30,11 @@ model: {dtype: bfloat16, device: cpu}
 
 @pytest.fixture()
 def no_settings_env(monkeypatch):
-    """Every settings variable unset here, and restored after (the CLI sets them in this process)."""
+    """Every settings variable unset here, and restored after: the CLI sets them in this process. (setenv first:
+    delenv of an unset variable records nothing, so what the CLI set would leak into later tests.)"""
     for env in (SETTINGS_ENV, DEVICE_ENV, DTYPE_ENV):
-        monkeypatch.delenv(env, raising=False)
+        monkeypatch.setenv(env, "")
+        monkeypatch.delenv(env)
     return monkeypatch
 
 
@@ -114,7 +116,7 @@ def test_a_value_of_the_settings_file_reaches_the_asset(plain_project, no_settin
     path.write_text("gradient: {d: 7}\nmodel: {device: cpu}\n")
     no_settings_env.setenv(SETTINGS_ENV, str(path))
     versions = {"reviews": DatasetSourceResource().version("reviews")}
-    assert run.run_datasets(["reviews"], versions, executor="in_process") == ["reviews"]
+    assert run.run_datasets(["reviews"], versions, executor="in_process") == (["reviews"], {})
     _, X, sidecar = ArtifactStore().read_features(["reviews"], FEATURES)
     assert sidecar["d"] == 7 and X.shape[1] == 7 and sidecar["settings"].startswith("d7-")
     with dg.DagsterInstance.get() as instance:
@@ -122,7 +124,7 @@ def test_a_value_of_the_settings_file_reaches_the_asset(plain_project, no_settin
     assert record.run_config["resources"]["gradient_settings"]["config"]["d"] == 7
     assert record.run_config["resources"]["base_model"]["config"]["device"] == "cpu"
 
-    assert run.run_datasets(["reviews"], versions, executor="in_process") == []  # current: skipped
+    assert run.run_datasets(["reviews"], versions, executor="in_process") == ([], {})  # current: skipped
     path.write_text("gradient: {d: 5}\nmodel: {device: cpu}\n")
-    assert run.run_datasets(["reviews"], versions, executor="in_process") == ["reviews"]
+    assert run.run_datasets(["reviews"], versions, executor="in_process") == (["reviews"], {})
     assert ArtifactStore().read_features(["reviews"], FEATURES)[2]["d"] == 5

@@ -6,17 +6,18 @@ of its last run, or null; each section records the commit and time it ran at):
 | section          | keys                                            | what it does                                          |
 |------------------|-------------------------------------------------|-------------------------------------------------------|
 | bad_inputs       | bad_inputs_tried, bad_inputs_unclear            | every case of the bad-input corpus through the same validation the `dataset` asset runs (discover, load_suite_config, sha256_file, load_dataset with the tokenizer check); plus controls that must pass |
-| cli_bad_inputs   | tracebacks, data_lost                           | (phase 2) the same corpus through `grouplora run` beside good datasets: exit 2, one line per bad input, no traceback; the good datasets' artifacts unchanged |
-| kill             | kill_trials, kill_consistent, stale_runs_left   | (phase 2) kill -9 at each stage, rerun, check consistency and that no run is left STARTED/RUNNING |
-| concurrency      | concurrent_runs, concurrent_broken_homes        | (phase 2) 2-3 `grouplora run` together on new and used homes |
-| promotion        | worse_promoted                                  | (phase 2) worse and baseline-losing challengers never become champion |
+| cli_bad_inputs   | tracebacks, data_lost                           | a sample of the corpus (--cli-cases all: every case) through `grouplora run` beside three good datasets on one home: exit 2, one line naming the file (and row), no traceback; the good datasets' stored artifacts byte-identical; a good file last (the control) |
+| kill             | kill_trials, kill_consistent, stale_runs_left   | kill -9 of `grouplora run` at each stage (first initialization of a new home, validation, each per-dataset step, the suite's steps, adapter training, the ensemble, registration, promotion), each on a used home with one dataset changed; one rerun; then the home's records: every partition, the suite and the ensemble current, adapters readable, results and registry complete, nothing left STARTED/RUNNING/PENDING/half-registered |
+| concurrency      | concurrent_runs, concurrent_broken_homes        | 2-3 `grouplora run` started together (or seconds apart) on new and on used homes; a home is broken if a run failed, anything was left behind, or the home is not consistent after; repeated work is counted |
+| promotion        | worse_promoted                                  | real ensembles registered with chosen validation figures (worse than the champion, tied, below a baseline, NaN; controls that must win), `grouplora promote` on each; and the champion a real pipeline run chose, against its recorded baselines |
 
 A bad-input case is *clear* when it raises a DatasetError whose one-line message names the offending file (and
 the row, where the case has one); *unclear* when it raises anything else, or a message without the file or row;
 *accepted wrongly* when nothing is raised. `bad_inputs_unclear` counts both unclear and accepted-wrongly cases
 (everything that was not a clear rejection); the section's details break it down per case.
 
-    python benchmarks/reliability.py --sections bad_inputs
+    python benchmarks/reliability.py                          # every section (about an hour on the shared 2-core box)
+    python benchmarks/reliability.py --sections bad_inputs   # one section; the others keep their last results
 """
 
 from __future__ import annotations
@@ -1177,7 +1178,7 @@ def consistency(home: Path, folder: Path) -> list[str]:
     from grouplora.orchestration import freshness
     from grouplora.orchestration.jobs import PER_DATASET_ASSETS
     from grouplora.orchestration.registry import PROMOTION_TAG
-    from grouplora.orchestration.resources import DatasetSourceResource
+    from grouplora.orchestration.resources import DatasetSourceResource, settings_run_config
 
     problems: list[str] = []
     sources = DatasetSourceResource(folder=str(folder))
@@ -1191,9 +1192,10 @@ def consistency(home: Path, folder: Path) -> list[str]:
     with dagster_instance(home) as instance:
         problems += [f"{n}: partition not current" for n, v in versions.items()
                      if not freshness.partition_is_current(instance, n, v, PER_DATASET_ASSETS)]
-        if not freshness.suite_is_current(instance, versions, spec, PER_DATASET_ASSETS):
+        config = settings_run_config()  # the defaults, as the CLI runs used them
+        if not freshness.suite_is_current(instance, versions, spec, PER_DATASET_ASSETS, config):
             problems.append("suite not current")
-        if not freshness.ensemble_is_current(instance, keys):
+        if not freshness.ensemble_is_current(instance, keys, config):
             problems.append("ensemble not current")
     for key in keys:
         try:
@@ -1225,8 +1227,9 @@ def consistency(home: Path, folder: Path) -> list[str]:
         problems.append(f"newest version v{newest.version} lacks {missing}")
     elif abs(float(newest.tags["val_accuracy"]) - info["val_accuracy"]) > 1e-9:
         problems.append(f"newest version v{newest.version} is not the current ensemble")
-    if "challenger" not in (newest.aliases or []):
-        problems.append(f"challenger is not the newest version v{newest.version}")
+    challenger = client.get_model_version_by_alias("grouplora-ensemble", "challenger")
+    if str(challenger.version) != str(newest.version):
+        problems.append(f"challenger is v{challenger.version}, not the newest version v{newest.version}")
     return problems
 
 

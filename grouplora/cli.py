@@ -78,7 +78,8 @@ def project_options(command):
 def _use_settings(device: str | None, dtype: str | None, settings_file: Path | None, executor: str) -> None:
     """Point every later step at these settings (environment variables the steps inherit and the runs read)
     and check them now: a bad settings file is a usage error (exit 2) naming the file and the key. Then make
-    the executor ready: Ray's address and extra; multiprocess: the GPU pool's limit."""
+    the executor ready: Ray's address and extra (the GPU pool's limit, for multiprocess, is set once the home is open:
+    _open_home)."""
     from grouplora.ml.data_format import ConfigError
     from grouplora.orchestration import settings
 
@@ -102,9 +103,6 @@ def _use_settings(device: str | None, dtype: str | None, settings_file: Path | N
             ray_executor()
         except (ImportError, ValueError) as e:
             raise click.UsageError(f"--executor ray: {e}") from None
-    from grouplora.orchestration.run import use_gpu_pool
-
-    use_gpu_pool(executor)
 
 
 @main.command("run")
@@ -154,7 +152,7 @@ def select_cmd(target: str, datasets_dir: Path | None, executor: str, device: st
     except ValueError as e:
         raise BadInput(str(e)) from None
     resources = _resources(datasets_dir)
-    instance = _open_home(resources)
+    instance = _open_home(resources, executor)
     sources = resources["sources"]
     with home.exclusive_run(notify=_warn):
         versions, failures = _usable_datasets(resources, instance)
@@ -207,7 +205,7 @@ def ui_cmd(host: str, port: int, mlflow_port: int, device: str | None, dtype: st
     from grouplora.orchestration import run, settings
 
     # the stores exist before the servers open them; the daemon's sensor keeps recovering after crashes from here on
-    _open_home(_resources(None), local_workers=True)
+    _open_home(_resources(None), "multiprocess", local_workers=True)
     home = run.dagster_home()
     bin_dir = Path(sys.executable).parent
     target = ["-w", "workspace.yaml"] if Path("workspace.yaml").exists() else ["-m", "grouplora.orchestration.definitions"]
@@ -265,14 +263,17 @@ def _resources(datasets_dir: Path | None):
     return make_resources()
 
 
-def _open_home(resources, *, local_workers: bool = False):
-    """Initialize the home's stores (under its init lock) and close what a crashed process left; the instance."""
+def _open_home(resources, executor: str, *, local_workers: bool = False):
+    """Initialize the home's stores (under its init lock: nothing may open them before) and close what a crashed
+    process left; then the executor's GPU pool limit. The instance."""
     from grouplora.orchestration.home import open_home
+    from grouplora.orchestration.run import use_gpu_pool
 
     instance, report = open_home(resources["mlflow_tracking"].uri(), local_workers=local_workers,
                                  registered_name=resources["ensemble_settings"].registered_name, notify=_warn)
     for line in report.lines():
         click.echo(f"recovered after a crash: {line}", err=True)
+    use_gpu_pool(executor)
     return instance
 
 
@@ -309,7 +310,7 @@ def _run_pipeline(datasets_dir: Path | None, executor: str) -> None:
     from grouplora.orchestration import home, run, settings
 
     resources = _resources(datasets_dir)
-    instance = _open_home(resources)
+    instance = _open_home(resources, executor)
     with home.exclusive_run(notify=_warn):
         versions, failures = _usable_datasets(resources, instance)
         click.echo(f"== {len(versions)} datasets in {resources['sources'].root()}; state in {settings.home()}"
@@ -319,7 +320,7 @@ def _run_pipeline(datasets_dir: Path | None, executor: str) -> None:
         good = _run_datasets(versions, executor, failures)
         try:
             if good:
-                _run_suite_onwards(resources, instance, {n: versions[n] for n in good}, executor)
+                _run_suite_onwards(resources, instance, {n: versions[n] for n in good}, executor, failures)
         except run.StepFailures as e:
             failures += [(line, e.input_errors()) for line in e.lines()]
             for f in e.failures if settings.debug() else []:
@@ -339,23 +340,31 @@ def _run_datasets(versions: dict[str, str], executor: str, failures: list[tuple[
     bar = tqdm(total=len(names), desc="datasets", unit="dataset")
     ran, failed = run.run_datasets(names, versions, executor=executor, progress=progress_for(bar))
     bar.close()
-    for name, e in failed.items():
-        failures += [(f"{name}: {line}", e.input_errors()) for line in e.lines()]
+    failures += _failure_lines(failed)
     click.echo(f"ran {len(ran)} dataset partitions ({len(names) - len(ran) - len(failed)} already current"
                + (f", {len(failed)} failed" if failed else "") + ")")
     return [n for n in names if n not in failed]
 
 
-def _run_suite_onwards(resources, instance, versions: dict[str, str], executor: str) -> None:
+def _failure_lines(failed: dict) -> list[tuple[str, bool]]:
+    """`<partition>: <step>: <message>` for each failed step of each failed partition run, and whether the input
+    was at fault."""
+    return [(f"{key}: {line}", e.input_errors()) for key, e in failed.items() for line in e.lines()]
+
+
+def _run_suite_onwards(resources, instance, versions: dict[str, str], executor: str,
+                       failures: list[tuple[str, bool]]) -> None:
     """The suite, the adapters and the ensemble, each skipped when it is current (a rerun, or a run that waited for
-    another one on this home, does nothing twice); raises StepFailures when one fails."""
+    another one on this home, does nothing twice). A failed adapter is added to `failures` (the others still train;
+    the ensemble waits for all); a failed suite or ensemble run raises StepFailures."""
     from tqdm import tqdm
 
     from grouplora.orchestration import freshness, run
     from grouplora.orchestration.jobs import PER_DATASET_ASSETS
+    from grouplora.orchestration.resources import settings_run_config
 
-    store = resources["store"]
-    if freshness.suite_is_current(instance, versions, _stored_partition(store), PER_DATASET_ASSETS):
+    store, config = resources["store"], settings_run_config()  # current only under the settings given now
+    if freshness.suite_is_current(instance, versions, _stored_partition(store), PER_DATASET_ASSETS, config):
         click.echo("== suite-wide assets: current")
     else:
         click.echo("== suite-wide assets: approximation error, subset estimates, affinity tables, partition")
@@ -371,10 +380,9 @@ def _run_suite_onwards(resources, instance, versions: dict[str, str], executor: 
     click.echo(f"trained {len(trained)} adapters ({len(adapters) - len(trained) - len(failed)} unchanged"
                + (f", {len(failed)} failed" if failed else "") + ")")
     if failed:
-        first = next(iter(failed.values()))
-        raise run.StepFailures(first.run_id, first.job_name,
-                               [f for e in failed.values() for f in e.failures])
-    if freshness.ensemble_is_current(instance, adapters):
+        failures += _failure_lines(failed)
+        return
+    if freshness.ensemble_is_current(instance, adapters, config):
         click.echo("== ensemble: current (registered and promotion decided)")
     else:
         click.echo("== ensemble, boosting, results, registry")

@@ -89,29 +89,35 @@ def meta_features_are_current(instance: dg.DagsterInstance, name: str,
                  latest_materialization(instance, "dataset", name)) and holds(record, expected)
 
 
-def job_succeeded_after(instance: dg.DagsterInstance, job_name: str,
-                        records: list[dg.EventLogRecord | None]) -> bool:
+def job_succeeded_after(instance: dg.DagsterInstance, job_name: str, records: list[dg.EventLogRecord | None],
+                        resources: dict[str, Any] | None = None) -> bool:
     """The job's latest successful run started after every one of `records` was stored (None entries, never
-    materialized, make this False): that run saw all of them."""
+    materialized, make this False), so it saw all of them, and ran with the `resources` run config (the project's
+    settings, resources.settings_run_config) when given."""
     runs = instance.get_run_records(dg.RunsFilter(job_name=job_name, statuses=[dg.DagsterRunStatus.SUCCESS]),
                                     limit=1)
-    start = runs[0].start_time if runs else None
-    return start is not None and all(r is not None and r.timestamp < start for r in records)
+    if not runs or runs[0].start_time is None:
+        return False
+    if resources is not None and runs[0].dagster_run.run_config.get("resources") != resources:
+        return False
+    return all(r is not None and r.timestamp < runs[0].start_time for r in records)
 
 
 def suite_is_current(instance: dg.DagsterInstance, versions: dict[str, str], spec: dict | None,
-                     per_dataset_assets: list[str]) -> bool:
+                     per_dataset_assets: list[str], resources: dict[str, Any] | None = None) -> bool:
     """The suite's last successful run (`suite_job`) partitioned exactly these datasets at these versions
-    (`spec`: the stored task partition) and started after every one of their per-dataset materializations."""
+    (`spec`: the stored task partition), under these settings, and started after every one of their per-dataset
+    materializations."""
     if not spec or spec.get("datasets") != sorted(versions) or spec.get("versions") != versions:
         return False
     return job_succeeded_after(instance, "suite_job", [latest_materialization(instance, a, n)
-                                                       for n in versions for a in per_dataset_assets])
+                                                       for n in versions for a in per_dataset_assets], resources)
 
 
-def ensemble_is_current(instance: dg.DagsterInstance, adapter_keys: list[str]) -> bool:
-    """The ensemble's last successful run (`ensemble_job`: fit, register, promote) started after the task partition
-    and every one of these adapters was materialized."""
+def ensemble_is_current(instance: dg.DagsterInstance, adapter_keys: list[str],
+                        resources: dict[str, Any] | None = None) -> bool:
+    """The ensemble's last successful run (`ensemble_job`: fit, register, promote) ran under these settings and
+    started after the task partition and every one of these adapters was materialized."""
     return job_succeeded_after(instance, "ensemble_job", [latest_materialization(instance, "task_partition", None),
                                                           *(latest_materialization(instance, "adapter", k)
-                                                            for k in adapter_keys)])
+                                                            for k in adapter_keys)], resources)

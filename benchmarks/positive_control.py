@@ -122,15 +122,6 @@ class Chain:
 
     def stage(self, name: str, fn) -> dict:
         return self.work.stage(name, fn)
-        t = time.time()
-        print(f"== {name}", flush=True)
-        out = fn()
-        out["stage_seconds"] = time.time() - t
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1, default=_jsonable))
-        tmp.replace(p)
-        print(f"== {name} done in {out['stage_seconds']:.1f} s", flush=True)
-        return json.loads(p.read_text())
 
     def config(self, seed: int) -> TrainConfig:
         return TrainConfig(**{**self.cfg.__dict__, "seed": seed})

@@ -176,7 +176,7 @@ def test_the_cli_runner_runs_the_projects_jobs_on_ray_with_its_settings(plain_pr
     monkeypatch.setenv("GROUPLORA_SETTINGS", str(settings))
     monkeypatch.setenv("RAY_ADDRESS", ray_head)
     versions = {"facts": DatasetSourceResource().version("facts")}
-    assert run.run_datasets(["facts"], versions, executor="ray") == ["facts"]
+    assert run.run_datasets(["facts"], versions, executor="ray") == (["facts"], {})
     assert ArtifactStore().read_features(["facts"], FEATURES)[2]["d"] == 6
     with dg.DagsterInstance.get() as instance:
         (record,) = instance.get_runs()

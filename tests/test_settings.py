@@ -30,10 +30,11 @@ model: {dtype: bfloat16, device: cpu}
 
 @pytest.fixture()
 def no_settings_env(monkeypatch):
-    """Every settings variable unset here, and restored after (the CLI sets them in this process)."""
+    """Every settings variable unset here, and restored after: the CLI sets them in this process. (setenv first:
+    delenv of an unset variable records nothing, so what the CLI set would leak into later tests.)"""
     for env in (SETTINGS_ENV, DEVICE_ENV, DTYPE_ENV):
-        monkeypatch.setenv(env, "")  # recorded, so that what the CLI sets later is undone too (delenv of an
-        monkeypatch.delenv(env)  # unset variable records nothing)
+        monkeypatch.setenv(env, "")
+        monkeypatch.delenv(env)
     return monkeypatch
 
 

@@ -144,10 +144,10 @@ def part_training(args, sets, models, ways=(("float32", 1), ("float32", 8)), old
                             "settings": TRAIN}
 
 
-def part_dtype(args, sets, models) -> dict:
+def part_dtype(args, per, models, sets) -> dict:
     rows = {}
-    name = next(iter(sets))
-    s = sets[name]
+    name = next(iter(per))
+    s = per[name]
     for r in range(args.rounds):
         for dt in (("float32", "bfloat16") if r % 2 == 0 else ("bfloat16", "float32")):
             model, tok = models[dt]
@@ -244,25 +244,19 @@ def main() -> None:
            "clock": "cpu_s = process_time (CPU seconds of this process's threads), wall_s = perf_counter; "
                     "ratios new/old"}
     per = {n: s for n, s in sets.items() if n in args.datasets.split(",")}
-    if "per_dataset" in parts:
-        print("per_dataset", flush=True)
-        res["per_dataset"] = part_per_dataset(args, per, models)
-    if "training" in parts:
-        print("training", flush=True)
-        res["training"] = part_training(args, sets, models)
-    if "budgets" in parts:
-        print("budgets", flush=True)
-        res["budgets"] = part_budgets(args, per, models)
-    if "dtype" in parts:
-        print("dtype", flush=True)
-        res["dtype"] = part_dtype(args, per, models)
-    res["machine"]["load_after"] = os.getloadavg()
+    runs = {"per_dataset": lambda: part_per_dataset(args, per, models),
+            "training": lambda: part_training(args, sets, models),
+            "budgets": lambda: part_budgets(args, per, models),
+            "dtype": lambda: part_dtype(args, per, models, sets)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    # parts run separately accumulate in one file: a part's entry carries the command and machine it ran with
-    prev = json.loads(args.out.read_text()) if args.out.exists() else {}
-    meta = {k: v for k, v in res.items() if k not in PARTS}
-    merged = {k: v for k, v in prev.items() if k in PARTS} | {p: res[p] | {"run": meta} for p in PARTS if p in res}
-    args.out.write_text(json.dumps(merged, indent=2) + "\n")
+    for part in parts:
+        print(part, flush=True)
+        res[part] = runs[part]()
+        res["machine"]["load_after"] = os.getloadavg()
+        # written after every part; parts run separately accumulate in one file, each with the run it came from
+        prev = json.loads(args.out.read_text()) if args.out.exists() else {}
+        meta = {k: v for k, v in res.items() if k not in PARTS}
+        args.out.write_text(json.dumps(prev | {part: res[part] | {"run": meta}}, indent=2) + "\n")
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk.startswith("ratio")} for k, v in res.items()
                       if isinstance(v, dict) and any(kk.startswith("ratio") for kk in v)}, indent=2))
     print(f"-> {args.out}")

@@ -13,6 +13,7 @@ jobs compete for the cores) and wall seconds; ratios are new / old (< 1: the new
   way) vs grouped by length (length_window = 8): same epochs, lr, batch size; seconds, padded tokens, losses,
   and validation accuracy after training.
 - budgets: the features pass and scoring in fixed batches of 8 / 16 (the old settings) vs token budgets.
+- threads: the new per-dataset pass with 1 vs 2 torch threads (wall clock; meaningful on a quiet machine only).
 - dtype: the new per-dataset pass and a training run in float32 vs bfloat16 weights (fp32 LoRA).
 
     python benchmarks/demo_ml.py --data data/demo --datasets strategyqa,rotten_tomatoes,vitaminc
@@ -48,7 +49,7 @@ from grouplora.ml.training import TrainConfig, TrainExample, evaluate, train_ada
 
 # The demo's settings (orchestration/resources.py): BaseModelResource, GradientSettings, TrainingSettings.
 MAX_LENGTH, SCORE_BATCH, FEATURE_BATCH = 256, 16, 8
-PARTS = ("per_dataset", "training", "budgets", "dtype")
+PARTS = ("per_dataset", "training", "budgets", "dtype", "threads")
 TRAIN = dict(r=8, alpha=16, lr=1e-3, epochs=2, batch_size=8, max_length=160, warmup_ratio=0.1, seed=0)
 
 
@@ -178,11 +179,11 @@ def part_budgets(args, sets, models) -> dict:
     with lora_on(model, r=8, alpha=16, seed=0) as pm:
         proj = Projection.for_model(pm, d=200, seed=0)
         for r in range(args.rounds):
-            for label, bs, budget in (ways if r % 2 == 0 else ways[::-1]):
-                for name, s in sets.items():
-                    lab = label_token_ids(tok, s["words"])
-                    fit = s["df"][s["df"]["split"].isin(["train", "validation"])]
-                    prompts, labels = fit["prompt"].tolist(), fit["label_id"].tolist()
+            for name, s in sets.items():  # every way on one dataset back to back: drifting load hits them alike
+                lab = label_token_ids(tok, s["words"])
+                fit = s["df"][s["df"]["split"].isin(["train", "validation"])]
+                prompts, labels = fit["prompt"].tolist(), fit["label_id"].tolist()
+                for label, bs, budget in (ways if r % 2 == 0 else ways[::-1]):
                     if label.startswith("features"):
                         fn = lambda: compute_features(pm, tok, prompts, labels, lab, proj, batch_size=bs,
                                                       max_tokens=budget, max_length=MAX_LENGTH)
@@ -191,10 +192,32 @@ def part_budgets(args, sets, models) -> dict:
                                                       max_length=MAX_LENGTH)
                     _, wall, cpu = clock(fn)
                     rows.setdefault(label, []).append({"round": r, "dataset": name, "wall_s": wall, "cpu_s": cpu})
-                print(f"  budgets {label}: cpu {sum(x['cpu_s'] for x in rows[label] if x['round'] == r):.1f}s",
-                      flush=True)
+                print(f"  budgets round {r} {name}: " + ", ".join(
+                    f"{k} {v[-1]['cpu_s']:.1f}" for k, v in rows.items()), flush=True)
     out = summary({k: v for k, v in rows.items() if k.startswith("features")}, old="features_b8")
     return out | summary({k: v for k, v in rows.items() if k.startswith("scoring")}, old="scoring_b16")
+
+
+def part_threads(args, per, models) -> dict:
+    """Wall time of the new per-dataset pass with 1 and 2 torch threads (on a quiet machine: is one process with
+    2 threads faster than 2 processes with 1 thread each would be? wall(1) / wall(2) < 2 says processes win)."""
+    model, tok = models["float32"]
+    rows: dict[str, list[dict]] = {}
+    old = torch.get_num_threads()
+    try:
+        for r in range(args.rounds):
+            for n in ((1, 2) if r % 2 == 0 else (2, 1)):
+                torch.set_num_threads(n)
+                for name, s in per.items():
+                    lab = label_token_ids(tok, s["words"])
+                    _, wall, cpu = clock(lambda: per_dataset_new(model, tok, s["df"], lab, args))
+                    rows.setdefault(f"threads_{n}", []).append({"round": r, "dataset": name, "wall_s": wall,
+                                                                "cpu_s": cpu})
+                print(f"  threads {n}: wall {sum(x['wall_s'] for x in rows[f'threads_{n}'] if x['round'] == r):.1f}s",
+                      flush=True)
+    finally:
+        torch.set_num_threads(old)
+    return summary(rows, old="threads_1")
 
 
 def summary(rows: dict[str, list[dict]], old: str = "old", new: str = "new") -> dict:
@@ -232,7 +255,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = args.parts.split(",")
-    names = list(dict.fromkeys(args.datasets.split(",") + args.train_datasets.split(",")))
+    training = "training" in parts or ("dtype" in parts and args.dtype_training)
+    names = list(dict.fromkeys(args.datasets.split(",") + (args.train_datasets.split(",") if training else [])))
     sets = load_sets(args.data, names)
     models = {"float32": load_base_model(args.model)}
     if "dtype" in parts:
@@ -247,7 +271,8 @@ def main() -> None:
     runs = {"per_dataset": lambda: part_per_dataset(args, per, models),
             "training": lambda: part_training(args, sets, models),
             "budgets": lambda: part_budgets(args, per, models),
-            "dtype": lambda: part_dtype(args, per, models, sets)}
+            "dtype": lambda: part_dtype(args, per, models, sets),
+            "threads": lambda: part_threads(args, per, models)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for part in parts:
         print(part, flush=True)

@@ -1,7 +1,6 @@
 """The ensemble: per-dataset weights over the adapters, cheap boosting where a group's error stays high, and
 the results table (zero-shot, one adapter on all, grouped, + boosting, ensemble) on test."""
 
-import json
 import shutil
 import time
 
@@ -9,34 +8,23 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from grouplora.assets.adapters import adapter, train_examples
-from grouplora.assets.estimates import read_features
-from grouplora.assets.features import gradient_features, lora_model
-from grouplora.assets.partition import png_markdown
-from grouplora.assets.zero_shot import zero_shot_scores
-from grouplora.ml.atomic import atomic_dir, write_json, write_parquet
+from grouplora.ml.atomic import atomic_dir
 from grouplora.ml.boosting import boost_adapter_from_w, negative_gradient, ridge_boost, train_boost_adapter
 from grouplora.ml.ensemble import AdapterSpec, DatasetSpec, Ensemble, adapter_logprobs, dataset_methods, release
 from grouplora.ml.forward_mode import log_odds_from_logprobs
 from grouplora.ml.model import label_token_ids, model_fingerprint
 from grouplora.ml.plots import accuracy_table_png
 from grouplora.ml.projection import Projection
-from grouplora.orchestration.resources import (BaseModelResource, EnsembleSettings, GradientSettings, MlflowResource,
-                                               StorageResource, TrainingSettings, WarehouseResource)
+from grouplora.ml.scoring import accuracy
+from grouplora.orchestration.devices import GPU_OP_TAGS, GPU_POOL
+from grouplora.orchestration.resources import BaseModelResource, MlflowResource, WarehouseResource
+from grouplora.orchestration.settings import EnsembleSettings, GradientSettings, TrainingSettings
+from grouplora.orchestration.store import ArtifactStore, png_markdown
 
 METHODS = ["zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble"]
 
 
-def split_frame(storage: StorageResource, name: str, split: str) -> pd.DataFrame:
-    df = pd.read_parquet(storage.path("datasets", name))
-    return df[df["split"] == split].reset_index(drop=True)
-
-
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((logits.argmax(-1) == labels).mean())
-
-
-def boost_group(storage: StorageResource, base_model: BaseModelResource, gradient_settings: GradientSettings,
+def boost_group(store: ArtifactStore, base_model: BaseModelResource, gradient_settings: GradientSettings,
                 settings: EnsembleSettings, training_settings: TrainingSettings, group: dict, ens: Ensemble,
                 model, tokenizer, log) -> str:
     """One boosting round for a group whose adapter still errs, fit to that adapter's residuals.
@@ -48,26 +36,27 @@ def boost_group(storage: StorageResource, base_model: BaseModelResource, gradien
     members, key = group["members"], group["key"]
     logprobs, labels = [], []
     for name in members:  # the group adapter on its own train data
-        df = split_frame(storage, name, "train")
+        df = store.rows(name, "train")
         logprobs.append(adapter_logprobs(ens, model, tokenizer, name, df["prompt"].tolist(), [key])[0])
         labels.append(df["label_id"].to_numpy())
     release(model)  # the base goes back clean: the next steps add their own LoRA layers
-    name, out = f"boost_{key}", storage.path("adapters", f"boost_{key}", "")
+    name = f"boost_{key}"
+    out = store.adapter_dir(name)
     if settings.boost_mode == "trained":
         loss = np.concatenate([-lp[np.arange(len(y)), y] for lp, y in zip(logprobs, labels)])
-        train_boost_adapter((model, tokenizer), train_examples(storage, tokenizer, members), loss,
+        train_boost_adapter((model, tokenizer), store.examples(tokenizer, members), loss,
                             training_settings.config(), out)
         log.info(f"trained boosting adapter for {key}: mean current loss {loss.mean():.3f}")
         return name
     margins = np.concatenate([log_odds_from_logprobs(lp, y) for lp, y in zip(logprobs, labels)])
     residual = negative_gradient(margins)  # σ(−m): large where the adapter is still wrong
-    frame, X, feature_settings = read_features(storage, members)
+    frame, X, feature_settings = store.read_features(members)
     w = ridge_boost(X[frame["split"].to_numpy() == "train"], residual, settings.boost_lam)
-    theta0, _ = lora_model(base_model, gradient_settings)
+    theta0, _ = base_model.with_lora(gradient_settings)
     projection = Projection.for_model(theta0, d=gradient_settings.d, seed=gradient_settings.seed)
     if projection.checksum() != feature_settings["projection_checksum"]:
         raise dg.Failure("features were taken with another projection; re-materialize gradient_features")
-    theta0_dir = storage.path("adapters", f"theta0_{feature_settings['projection_checksum']}", "")
+    theta0_dir = store.adapter_dir(f"theta0_{feature_settings['projection_checksum']}")
     if not theta0_dir.exists():
         with atomic_dir(theta0_dir) as tmp:
             theta0.save_pretrained(str(tmp))
@@ -76,7 +65,7 @@ def boost_group(storage: StorageResource, base_model: BaseModelResource, gradien
     return name
 
 
-def fit_ensemble(storage: StorageResource, base_model: BaseModelResource, gradient_settings: GradientSettings,
+def fit_ensemble(store: ArtifactStore, base_model: BaseModelResource, gradient_settings: GradientSettings,
                  ensemble_settings: EnsembleSettings, training_settings: TrainingSettings, spec: dict, results: dict,
                  ens: Ensemble, model, tokenizer, log) -> tuple[list[dict], dict, dict, dict]:
     """Boost the groups that need it, fit each dataset's weights on validation, score every method on test.
@@ -86,25 +75,28 @@ def fit_ensemble(storage: StorageResource, base_model: BaseModelResource, gradie
     boosted: dict[str, str] = {}
     for g in groups:
         if results[g["key"]]["final_loss"] > ensemble_settings.boost_threshold and ensemble_settings.boost_rounds > 0:
-            name = boost_group(storage, base_model, gradient_settings, ensemble_settings, training_settings, g, ens,
+            name = boost_group(store, base_model, gradient_settings, ensemble_settings, training_settings, g, ens,
                                model, tokenizer, log)
-            ens.adapters.append(AdapterSpec(name, str(storage.path("adapters", name, "")), g["members"]))
+            ens.adapters.append(AdapterSpec(name, str(store.adapter_dir(name)), g["members"]))
             boosted[g["key"]] = name
 
     rows, weights, kept = [], {}, {}
     for n in spec["datasets"]:
-        val, test = split_frame(storage, n, "validation"), split_frame(storage, n, "test")
+        val, test = store.rows(n, "validation"), store.rows(n, "test")
         g = group_of[n]["key"]
         names = [g, baseline["key"]] + ([boosted[g]] if g in boosted else [])
         zv = adapter_logprobs(ens, model, tokenizer, n, val["prompt"].tolist(), names)
         zt = adapter_logprobs(ens, model, tokenizer, n, test["prompt"].tolist(), names)
         yv, yt = val["label_id"].to_numpy(), test["label_id"].to_numpy()
-        zs = pd.read_parquet(storage.path("zero_shot", n))
+        zs = store.zero_shot(n)
         zs_test = np.stack(zs[zs["split"] == "test"]["logprobs"].to_numpy())
+        zs_val = np.stack(zs[zs["split"] == "validation"]["logprobs"].to_numpy())
         scores, alpha, keep = dataset_methods(zv, yv, zt, yt, boosted=g in boosted)
         if keep is not None:
             kept[n] = keep
-        row = {"dataset": n, "zero_shot": accuracy(zs_test, yt), **scores}
+        row = {"dataset": n, "zero_shot": accuracy(zs_test, yt), **scores,
+               # the baselines on validation: promotion requires the ensemble to beat them (orchestration/registry)
+               "zero_shot_val": accuracy(zs_val, yv), "one_adapter_all_val": accuracy(zv[1], yv)}
         weights[n] = {k: float(v) for k, v in zip(names, alpha)}
         log.info(f"{n}: " + ", ".join(f"{k} {row[k]:.3f}" for k in METHODS))
         rows.append(row)
@@ -112,38 +104,39 @@ def fit_ensemble(storage: StorageResource, base_model: BaseModelResource, gradie
 
 
 @dg.asset(
-    deps=[adapter, zero_shot_scores, gradient_features],
+    deps=[dg.AssetKey("adapter"), dg.AssetKey("zero_shot_scores"), dg.AssetKey("gradient_features")],
     group_name="ensemble",
     kinds={"pytorch", "mlflow"},
     code_version="1",
     description="Per-dataset non-negative weights over the adapters (fit on validation), cheap boosting rounds, "
                 "and test accuracy of zero-shot, one adapter on all, grouped, + boosting and the ensemble.",
+    op_tags=GPU_OP_TAGS,  # loads the model
+    pool=GPU_POOL,
 )
-def ensemble(context: dg.AssetExecutionContext, storage: StorageResource, base_model: BaseModelResource,
+def ensemble(context: dg.AssetExecutionContext, store: ArtifactStore, base_model: BaseModelResource,
              gradient_settings: GradientSettings, ensemble_settings: EnsembleSettings,
              training_settings: TrainingSettings, mlflow_tracking: MlflowResource,
              warehouse: WarehouseResource) -> dg.MaterializeResult:
     start = time.perf_counter()
-    spec = json.loads(storage.path("partition", "task_partition", ".json").read_text())
+    spec = store.partition()
     groups, baseline = spec["groups"], spec["baseline"]
     results = {}
     for g in [*groups, baseline]:
-        path = storage.path("adapters", g["key"], ".result.json")
-        if not path.exists():
+        results[g["key"]] = store.adapter_result(g["key"])
+        if results[g["key"]] is None:
             raise dg.Failure(f"adapter {g['key']} ({', '.join(g['members'])}) is not trained yet")
-        results[g["key"]] = json.loads(path.read_text())
     model, tokenizer = base_model.load()
-    cards = {n: json.loads(storage.path("datasets", n, ".json").read_text()) for n in spec["datasets"]}
+    cards = {n: store.card(n) for n in spec["datasets"]}
     ens = Ensemble(
-        base_model=base_model.name, base_fingerprint=model_fingerprint(model),
-        adapters=[AdapterSpec(g["key"], str(storage.path("adapters", g["key"], "")), g["members"])
+        base_model=base_model.model_name(), base_fingerprint=model_fingerprint(model),
+        adapters=[AdapterSpec(g["key"], str(store.adapter_dir(g["key"])), g["members"])
                   for g in [*groups, baseline]],
         weights={}, datasets={n: DatasetSpec(c["label_words"], c["template"], label_token_ids(tokenizer, c["label_words"]))
                               for n, c in cards.items()},
         meta={"classes": {n: c["classes"] for n, c in cards.items()}, "partition": spec})
 
     try:
-        rows, weights, kept, boosted = fit_ensemble(storage, base_model, gradient_settings, ensemble_settings,
+        rows, weights, kept, boosted = fit_ensemble(store, base_model, gradient_settings, ensemble_settings,
                                                     training_settings, spec, results, ens, model, tokenizer,
                                                     context.log)
     finally:
@@ -153,17 +146,17 @@ def ensemble(context: dg.AssetExecutionContext, storage: StorageResource, base_m
     table = pd.DataFrame(rows).set_index("dataset")
     costs = method_costs(results, groups, baseline)
 
-    out = storage.path("ensemble", "current", "")
+    out = store.ensemble_dir()
     with atomic_dir(out) as tmp:  # a self-contained folder: JSON + copies of the adapters it uses
         for a in ens.adapters:
             shutil.copytree(a.path, tmp / a.name, ignore=shutil.ignore_patterns("checkpoints"))
             a.path = a.name
         ens.meta.update({"val_accuracy": float(table["ensemble_val"].mean()), "boost_kept": kept})
         ens.save(tmp / "ensemble.json")
-    write_parquet(table.reset_index(), storage.path("ensemble", "results"))
-    warehouse.register_parquet("ensemble_results", str(storage.path("ensemble", "results")))
+    results_path = store.write_ensemble_results(table.reset_index())
+    warehouse.register_parquet("ensemble_results", str(results_path))
     summary = table[METHODS].mean().rename("MEAN")
-    png = accuracy_table_png(table[METHODS].T, storage.path("ensemble", "results", ".png"),
+    png = accuracy_table_png(table[METHODS].T, store.png_path("ensemble", "results"),
                              title="Test accuracy per dataset")
     mlflow = mlflow_tracking.client_setup()
     with mlflow.start_run(run_name="ensemble") as run:
@@ -172,8 +165,9 @@ def ensemble(context: dg.AssetExecutionContext, storage: StorageResource, base_m
         mlflow.log_metric("val_accuracy", float(table["ensemble_val"].mean()))
         mlflow.log_artifact(str(png))
         mlflow.log_artifact(str(out / "ensemble.json"))
-    write_json({"mlflow_run_id": run.info.run_id, "val_accuracy": float(table["ensemble_val"].mean())},
-               storage.path("ensemble", "current", ".json"))
+    store.write_ensemble_info({"mlflow_run_id": run.info.run_id, "val_accuracy": float(table["ensemble_val"].mean()),
+                               "val_zero_shot": float(table["zero_shot_val"].mean()),
+                               "val_one_adapter_all": float(table["one_adapter_all_val"].mean())})
     md = table[METHODS].copy()
     md.loc["MEAN"] = summary
     return dg.MaterializeResult(metadata={

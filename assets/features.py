@@ -1,7 +1,5 @@
 """Gradient features: per example, f0 (log-odds of the gold label at θ0) and the projected LoRA gradient of f."""
 
-import copy
-import json
 import time
 from pathlib import Path
 
@@ -9,34 +7,19 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from grouplora.assets.datasets import dataset, dataset_partitions
-from grouplora.assets.meta_init import adapter_fingerprint, meta_init_adapter, meta_init_dir, read_meta_init
 from grouplora.ml.approx import SCALES, approximation_errors
-from grouplora.ml.atomic import atomic_path, write_json
 from grouplora.ml.features import compute_features
-from grouplora.ml.lora import add_lora, load_adapter
 from grouplora.ml.model import label_token_ids, model_fingerprint
 from grouplora.ml.plots import line_chart
 from grouplora.ml.projection import Projection
-from grouplora.orchestration.resources import (BaseModelResource, GradientSettings, MlflowResource, StorageResource,
-                                               WarehouseResource)
+from grouplora.orchestration.devices import GPU_OP_TAGS, GPU_POOL
+from grouplora.orchestration.partitions import dataset_partitions
+from grouplora.orchestration.resources import BaseModelResource, MlflowResource, WarehouseResource
+from grouplora.orchestration.settings import GradientSettings
+from grouplora.orchestration.store import DATASETS, FEATURES, META_FEATURES, ArtifactStore
 
 FEATURE_SPLITS = ("train", "validation")
-META_FEATURES = "features_meta"  # the storage folder of meta_gradient_features
-
-
-def lora_model(base_model: BaseModelResource, settings: GradientSettings, init_adapter: str | None = None):
-    """θ0: a private copy of the base model with fresh LoRA (B = 0) or a saved adapter: `init_adapter` when given,
-    else settings.init_adapter (e.g. the meta-initialization)."""
-    model, tokenizer = base_model.load()
-    model = copy.deepcopy(model)  # peft edits the model in place; the process-wide cached base stays clean
-    init = init_adapter or settings.init_adapter
-    if init:
-        return load_adapter(model, init), tokenizer
-    return add_lora(model, r=settings.lora_r, alpha=settings.lora_alpha, target_modules=settings.modules(),
-                    seed=settings.seed), tokenizer
 
 
 def features_table(df: pd.DataFrame, f0: np.ndarray, feats: np.ndarray) -> pa.Table:
@@ -50,18 +33,17 @@ def features_table(df: pd.DataFrame, f0: np.ndarray, feats: np.ndarray) -> pa.Ta
     })
 
 
-def take_features(context: dg.AssetExecutionContext, storage: StorageResource, warehouse: WarehouseResource,
+def take_features(context: dg.AssetExecutionContext, store: ArtifactStore, warehouse: WarehouseResource,
                   base_model: BaseModelResource, settings: GradientSettings, *, kind: str, view: str,
                   init_adapter: str = "") -> dg.MaterializeResult:
-    """One dataset partition's features at θ0 (fresh LoRA, or `init_adapter`), written to storage/<kind>/ with a
-    sidecar JSON naming θ0, and the DuckDB view `view` over every partition. The body of both feature assets."""
+    """One dataset partition's features at θ0 (fresh LoRA, or `init_adapter`), stored as `kind` with a sidecar
+    naming θ0, and the DuckDB view `view` over every partition. The body of both feature assets."""
     name = context.partition_key
-    df = pd.read_parquet(storage.path("datasets", name))
-    df = df[df["split"].isin(FEATURE_SPLITS)].reset_index(drop=True)
-    card = json.loads(storage.path("datasets", name, ".json").read_text())
+    df = store.rows(name, FEATURE_SPLITS)
+    card = store.card(name)
     theta0 = init_adapter or settings.init_adapter
-    theta0_fingerprint = adapter_fingerprint(Path(theta0)) if theta0 else ""
-    model, tokenizer = lora_model(base_model, settings, init_adapter or None)
+    theta0_fingerprint = store.adapter_fingerprint(Path(theta0)) if theta0 else ""
+    model, tokenizer = base_model.with_lora(settings, init_adapter or None)
     # B = 0 (fresh LoRA): the lora_B gradients only; a trained θ0 (B ≠ 0): lora_A's as well
     projection = Projection.for_model(model, d=settings.d, seed=settings.seed)
     include_a = any(n.endswith("lora_A") for n in projection.names)
@@ -74,14 +56,12 @@ def take_features(context: dg.AssetExecutionContext, storage: StorageResource, w
     seconds = time.perf_counter() - start
     if not np.isfinite(feats).all() or not np.isfinite(f0).all():
         raise dg.Failure(f"{name}: non-finite gradient features; nothing written")
-    with atomic_path(storage.path(kind, name)) as tmp:
-        pq.write_table(features_table(df, f0, feats), tmp)
     fp = model_fingerprint(model)
-    write_json({"d": projection.d, "seed": projection.seed, "projection_checksum": projection.checksum(),
-                "settings": fingerprint, "model_fingerprint": fp, "include_a": include_a,
-                "matrices": len(projection.names), "theta0": theta0 or "fresh_lora",
-                "theta0_fingerprint": theta0_fingerprint}, storage.path(kind, name, ".json"))
-    warehouse.register_parquet(view, storage.glob(kind), {"features": projection.d})
+    store.write_features(kind, name, features_table(df, f0, feats), {
+        "d": projection.d, "seed": projection.seed, "projection_checksum": projection.checksum(),
+        "settings": fingerprint, "model_fingerprint": fp, "include_a": include_a, "matrices": len(projection.names),
+        "theta0": theta0 or "fresh_lora", "theta0_fingerprint": theta0_fingerprint})
+    warehouse.register_parquet(view, store.parquet_glob(kind), {"features": projection.d})
     context.log.info(f"{name}: {len(df)} examples, d={projection.d}, include_a={include_a}, "
                      f"{len(df) / seconds:.1f} examples/s")
     return dg.MaterializeResult(metadata={
@@ -90,56 +70,60 @@ def take_features(context: dg.AssetExecutionContext, storage: StorageResource, w
         "theta0_fingerprint": theta0_fingerprint, "projection_checksum": projection.checksum(),
         "projection_bytes": projection.nbytes, "seconds": round(seconds, 2),
         "examples_per_s": round(len(df) / seconds, 2), "mean_f0": float(f0.mean()),
-        "feature_norm_median": float(np.median(np.linalg.norm(feats, axis=1)))})
+        "feature_norm_median": float(np.median(np.linalg.norm(feats, axis=1))), "dtype": base_model.dtype})
 
 
 @dg.asset(
     partitions_def=dataset_partitions,
-    deps=[dataset],
+    deps=[dg.AssetKey("dataset")],
     group_name="features",
     kinds={"pytorch", "parquet", "duckdb"},
     code_version="1",
     description="Per train/validation example: f0 and the LoRA gradient of f projected to d dims (one backward per batch).",
+    op_tags=GPU_OP_TAGS,  # loads the model
+    pool=GPU_POOL,
 )
-def gradient_features(context: dg.AssetExecutionContext, storage: StorageResource, warehouse: WarehouseResource,
+def gradient_features(context: dg.AssetExecutionContext, store: ArtifactStore, warehouse: WarehouseResource,
                       base_model: BaseModelResource, gradient_settings: GradientSettings) -> dg.MaterializeResult:
-    return take_features(context, storage, warehouse, base_model, gradient_settings, kind="features",
+    return take_features(context, store, warehouse, base_model, gradient_settings, kind=FEATURES,
                          view="gradient_features")
 
 
 @dg.asset(
     partitions_def=dataset_partitions,
-    deps=[dataset, meta_init_adapter],
+    deps=[dg.AssetKey("dataset"), dg.AssetKey("meta_init_adapter")],
     group_name="features",
     kinds={"pytorch", "parquet", "duckdb"},
     code_version="1",
     description="gradient_features at θ0 = the meta-initialization adapter (B ≠ 0: lora_A and lora_B gradients), "
                 "for choosing auxiliary datasets (target_selection); DuckDB view meta_gradient_features.",
+    op_tags=GPU_OP_TAGS,  # loads the model
+    pool=GPU_POOL,
 )
-def meta_gradient_features(context: dg.AssetExecutionContext, storage: StorageResource, warehouse: WarehouseResource,
+def meta_gradient_features(context: dg.AssetExecutionContext, store: ArtifactStore, warehouse: WarehouseResource,
                            base_model: BaseModelResource, gradient_settings: GradientSettings) -> dg.MaterializeResult:
-    read_meta_init(storage)  # a clear failure when the adapter is missing
-    return take_features(context, storage, warehouse, base_model, gradient_settings, kind=META_FEATURES,
-                         view="meta_gradient_features", init_adapter=str(meta_init_dir(storage)))
+    store.meta_init()  # a clear failure when the adapter is missing
+    return take_features(context, store, warehouse, base_model, gradient_settings, kind=META_FEATURES,
+                         view="meta_gradient_features", init_adapter=str(store.meta_init_dir()))
 
 
 @dg.asset(
-    deps=[dataset],
+    deps=[dg.AssetKey("dataset")],
     group_name="features",
     kinds={"pytorch", "mlflow"},
     code_version="1",
     description="First-order approximation error |f(θ0+Δ) − f0 − gᵀΔ| / |f(θ0+Δ)| for random LoRA perturbations.",
+    op_tags=GPU_OP_TAGS,  # loads the model
+    pool=GPU_POOL,
 )
-def approximation_error(context: dg.AssetExecutionContext, storage: StorageResource, base_model: BaseModelResource,
+def approximation_error(context: dg.AssetExecutionContext, store: ArtifactStore, base_model: BaseModelResource,
                         gradient_settings: GradientSettings, mlflow_tracking: MlflowResource) -> dg.MaterializeResult:
-    names = sorted(p.stem for p in storage.folder("datasets").glob("*.parquet"))
-    model, tokenizer = lora_model(base_model, gradient_settings)
+    names = store.stored(DATASETS)
+    model, tokenizer = base_model.with_lora(gradient_settings)
     rows = []
     for name in names[:4]:  # a few real examples from a few datasets: the full gradient per example is costly
-        df = pd.read_parquet(storage.path("datasets", name))
-        df = df[df["split"] == "validation"].head(4)
-        card = json.loads(storage.path("datasets", name, ".json").read_text())
-        label_ids = label_token_ids(tokenizer, card["label_words"])
+        df = store.rows(name, "validation").head(4)
+        label_ids = label_token_ids(tokenizer, store.card(name)["label_words"])
         for row in approximation_errors(model, tokenizer, df["prompt"].tolist(), df["label_id"].tolist(), label_ids,
                                         scales=SCALES, n_draws=2, seed=gradient_settings.seed,
                                         max_length=base_model.max_length):
@@ -148,12 +132,12 @@ def approximation_error(context: dg.AssetExecutionContext, storage: StorageResou
     summary = table.groupby("scale")[["mean_rel_error", "median_rel_error"]].mean().reset_index()
     png = line_chart(summary["scale"].tolist(), {"mean": summary["mean_rel_error"].tolist(),
                                                  "median": summary["median_rel_error"].tolist()},
-                     storage.path("reports", "approximation_error", ".png"),
+                     store.png_path("reports", "approximation_error"),
                      title="First-order approximation error", xlabel="perturbation scale (relative norm)",
                      ylabel="|f(θ0+Δ) − f0 − gᵀΔ| / |f(θ0+Δ)|")
-    table.to_csv(storage.path("reports", "approximation_error", ".csv"), index=False)
+    store.write_report_csv("approximation_error", table)
     mlflow = mlflow_tracking.client_setup()
-    with mlflow.start_run(run_name="approximation_error") as run:
+    with mlflow.start_run(run_name="approximation_error", tags={"dagster.run_id": context.run.run_id}) as run:
         mlflow.log_params({"settings": gradient_settings.fingerprint(), "datasets": ",".join(names[:4])})
         for r in summary.itertuples():
             mlflow.log_metric("mean_rel_error", r.mean_rel_error, step=int(round(r.scale * 1000)))

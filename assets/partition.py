@@ -1,6 +1,5 @@
 """The task partition: datasets grouped by estimated affinity (SDP or spectral clustering), one adapter per group."""
 
-import base64
 import hashlib
 import time
 
@@ -8,13 +7,12 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from grouplora.ml.atomic import write_json
-from grouplora.ml.clustering import affinity_matrix_from, choose_m, partition_objective, sdp_cluster, spectral_cluster, symmetrize
+from grouplora.ml.clustering import affinity_matrix_from, partition_datasets
 from grouplora.ml.plots import affinity_heatmap
-from grouplora.orchestration.resources import (DatasetSourceResource, PartitionSettings, StorageResource,
-                                               TrainingSettings, WarehouseResource)
-
-adapter_partitions = dg.DynamicPartitionsDefinition(name="adapters")
+from grouplora.orchestration.partitions import adapter_partitions
+from grouplora.orchestration.resources import BaseModelResource, DatasetSourceResource, WarehouseResource
+from grouplora.orchestration.settings import PartitionSettings, TrainingSettings
+from grouplora.orchestration.store import ArtifactStore, png_markdown
 
 
 def affinity_matrix(warehouse: WarehouseResource, column: str = "affinity_neg_loss") -> tuple[np.ndarray, list[str]]:
@@ -28,16 +26,12 @@ def affinity_matrix(warehouse: WarehouseResource, column: str = "affinity_neg_lo
     return affinity_matrix_from(df)
 
 
-def group_key(kind: str, members: list[str], versions: dict[str, str], training: str) -> str:
-    """Stable adapter key: the members, their data versions and the training settings. An unchanged group
-    keeps its key, so its adapter partition is already materialized and is never retrained."""
-    blob = "|".join([kind, training, *[f"{m}={versions[m]}" for m in sorted(members)]])
+def group_key(kind: str, members: list[str], versions: dict[str, str], training: str, numerics: str) -> str:
+    """Stable adapter key: the members, their data versions, the training settings (batch size included) and the
+    base model's numerics (dtype, device type). An unchanged group keeps its key, so its adapter partition is
+    already materialized and is never retrained."""
+    blob = "|".join([kind, training, numerics, *[f"{m}={versions[m]}" for m in sorted(members)]])
     return f"{kind}_{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-
-
-def png_markdown(path) -> dg.MetadataValue:
-    data = base64.b64encode(open(path, "rb").read()).decode()
-    return dg.MetadataValue.md(f"![{path.name}](data:image/png;base64,{data})")
 
 
 @dg.asset(
@@ -48,39 +42,34 @@ def png_markdown(path) -> dg.MetadataValue:
     description="Datasets partitioned into m groups by clustering the symmetrized task-affinity matrix; "
                 "registers one adapter partition per group plus the all-datasets baseline.",
 )
-def task_partition(context: dg.AssetExecutionContext, storage: StorageResource, warehouse: WarehouseResource,
+def task_partition(context: dg.AssetExecutionContext, store: ArtifactStore, warehouse: WarehouseResource,
                    sources: DatasetSourceResource, partition_settings: PartitionSettings,
-                   training_settings: TrainingSettings) -> dg.MaterializeResult:
+                   training_settings: TrainingSettings, base_model: BaseModelResource) -> dg.MaterializeResult:
     start = time.perf_counter()
     T, names = affinity_matrix(warehouse)
     ps = partition_settings
-    A = symmetrize(T, normalize=ps.normalize)
-    n = len(names)
-    if ps.m > 0:
-        m, scores = min(ps.m, n), None
-    else:
-        m, scores = choose_m(A, range(2, max(2, min(ps.max_m, n - 1)) + 1), clusterer=ps.method, seed=ps.seed)
-    if ps.method == "sdp":
-        result = sdp_cluster(A, m, seed=ps.seed)
-        labels, relaxed = result.labels, float(result.objective)
-    else:
-        labels, relaxed = spectral_cluster(A, m, seed=ps.seed), float("nan")
+    part = partition_datasets(T, names, m=ps.m, max_m=ps.max_m, method=ps.method, normalize=ps.normalize,
+                              seed=ps.seed)
+    m, scores = part.m, part.m_scores
+    relaxed = float(part.sdp.objective) if part.sdp is not None else float("nan")
+    files = sources.files()
+    gone = [name for name in names if name not in files]
+    if gone:  # their partitions are still registered: `grouplora run` and the sensor delete them
+        raise dg.Failure(f"dataset(s) {', '.join(gone)} have gradient features but no usable file in {sources.root()} "
+                         "any more (removed?): delete their dataset partitions, then rerun the suite")
     versions = {name: sources.version(name) for name in names}
-    training = training_settings.fingerprint()
-    groups = []
-    for g in range(m):
-        members = [names[i] for i in np.flatnonzero(labels == g)]
-        groups.append({"key": group_key("g", members, versions, training), "members": members, "kind": "group"})
-    baseline = {"key": group_key("all", names, versions, training), "members": names, "kind": "baseline"}
+    training, numerics = training_settings.fingerprint(), base_model.numerics()
+    groups = [{"key": group_key("g", members, versions, training, numerics), "members": members, "kind": "group"}
+              for members in part.groups]
+    baseline = {"key": group_key("all", names, versions, training, numerics), "members": names, "kind": "baseline"}
     spec = {"datasets": names, "m": int(m), "method": ps.method, "normalize": ps.normalize,
-            "objective": partition_objective(A, labels), "relaxed_objective": relaxed,
+            "objective": part.objective, "relaxed_objective": relaxed,
             "groups": groups, "baseline": baseline, "versions": versions}
-    for g in [*groups, baseline]:  # each adapter partition reads its own spec: later partitions don't disturb it
-        write_json({**g, "versions": {k: versions[k] for k in g["members"]}, "training": training},
-                   storage.path("adapters", g["key"], ".json"))
-    write_json(spec, storage.path("partition", "task_partition", ".json"))
-    png = affinity_heatmap(T, names, labels, title=f"Task affinity: mean est. −loss of target i over subsets with j ({ps.method})",
-                           path=storage.path("partition", "affinity_heatmap", ".png"))
+    store.write_partition(spec, [{**g, "versions": {k: versions[k] for k in g["members"]}, "training": training,
+                                  "numerics": numerics} for g in [*groups, baseline]])
+    png = affinity_heatmap(T, names, part.labels,
+                           title=f"Task affinity: mean est. −loss of target i over subsets with j ({ps.method})",
+                           path=store.png_path("partition", "affinity_heatmap"))
     keys = [g["key"] for g in groups] + [baseline["key"]]
     new = [k for k in keys if not context.instance.has_dynamic_partition(adapter_partitions.name, k)]
     if new:

@@ -13,49 +13,39 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
-import pandas as pd
 
-from grouplora.assets.datasets import current_datasets, dataset_partitions
-from grouplora.assets.estimates import read_features
-from grouplora.assets.features import META_FEATURES, meta_gradient_features
-from grouplora.assets.meta_init import read_meta_init
-from grouplora.assets.partition import png_markdown
-from grouplora.ml.atomic import atomic_path, write_json, write_parquet
 from grouplora.ml.data_format import validate_name
 from grouplora.ml.estimation import FeatureSet
 from grouplora.ml.model import model_fingerprint
 from grouplora.ml.plots import bar_chart
 from grouplora.ml.selection import Selection, mean_hidden_state, select_auxiliaries
-from grouplora.orchestration.resources import (BaseModelResource, MlflowResource, SelectionSettings, StorageResource,
-                                               WarehouseResource)
+from grouplora.orchestration.devices import GPU_OP_TAGS, GPU_POOL
+from grouplora.orchestration.partitions import dataset_partitions
+from grouplora.orchestration.resources import BaseModelResource, MlflowResource, WarehouseResource
+from grouplora.orchestration.settings import SelectionSettings
+from grouplora.orchestration.store import META_FEATURES, ArtifactStore, png_markdown
 
-HIDDEN = "hidden_states"  # storage folder: one cached mean hidden state per dataset
 
-
-def dataset_hidden_states(storage: StorageResource, base_model: BaseModelResource, names: list[str],
+def dataset_hidden_states(store: ArtifactStore, base_model: BaseModelResource, names: list[str],
                           max_examples: int) -> tuple[dict[str, np.ndarray], list[str]]:
     """({dataset: mean answer-position hidden state of the base model over its first `max_examples` train
-    prompts}, the names computed now). Cached in storage/hidden_states/<name>.npz under a key of the model's
-    fingerprint, max_length and the prompts themselves, so other targets (and unchanged reruns) read it back."""
+    prompts}, the names computed now). Cached in the store under a key of the model's fingerprint, max_length
+    and the prompts themselves, so other targets (and unchanged reruns) read it back."""
     model, tokenizer = base_model.load()
     fingerprint = model_fingerprint(model)
     out, computed = {}, []
     for name in names:
-        df = pd.read_parquet(storage.path("datasets", name), columns=["prompt", "split"])
-        prompts = df.loc[df["split"] == "train", "prompt"].head(max_examples).tolist()
+        prompts = store.rows(name, "train", ["prompt"])["prompt"].head(max_examples).tolist()
         if not prompts:
             continue
         key = hashlib.sha256(json.dumps([fingerprint, base_model.max_length, prompts]).encode()).hexdigest()[:16]
-        path = storage.path(HIDDEN, name, ".npz")
-        if path.exists():
-            with np.load(path) as cached:
-                if str(cached["key"]) == key:
-                    out[name] = cached["mean"]
-                    continue
+        cached = store.hidden_state(name, key)
+        if cached is not None:
+            out[name] = cached
+            continue
         out[name] = mean_hidden_state(model, tokenizer, prompts, batch_size=base_model.batch_size,
                                       max_length=base_model.max_length)
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, mean=out[name], key=np.array(key))
+        store.write_hidden_state(name, key, out[name])
         computed.append(name)
     return out, computed
 
@@ -78,33 +68,35 @@ def selection_chart(selection: Selection, path: Path) -> Path:
 @dg.asset(
     partitions_def=dataset_partitions,
     # The partition key is the target; every target reads every dataset's meta features.
-    deps=[dg.AssetDep(meta_gradient_features, partition_mapping=dg.AllPartitionMapping())],
+    deps=[dg.AssetDep(dg.AssetKey("meta_gradient_features"), partition_mapping=dg.AllPartitionMapping())],
     group_name="selection",
     kinds={"numpy", "parquet", "duckdb", "mlflow"},
     code_version="1",
     description="Auxiliary datasets for one target (the partition key), estimated from meta_gradient_features: "
                 "random-ensemble score per auxiliary, forward stepwise selection, and the none / all / gradient "
                 "cosine / hidden-state cosine baselines; scores table (DuckDB view target_selection) and bar chart.",
+    op_tags=GPU_OP_TAGS,  # loads the model
+    pool=GPU_POOL,
 )
-def target_selection(context: dg.AssetExecutionContext, storage: StorageResource, warehouse: WarehouseResource,
+def target_selection(context: dg.AssetExecutionContext, store: ArtifactStore, warehouse: WarehouseResource,
                      base_model: BaseModelResource, selection_settings: SelectionSettings,
                      mlflow_tracking: MlflowResource) -> dg.MaterializeResult:
     target = validate_name(context.partition_key, "target dataset name")
     s = selection_settings
-    names = current_datasets(context, storage, META_FEATURES)
+    names = store.current_datasets(context, META_FEATURES)
     if target not in names:
         raise dg.Failure(f"target {target!r} has no meta_gradient_features (have: {names}); materialize them first")
     if len(names) < 2:
         raise dg.Failure(f"no auxiliary datasets besides {target!r}: need meta features of at least two datasets")
-    meta = read_meta_init(storage)
-    frame, X, feature_settings = read_features(storage, names, META_FEATURES)
+    meta = store.meta_init()
+    frame, X, feature_settings = store.read_features(names, META_FEATURES)
     if feature_settings.get("theta0_fingerprint") != meta["fingerprint"]:
         raise dg.Failure(f"meta_gradient_features were taken at meta-init adapter "
                          f"{feature_settings.get('theta0_fingerprint')!r}, the current one is {meta['fingerprint']!r}: "
                          "re-materialize meta_gradient_features for all datasets")
     features = FeatureSet.from_frame(frame, X)
     start = time.perf_counter()
-    hidden, computed = dataset_hidden_states(storage, base_model, names, s.hidden_max_examples)
+    hidden, computed = dataset_hidden_states(store, base_model, names, s.hidden_max_examples)
     hidden_seconds = time.perf_counter() - start
     start = time.perf_counter()
     try:
@@ -118,15 +110,13 @@ def target_selection(context: dg.AssetExecutionContext, storage: StorageResource
 
     table = selection.table()
     table.insert(0, "target", target)
-    parquet = write_parquet(table, storage.path("selection", target))
-    record = write_json({"target": target, "datasets": names, "chosen": selection.chosen,
-                         "methods": methods.to_dict(orient="records"),
-                         "forward_path": selection.forward_path.to_dict(orient="records"),
-                         "settings": selection.settings, "meta_init_fingerprint": meta["fingerprint"],
-                         "projection_checksum": feature_settings["projection_checksum"]},
-                        storage.path("selection", target, ".json"))
-    warehouse.register_parquet("target_selection", storage.glob("selection"))
-    png = selection_chart(selection, storage.path("selection", target, ".png"))
+    parquet, record = store.write_selection(target, table, {
+        "target": target, "datasets": names, "chosen": selection.chosen,
+        "methods": methods.to_dict(orient="records"), "forward_path": selection.forward_path.to_dict(orient="records"),
+        "settings": selection.settings, "meta_init_fingerprint": meta["fingerprint"],
+        "projection_checksum": feature_settings["projection_checksum"]})
+    warehouse.register_parquet("target_selection", store.parquet_glob("selection"))
+    png = selection_chart(selection, store.png_path("selection", target))
 
     mlflow = mlflow_tracking.client_setup()
     with mlflow.start_run(run_name=f"target_selection {target}") as run:

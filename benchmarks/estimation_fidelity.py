@@ -4,7 +4,8 @@ fine-tune a LoRA on each, and compare every member dataset's validation loss and
 One process: (1) θ0 = base + fresh LoRA, projected gradient features of every train + validation example;
 (2) estimate the subsets (regularised logistic fit per subset, scored under f = f0 + gᵀw); (3) fine-tune a fresh
 LoRA per subset with train_adapter (same r, alpha, targets and seed as θ0) and score its real log-odds f;
-(4) compare on the SAME definitions: loss = mean log(1 + exp(−f)), accuracy = mean(f > 0).
+(4) compare on the SAME definitions: loss = mean log(1 + exp(−f)), accuracy = mean(f > 0). The fine-tunes,
+the estimates, the error table and the choice of λ are ml.calibration's (the pipeline's calibration step).
 
 λ is not tuned on the subsets that are reported: the first --n-calibration subsets are fine-tuned too, λ is the
 grid value with the lowest mean relative loss error on them, and only the other --n-subsets are scored.
@@ -34,21 +35,20 @@ from typing import Iterator, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import spearmanr
 
+from grouplora.ml.calibration import (LAM_GRID, change_spearman, choose_lam, error_table, finetune_subset,  # noqa: F401
+                                      member_estimates as estimates, metrics, pair_table, unchanged as zero_shot)
 from grouplora.ml.data_format import classes_for, discover, load_dataset, load_suite_config
-from grouplora.ml.estimation import FeatureSet, score, solve_subsets
+from grouplora.ml.estimation import FeatureSet
 from grouplora.ml.features import compute_features
-from grouplora.ml.forward_mode import log_odds_from_logprobs
+from grouplora.ml.folds import weights_fold_mask
 from grouplora.ml.lora import add_lora, load_adapter
 from grouplora.ml.model import label_token_ids, load_base_model
 from grouplora.ml.projection import Projection
-from grouplora.ml.scoring import predict_logprobs
 from grouplora.ml.subsets import Subset, make_subsets
-from grouplora.ml.training import TrainConfig, TrainExample, train_adapter
+from grouplora.ml.training import TrainConfig, TrainExample
 
 ROOT = Path(__file__).resolve().parents[1]
-LAM_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -63,6 +63,16 @@ class Data:
     train: pd.DataFrame  # columns prompt, label_id
     val: pd.DataFrame
     test: pd.DataFrame | None = None
+    select: pd.DataFrame | None = None  # validation's selection fold (split_folds): checkpoints, λ, boosting
+    weights: pd.DataFrame | None = None  # validation's weights fold: the ensemble weights only
+
+
+def split_folds(data: list[Data], *, weights_share: float = 0.5, seed: int = 0) -> list[Data]:
+    """Fill each dataset's select / weights folds of validation (ml.folds: label-stratified, deterministic)."""
+    for d in data:
+        mask = weights_fold_mask(d.val["label_id"].to_numpy(), weights_share=weights_share, seed=seed)
+        d.select, d.weights = d.val[~mask].reset_index(drop=True), d.val[mask].reset_index(drop=True)
+    return data
 
 
 def data_folder(args: argparse.Namespace) -> Path:
@@ -123,10 +133,10 @@ def restored_grads(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(flags.get(n, p.requires_grad))
 
 
-def extract(model, tok, data: list[Data], cfg: TrainConfig, args, init_adapter: Path | None = None
-            ) -> tuple[FeatureSet, float]:
-    """(features of every train + val example at θ0, seconds). θ0's LoRA is the one train_adapter starts from:
-    fresh (B = 0, features of the B gradients) or init_adapter (a meta-initialization: A and B gradients)."""
+def extract(model, tok, data: list[Data], cfg: TrainConfig, args, init_adapter: Path | None = None,
+            val_split: str = "val") -> tuple[FeatureSet, float]:
+    """(features of every train + `val_split` example at θ0, seconds). θ0's LoRA is the one train_adapter starts
+    from: fresh (B = 0, features of the B gradients) or init_adapter (a meta-initialization: A and B gradients)."""
     sync(args.device)
     t0 = time.perf_counter()
     train, val = {}, {}
@@ -137,7 +147,7 @@ def extract(model, tok, data: list[Data], cfg: TrainConfig, args, init_adapter: 
         try:
             proj = Projection.for_model(peft, d=args.d, seed=args.seed)
             for ds in data:
-                for split, frame, out in (("train", ds.train, train), ("val", ds.val, val)):
+                for split, frame, out in (("train", ds.train, train), ("val", getattr(ds, val_split), val)):
                     out[ds.name] = compute_features(peft, tok, frame["prompt"].tolist(), frame["label_id"].tolist(),
                                                     ds.label_ids, proj, batch_size=args.feature_batch_size,
                                                     max_length=args.max_length)
@@ -147,109 +157,32 @@ def extract(model, tok, data: list[Data], cfg: TrainConfig, args, init_adapter: 
     return FeatureSet.from_arrays(train, val), time.perf_counter() - t0
 
 
-def real_log_odds(model, tok, ds: Data, args) -> np.ndarray:
-    """Gold-label log-odds f of the fine-tuned model on ds's validation split."""
-    lp = predict_logprobs(model, tok, ds.val["prompt"].tolist(), ds.label_ids, batch_size=args.eval_batch_size,
-                          max_length=args.max_length)
-    return log_odds_from_logprobs(lp, ds.val["label_id"].to_numpy())
+def examples_of(ds: Data, split: str) -> list[TrainExample]:
+    frame = getattr(ds, split)
+    return [TrainExample(p, int(y), tuple(ds.label_ids)) for p, y in zip(frame["prompt"], frame["label_id"])]
 
 
 def finetune(model, tok, by_name: dict[str, Data], subset: Subset, cfg: TrainConfig, args, tmp: Path,
              init_adapter: Path | None = None) -> dict:
-    """Fine-tune a LoRA (fresh, or from init_adapter) on the subset's train examples; real val loss/accuracy
-    of every member."""
-    examples = [TrainExample(p, int(y), tuple(by_name[m].label_ids))
-                for m in subset.members for p, y in zip(by_name[m].train["prompt"], by_name[m].train["label_id"])]
-    out_dir = tmp / subset.id  # fresh folder: train_adapter would otherwise resume a finished run
+    """ml.calibration.finetune_subset on a fresh folder (a finished one would be returned as it is): the
+    subset's real fine-tune and its members' real validation loss/accuracy under "true"."""
+    members = {m: by_name[m] for m in subset.members}
     sync(args.device)
     t0 = time.perf_counter()
-    res = train_adapter((model, tok), examples, cfg, out_dir, init_adapter=init_adapter)
+    r = finetune_subset(model, tok, subset, {m: examples_of(d, "train") for m, d in members.items()},
+                        {m: examples_of(d, "val") for m, d in members.items()}, cfg, tmp / subset.id,
+                        init_adapter=init_adapter, eval_batch_size=args.eval_batch_size)
     sync(args.device)
-    wall = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    true = {}
-    with restored_grads(model):
-        pm = load_adapter(model, out_dir).eval()
-        try:
-            for m in subset.members:
-                f = real_log_odds(pm, tok, by_name[m], args)
-                true[m] = {"loss": float(np.logaddexp(0.0, -f).mean()), "accuracy": float((f > 0).mean())}
-        finally:
-            pm.unload()
-    sync(args.device)
-    return {"train_s": res.seconds, "train_wall_s": wall, "eval_s": time.perf_counter() - t1, "steps": res.steps,
-            "n_train": len(examples), "final_train_loss": res.final_loss, "true": true}
+    return {**r, "train_wall_s": time.perf_counter() - t0 - r["eval_s"]}
 
 
 # ---------------------------------------------------------------------------------------- estimate side
 
 
-def estimates(features: FeatureSet, subsets: Sequence[Subset], lam: float) -> tuple[pd.DataFrame, float, bool]:
-    """(est rows for members only, seconds for fit + score, all converged)."""
-    t0 = time.perf_counter()
-    fit = solve_subsets(features, subsets, lam=lam)
-    df = score(features, subsets, fit.W)
-    secs = time.perf_counter() - t0
-    return df[df["in_subset"]].reset_index(drop=True), secs, bool(fit.converged.all())
-
-
-def zero_shot(features: FeatureSet) -> dict[str, dict[str, float]]:
-    """θ0's own val loss/accuracy per dataset (f = f0): the naive 'nothing changes' estimate."""
-    return {n: {"loss": float(np.logaddexp(0.0, -s.f0).mean()), "accuracy": float((s.f0 > 0).mean())}
-            for n, s in features.val.items()}
-
-
-def pair_table(est: pd.DataFrame, runs: dict[str, dict], zs: dict, subsets: Sequence[Subset]) -> pd.DataFrame:
-    """One row per (subset, member): zero-shot, estimated and true loss/accuracy."""
-    e = est.set_index(["subset_id", "dataset"])
-    rows = []
-    for s in subsets:
-        for m in s.members:
-            t = runs[s.id]["true"][m]
-            rows.append({"subset_id": s.id, "members": list(s.members), "dataset": m,
-                         "zero_shot_loss": zs[m]["loss"], "est_loss": float(e.loc[(s.id, m), "est_loss"]),
-                         "true_loss": t["loss"], "zero_shot_accuracy": zs[m]["accuracy"],
-                         "est_accuracy": float(e.loc[(s.id, m), "est_accuracy"]), "true_accuracy": t["accuracy"]})
-    return pd.DataFrame(rows)
-
-
-def metrics(pairs: pd.DataFrame, col: str = "est") -> dict[str, float]:
-    """Fidelity of `col`_loss / `col`_accuracy against the true values over all (subset, member) pairs."""
-    true_l, est_l = pairs["true_loss"].to_numpy(), pairs[f"{col}_loss"].to_numpy()
-    rel = np.abs(est_l - true_l) / true_l
-    rho = spearmanr(est_l, true_l).statistic if len(pairs) > 2 else float("nan")
-    return {"mean_relative_error_loss": float(rel.mean()), "median_relative_error_loss": float(np.median(rel)),
-            "spearman_loss": float(rho),
-            "mean_abs_error_accuracy": float(np.abs(pairs[f"{col}_accuracy"] - pairs["true_accuracy"]).mean())}
-
-
-def change_spearman(pairs: pd.DataFrame) -> float:
-    """Does the estimate predict the CHANGE from θ0? Spearman of (est − zero-shot) vs (true − zero-shot)."""
-    if len(pairs) < 3:
-        return float("nan")
-    return float(spearmanr(pairs["est_loss"] - pairs["zero_shot_loss"],
-                           pairs["true_loss"] - pairs["zero_shot_loss"]).statistic)
-
-
 def lam_search(features, cal: list[Subset], ev: list[Subset], runs, zs, grid) -> tuple[float, list[dict]]:
     """Choose λ on the calibration subsets only; the eval errors per λ are recorded, never used to choose."""
-    table = []
-    for lam in grid:
-        try:
-            est, _, conv = estimates(features, cal + ev, lam)
-        except FloatingPointError as e:  # λ too small for these features
-            table.append({"lam": lam, "error": str(e)})
-            continue
-        row = {"lam": lam, "converged": conv}
-        for role, subs in (("calibration", cal), ("eval", ev)):
-            if subs:
-                row[role] = metrics(pair_table(est, runs, zs, subs))
-        table.append(row)
-    ok = [r for r in table if "calibration" in r]
-    if not ok:
-        raise RuntimeError("no λ in the grid could be solved")
-    best = min(ok, key=lambda r: r["calibration"]["mean_relative_error_loss"])
-    return best["lam"], table
+    table = error_table(features, {k: v["true"] for k, v in runs.items()}, grid, {"calibration": cal, "eval": ev})
+    return choose_lam(table), table
 
 
 # --------------------------------------------------------------------------------------------------- run
@@ -327,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     need = args.n_subsets + args.n_calibration
     print(f"{len(data)} datasets from {folder} ({len(skipped)} skipped), model loaded in {load_s:.1f} s", flush=True)
     cfg = TrainConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj"), lr=args.lr, epochs=args.epochs,
-                      batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
+                      batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+                      warmup_ratio=0.0)
 
     features, extract_s = extract(model, tok, data, cfg, args)
     print(f"features of {sum(len(d.train) + len(d.val) for d in data)} examples in {extract_s:.1f} s", flush=True)

@@ -5,18 +5,24 @@ under <work>, so a rerun — e.g. after a time limit — resumes where it stoppe
 
   zero_shot     base model test accuracy per dataset
   all_s<seed>   one LoRA adapter on all datasets (seed 0 is also the meta-initialization θ*)
-  features      projected gradient features of every train + val example at θ* (A and B gradients)
-  affinity      GradEx estimates of singletons, pairs and random subsets → subset_affinity (the pipeline's SQL
-                model, run by DuckDB) → symmetrized affinity → number of groups and SDP partition
+  features      projected gradient features at θ* (A and B gradients) of every train + selection-fold example
+  calibration   λ: a few random subsets really fine-tuned from θ*, the estimator's error per λ (ml.calibration)
+  affinity      GradEx estimates (at the calibrated λ) of singletons, pairs and random subsets → subset_affinity
+                (the pipeline's SQL model, run by DuckDB; it averages the random subsets) → symmetrized affinity
+                → number of groups and SDP partition
   choice        per target: GradEx auxiliary selection (random ensemble, forward stepwise) and the baselines'
                 choices (none, all, gradient cosine, hidden-state cosine)
   then per seed (all_s<k> for k > 0):
-  methods_s<k>  one adapter per dataset, grouped adapters, boosting adapters, QLoRA on all, the ensemble;
-                test accuracy per dataset and method, training FLOPs and peak memory
+  methods_s<k>  one adapter per dataset, grouped adapters, boosting rounds (ml.boosting), QLoRA on all, the ACL
+                ensemble (ml.ensemble.score_dataset); test accuracy per dataset and method, training FLOPs,
+                optimizer steps and peak memory
   selection_s<k> each target + each method's auxiliaries fine-tuned; the target's test accuracy
-  fidelity      (after the first seed) estimates vs real fine-tuning from θ* on random subsets (λ chosen on
-                calibration subsets)
+  fidelity      (after the first seed) estimates at the calibrated λ vs real fine-tuning from θ* on further
+                random subsets
   approx        first-order approximation error against perturbation scale, at fresh LoRA and at θ*
+
+Validation is split once per dataset (ml.folds): the selection fold chooses checkpoints (best epoch), λ, the
+partition and boosting rounds; the weights fold fits the ensemble weights only; test is only reported.
 
     python benchmarks/suite.py --model tiny --preset demo --work var/suite-smoke --max-train 8 --max-val 4 \\
         --max-test 8 --seeds 0 --n-random 20 --n-fidelity 8 --n-calibration 1 --targets rotten_tomatoes
@@ -33,67 +39,41 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chain import Work, affinity_stage  # noqa: E402
 from estimation_fidelity import (ROOT, Data, _jsonable, change_spearman, data_folder, estimates, extract,  # noqa: E402
-                                 finetune, lam_search, load_data, machine, metrics, pair_table, restored_grads,
+                                 finetune, load_data, machine, metrics, pair_table, restored_grads, split_folds,
                                  zero_shot)
 
 from grouplora.ml.approx import SCALES, approximation_errors  # noqa: E402
-from grouplora.ml.boosting import train_boost_adapter  # noqa: E402
-from grouplora.ml.clustering import affinity_matrix_from, choose_m, sdp_cluster, symmetrize  # noqa: E402
-from grouplora.ml.ensemble import dataset_methods  # noqa: E402
-from grouplora.ml.estimation import FeatureSet, Split, score, solve_subsets  # noqa: E402
+from grouplora.ml.boosting import BoostResult, BoostSettings, RidgeBase, boost_group, round_logits  # noqa: E402
+from grouplora.ml.calibration import LAM_GRID, calibrate, calibration_subsets, choose_lam, error_table  # noqa: E402
+from grouplora.ml.ensemble import score_dataset  # noqa: E402
+from grouplora.ml.estimation import FeatureSet, Split  # noqa: E402
 from grouplora.ml.lora import add_lora, load_adapter  # noqa: E402
+from grouplora.ml.projection import Projection  # noqa: E402
 from grouplora.ml.model import load_base_model  # noqa: E402
 from grouplora.ml.scoring import predict_logprobs  # noqa: E402
 from grouplora.ml.selection import mean_hidden_state, select_auxiliaries  # noqa: E402
 from grouplora.ml.subsets import make_subsets  # noqa: E402
-from grouplora.ml.training import TrainConfig, TrainExample, evaluate, train_adapter  # noqa: E402
-
-SQL = ROOT / "dbt_like_sql" / "models"
+from grouplora.ml.training import TrainConfig, TrainExample, train_adapter  # noqa: E402
 
 
 # -------------------------------------------------------------------------------------------- plumbing
 
 
-class Work:
-    """The resumable state: stage JSONs, adapters, cached logits, timings."""
-
-    def __init__(self, root: Path, budget_s: float | None):
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.t0 = time.time()
-        self.budget_s = budget_s
-
-    def path(self, *parts: str) -> Path:
-        p = self.root.joinpath(*parts)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return p
-
-    def stage(self, name: str, fn: Callable[[], dict]) -> dict:
-        p = self.path(f"{name}.json")
-        if p.exists():
-            return json.loads(p.read_text())
-        if self.budget_s is not None and time.time() - self.t0 > self.budget_s:
-            raise TimeoutError(f"time budget spent before stage {name}: rerun to resume")
-        t = time.time()
-        print(f"== {name}", flush=True)
-        out = fn()
-        out["stage_seconds"] = time.time() - t
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1, default=_jsonable))
-        tmp.replace(p)
-        print(f"== {name} done in {out['stage_seconds']:.1f} s", flush=True)
-        return out
+def examples_of(data: Sequence[Data], split: str = "train") -> list[TrainExample]:
+    return [TrainExample(p, int(y), tuple(d.label_ids)) for d in data
+            for p, y in zip(getattr(d, split)["prompt"], getattr(d, split)["label_id"])]
 
 
-def examples_of(data: Sequence[Data]) -> list[TrainExample]:
-    return [TrainExample(p, int(y), tuple(d.label_ids)) for d in data for p, y in zip(d.train["prompt"], d.train["label_id"])]
+def by_dataset(data: Sequence[Data], split: str) -> dict[str, list[TrainExample]]:
+    return {d.name: examples_of([d], split) for d in data}
 
 
 def set_key(members: Sequence[str]) -> str:
@@ -119,21 +99,20 @@ class Runner:
         return self._qlora
 
     def train(self, name: str, members: Sequence[str], seed: int, *, qlora: bool = False,
-              init_adapter: Path | None = None, weights: np.ndarray | None = None) -> dict:
-        """train_adapter (cached by the folder: a finished run returns at once); its TrainResult as a dict."""
+              init_adapter: Path | None = None) -> dict:
+        """train_adapter (cached by the folder: a finished run returns at once), the kept epoch chosen on the
+        members' selection fold; its TrainResult as a dict."""
         out = self.work.path("adapters", name)
-        ex = examples_of([self.by_name[m] for m in members])
-        cfg = self.config(seed, qlora=qlora)
-        base = self.base(qlora)
-        if weights is None:
-            res = train_adapter(base, ex, cfg, out, init_adapter=init_adapter)
-        else:
-            res = train_boost_adapter(base, ex, weights, cfg, out)
-        print(f"  {name}: {res.steps} steps {res.seconds:.1f} s, loss {res.final_loss:.3f}", flush=True)
+        data = [self.by_name[m] for m in members]
+        res = train_adapter(self.base(qlora), examples_of(data), self.config(seed, qlora=qlora), out,
+                            init_adapter=init_adapter, val_examples=examples_of(data, "select"),
+                            eval_batch_size=self.args.eval_batch_size)
+        print(f"  {name}: {res.steps} steps {res.seconds:.1f} s, loss {res.final_loss:.3f}, best epoch "
+              f"{res.best_epoch}/{res.epochs}", flush=True)
         return {"members": list(members), "seed": seed, "qlora": qlora, **res.to_dict()}
 
     def logits(self, name: str, datasets: Sequence[str], qlora: bool = False) -> dict[str, dict[str, np.ndarray]]:
-        """{dataset: {val, test}} label log-probs of adapter `name` ("base": no adapter), cached as .npz."""
+        """{dataset: {weights, test}} label log-probs of adapter `name` ("base": no adapter), cached as .npz."""
         cache = self.work.path("logits", f"{name}.npz")
         have = dict(np.load(cache)) if cache.exists() else {}
         need = [d for d in datasets if f"{d}/test" not in have]
@@ -144,7 +123,7 @@ class Runner:
                 try:
                     for d in need:
                         ds = self.by_name[d]
-                        for split, frame in (("val", ds.val), ("test", ds.test)):
+                        for split, frame in (("weights", ds.weights), ("test", ds.test)):
                             have[f"{d}/{split}"] = predict_logprobs(
                                 pm, tok, frame["prompt"].tolist(), ds.label_ids,
                                 batch_size=self.args.eval_batch_size, max_length=self.args.max_length)
@@ -154,7 +133,7 @@ class Runner:
             tmp = cache.with_suffix(".tmp.npz")
             np.savez(tmp, **have)
             tmp.replace(cache)
-        return {d: {"val": have[f"{d}/val"], "test": have[f"{d}/test"]} for d in datasets}
+        return {d: {"weights": have[f"{d}/weights"], "test": have[f"{d}/test"]} for d in datasets}
 
     def accuracy(self, name: str, dataset: str, qlora: bool = False) -> float:
         lp = self.logits(name, [dataset], qlora)[dataset]["test"]
@@ -175,7 +154,7 @@ def stage_all(r: Runner, seed: int) -> dict:
 
 
 def stage_features(r: Runner, meta: Path) -> dict:
-    feats, secs = extract(r.model, r.tok, r.data, r.config(0), r.args, init_adapter=meta)
+    feats, secs = extract(r.model, r.tok, r.data, r.config(0), r.args, init_adapter=meta, val_split="select")
     arrays = {f"{sp}/{n}/{k}": getattr(s, k) for sp, dd in (("train", feats.train), ("val", feats.val))
               for n, s in dd.items() for k in ("f0", "G")}
     np.savez(r.work.path("features_meta.npz"), **arrays)
@@ -193,95 +172,121 @@ def load_features(work: Work) -> FeatureSet:
                       {n: Split(v["f0"], v["G"]) for n, v in parts["val"].items()})
 
 
-def stage_affinity(r: Runner, feats: FeatureSet) -> dict:
-    """The pipeline's estimation → SQL affinity → partition path, on the meta-initialization's features."""
-    import duckdb
+def stage_calibration(r: Runner, feats: FeatureSet, meta: Path) -> dict:
+    """λ against real fine-tunes from θ* of a few random subsets (ml.calibration), or --lam when pinned."""
     a = r.args
-    subsets = make_subsets(list(feats.names), n_random=a.n_random, size=3, seed=0)
-    t = time.perf_counter()
-    fit = solve_subsets(feats, subsets, lam=a.lam)
-    est = score(feats, subsets, fit.W)
-    est_s = time.perf_counter() - t
-    est["mode"] = "linearized"
-    con = duckdb.connect()
-    con.register("subset_estimates", est)
-    table = con.sql((SQL / "subset_affinity.sql").read_text()).df()
-    T, names = affinity_matrix_from(table.rename(columns={"affinity_neg_loss": "value"})[["target", "source", "value"]])
-    A = symmetrize(T, normalize="row_zscore")
-    m, m_scores = choose_m(A, range(2, a.max_m + 1), clusterer="sdp", seed=0)
-    res = sdp_cluster(A, m, seed=0)
-    groups = [[names[i] for i in np.flatnonzero(res.labels == g)] for g in range(m)]
-    print("  groups: " + " | ".join(", ".join(g) for g in groups), flush=True)
-    return {"names": names, "T": T, "labels": res.labels, "m": int(m), "groups": groups,
-            "m_scores": m_scores.to_dict(orient="records"), "n_subsets": len(subsets), "estimate_seconds": est_s,
-            "converged": bool(fit.converged.all()), "lam": a.lam}
+    subsets = calibration_subsets(list(feats.names), a.n_calibration, size=3, seed=1)
+    runs = {}
+    for i, s in enumerate(subsets):
+        runs[s.id] = finetune(r.model, r.tok, r.by_name, s, r.config(0), a, r.work.path("fidelity_adapters"),
+                              init_adapter=meta)
+        print(f"  [{i + 1}/{len(subsets)}] calibration {','.join(s.members)} {runs[s.id]['train_s']:.1f} s", flush=True)
+    cal = calibrate(feats, subsets, {k: v["true"] for k, v in runs.items()}, theta0="meta_init", grid=a.lam_grid,
+                    pinned_lam=a.lam)
+    print(f"  λ = {cal.lam:g} ({cal.source})", flush=True)
+    return {**cal.to_dict(), "runs": runs, "at_lam": cal.at_lam()}
 
 
-def stage_fidelity(r: Runner, feats: FeatureSet, meta: Path) -> dict:
+def stage_affinity(r: Runner, feats: FeatureSet, lam: float) -> dict:
+    """The pipeline's estimation → SQL affinity → partition path (chain.affinity_stage), on the
+    meta-initialization's features."""
     a = r.args
-    subsets = make_subsets(list(feats.names), n_random=a.n_fidelity + a.n_calibration, size=3, seed=1,
-                           include_singletons=False, include_pairs=False)
-    cal, ev = subsets[:a.n_calibration], subsets[a.n_calibration:]
+    record, _, _ = affinity_stage(feats, lam=lam, n_random=a.n_random, size=a.subset_size, seed=0, max_m=a.max_m)
+    return record
+
+
+def stage_fidelity(r: Runner, feats: FeatureSet, meta: Path, cal: dict) -> dict:
+    """Estimates at the calibrated λ vs real fine-tunes of further random subsets (never used to choose λ)."""
+    a = r.args
+    cal_subsets = calibration_subsets(list(feats.names), a.n_calibration, size=3, seed=1)
+    taken = {s.id for s in cal_subsets}
+    ev = [s for s in make_subsets(list(feats.names), n_random=min(a.n_fidelity + len(taken), _n_triples(feats)),
+                                  size=3, seed=2, include_singletons=False, include_pairs=False)
+          if s.id not in taken][:a.n_fidelity]
     runs = {}
     tmp = r.work.path("fidelity_adapters")
-    cfg = r.config(0)
-    for i, s in enumerate(subsets):
-        runs[s.id] = finetune(r.model, r.tok, r.by_name, s, cfg, a, tmp, init_adapter=meta)
-        print(f"  [{i + 1}/{len(subsets)}] {','.join(s.members)} {runs[s.id]['train_s']:.1f} s", flush=True)
+    for i, s in enumerate(ev):
+        runs[s.id] = finetune(r.model, r.tok, r.by_name, s, r.config(0), a, tmp, init_adapter=meta)
+        print(f"  [{i + 1}/{len(ev)}] {','.join(s.members)} {runs[s.id]['train_s']:.1f} s", flush=True)
+    truth = {**{k: v["true"] for k, v in cal["runs"].items()}, **{k: v["true"] for k, v in runs.items()}}
+    lam_table = error_table(feats, truth, sorted(set(cal["grid"])), {"calibration": cal_subsets, "eval": ev})
+    lam = cal["lam"]  # the λ the affinity used: chosen on the calibration subsets only
     zs = zero_shot(feats)
-    lam, lam_table = lam_search(feats, cal, ev, runs, zs, (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0))
     estimates(feats, ev, lam)  # warm-up
     est, est_s, conv = estimates(feats, ev, lam)
-    pairs = pair_table(est, runs, zs, ev)
+    pairs = pair_table(est, truth, zs, ev)
     ft = sum(runs[s.id]["train_s"] for s in ev)
     feat_s = json.loads(r.work.path("features.json").read_text())["seconds"]
-    return {"lam": lam, "lam_table": lam_table, **metrics(pairs), "spearman_loss_change": change_spearman(pairs),
-            "zero_shot_baseline": metrics(pairs, "zero_shot"), "pairs": pairs.to_dict(orient="records"),
-            "n_subsets": len(ev), "finetune_s": ft, "extract_s": feat_s, "estimate_s": est_s,
-            "speedup": ft / (feat_s + est_s), "converged": conv,
+    return {"lam": lam, "lam_source": cal["source"], "lam_table": lam_table,
+            "lam_hindsight": choose_lam(lam_table, "eval"), **metrics(pairs),
+            "spearman_loss_change": change_spearman(pairs), "zero_shot_baseline": metrics(pairs, "zero_shot"),
+            "pairs": pairs.to_dict(orient="records"), "n_subsets": len(ev), "finetune_s": ft, "extract_s": feat_s,
+            "estimate_s": est_s, "speedup": ft / (feat_s + est_s), "converged": conv,
             "theta0": "meta-initialization (one adapter on all datasets, seed 0); real fine-tunes start from it"}
 
 
-def stage_methods(r: Runner, seed: int, groups: list[list[str]]) -> dict:
-    """One seed of: per-dataset adapters, grouped, + boosting, QLoRA on all, and the ensemble."""
+def _n_triples(feats: FeatureSet) -> int:
+    from math import comb
+    return comb(len(feats.names), 3)
+
+
+def stage_methods(r: Runner, seed: int, groups: list[list[str]], meta: Path, feats: FeatureSet) -> dict:
+    """One seed of: per-dataset adapters, grouped, + boosting, QLoRA on all, and the ACL ensemble."""
     a, names = r.args, [d.name for d in r.data]
     runs = {"all": json.loads(r.work.path(f"all_s{seed}.json").read_text())["run"]}
     runs["all_qlora"] = r.train(f"all_qlora_s{seed}", names, seed, qlora=True)
     for n in names:
         runs[f"single_{n}"] = r.train(f"ds_{n}_s{seed}", [n], seed)
-    boosted = {}
+    settings = BoostSettings(mode=a.boost_mode, rounds=a.boost_rounds, eta=a.eta, threshold=a.boost_threshold,
+                             ridge_lam=a.ridge_lam, train_epochs=a.boost_epochs, train_max_steps=a.boost_max_steps)
+    with restored_grads(r.model):  # ridge rounds are θ* + Pw, through the projection the features were taken with
+        pm = load_adapter(r.model, meta)
+        try:
+            proj = Projection.for_model(pm, d=a.d, seed=a.seed)
+        finally:
+            pm.unload()
+    boosts: dict[int, BoostResult] = {}
     for i, g in enumerate(groups):
         gname = f"g{set_key(g)}_s{seed}"
         runs[f"group_{i}"] = r.train(gname, g, seed)
-        if runs[f"group_{i}"]["final_loss"] > a.boost_threshold:
-            # the group adapter's current loss on its own train examples weights the boosting adapter's data
-            with restored_grads(r.model):
-                pm = load_adapter(r.model, r.work.path("adapters", gname)).eval()
-                try:
-                    loss, _ = evaluate(pm, r.tok, examples_of([r.by_name[m] for m in g]),
-                                       batch_size=a.eval_batch_size, max_length=a.max_length)
-                finally:
-                    pm.unload()
-            runs[f"boost_{i}"] = r.train(f"boost_{gname}", g, seed, weights=loss)
-            boosted[i] = f"boost_{gname}"
-    rows, kept = [], {}
+        cache = r.work.path("boosting", f"{gname}.json")
+        if cache.exists():
+            boosts[i] = BoostResult.from_dict(json.loads(cache.read_text()))
+        else:
+            data = [r.by_name[m] for m in g]
+            boosts[i] = boost_group(r.model, r.tok, gname, r.work.path("adapters", gname), by_dataset(data, "train"),
+                                    by_dataset(data, "select"), settings, r.work.path("adapters", f"boost_{gname}"),
+                                    ridge=RidgeBase(meta, proj, {m: feats.train[m].G for m in g}, r=r.cfg.r),
+                                    config=r.config(seed), batch_size=a.eval_batch_size, max_length=a.max_length)
+            cache.write_text(json.dumps(boosts[i].to_dict(), default=_jsonable))
+        if boosts[i].rounds:  # the rounds' training cost (0 FLOPs for ridge), in the shape of a run
+            runs[f"boost_{i}"] = {"flops": boosts[i].flops, "steps": boosts[i].steps, "peak_memory_bytes": 0,
+                                  "seconds": sum(x.seconds for x in boosts[i].rounds), "members": g,
+                                  "rounds_kept": len(boosts[i].kept), "mode": boosts[i].mode}
+    rows = []
     for i, g in enumerate(groups):
         gname = f"g{set_key(g)}_s{seed}"
-        adapters = [gname, f"all_s{seed}"] + ([boosted[i]] if i in boosted else [])
-        z = [r.logits(x, g) for x in adapters]
+        zg, za = r.logits(gname, g), r.logits(f"all_s{seed}", g)
         for n in g:
             ds = r.by_name[n]
-            zv = np.stack([zz[n]["val"] for zz in z])
-            zt = np.stack([zz[n]["test"] for zz in z])
-            row, alpha, keep = dataset_methods(zv, ds.val["label_id"].to_numpy(), zt, ds.test["label_id"].to_numpy(),
-                                               boosted=i in boosted)
-            kept[n] = keep
-            rows.append({"dataset": n, "group": i, **row, "one_adapter_all_qlora": r.accuracy(f"all_qlora_s{seed}", n, True),
-                         "one_per_dataset": r.accuracy(f"ds_{n}_s{seed}", n), "weights": alpha.tolist()})
-    return {"seed": seed, "rows": rows, "boost_kept": kept, "boosted_groups": sorted(boosted), "runs": runs}
+            h = [{sp: hh[n] for sp, hh in zip(("weights", "test"), pair)} for pair in zip(
+                round_logits(r.model, r.tok, boosts[i], {n: examples_of([ds], "weights")},
+                             batch_size=a.eval_batch_size, max_length=a.max_length),
+                round_logits(r.model, r.tok, boosts[i], {n: examples_of([ds], "test")},
+                             batch_size=a.eval_batch_size, max_length=a.max_length))]
+            y = {"weights": ds.weights["label_id"].to_numpy(), "test": ds.test["label_id"].to_numpy()}
+            out = score_dataset(zg[n], h, a.eta, y, all_adapter=za[n], include_all=True)
+            rows.append({"dataset": n, "group": i, **out["accuracy"], "weights": out["weights"],
+                         "fallback": out["fallback"], "weights_with_all": out["weights_with_all"],
+                         "rounds_kept": len(h), "weights_fold_accuracy": out["weights_fold_accuracy"],
+                         "one_adapter_all_qlora": r.accuracy(f"all_qlora_s{seed}", n, True),
+                         "one_per_dataset": r.accuracy(f"ds_{n}_s{seed}", n)})
+    return {"seed": seed, "rows": rows, "boosting": {i: b.to_dict() for i, b in boosts.items()},
+            "boosted_groups": sorted(i for i, b in boosts.items() if b.kept), "runs": runs,
+            "boost_settings": settings.__dict__}
 
 
-def stage_choose(r: Runner, feats: FeatureSet, targets: list[str]) -> dict:
+def stage_choose(r: Runner, feats: FeatureSet, targets: list[str], lam: float) -> dict:
     """GradEx selection and the baselines' choices for every target (no training)."""
     a = r.args
     hidden = {}
@@ -292,7 +297,7 @@ def stage_choose(r: Runner, feats: FeatureSet, targets: list[str]) -> dict:
     out = {}
     for target in targets:
         t = time.perf_counter()
-        sel = select_auxiliaries(feats, target, hidden=hidden, top_k=a.top_k, n_subsets=a.n_select, lam=a.lam)
+        sel = select_auxiliaries(feats, target, hidden=hidden, top_k=a.top_k, n_subsets=a.n_select, lam=lam)
         est = dict(zip(sel.methods["method"], sel.methods["est_loss"].astype(float)))
         out[target] = {"chosen": sel.chosen, "est_loss": est, "table": sel.table().to_dict(orient="records"),
                        "forward_path": sel.forward_path.to_dict(orient="records"), "settings": sel.settings,
@@ -362,12 +367,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--feature-batch-size", type=int, default=32)
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--d", type=int, default=200)
-    p.add_argument("--lam", type=float, default=1e-3)
-    p.add_argument("--n-random", type=int, default=300, help="random size-3 subsets for the affinity")
+    p.add_argument("--lam", type=float, default=None, help="pin λ (default: calibrated against real fine-tunes)")
+    p.add_argument("--lam-grid", type=lambda s: tuple(float(x) for x in s.split(",")), default=LAM_GRID)
+    p.add_argument("--n-random", type=int, default=300, help="random subsets of --subset-size for the affinity")
+    p.add_argument("--subset-size", type=int, default=3)
     p.add_argument("--max-m", type=int, default=4)
-    p.add_argument("--n-fidelity", type=int, default=10)
-    p.add_argument("--n-calibration", type=int, default=2)
-    p.add_argument("--boost-threshold", type=float, default=0.2)
+    p.add_argument("--n-fidelity", type=int, default=20, help="random subsets fine-tuned to report estimation error")
+    p.add_argument("--n-calibration", type=int, default=3, help="random subsets fine-tuned to choose λ")
+    p.add_argument("--weights-share", type=float, default=0.5, help="share of validation in the weights fold")
+    p.add_argument("--boost-mode", choices=["ridge", "trained"], default="ridge")
+    p.add_argument("--boost-rounds", type=int, default=3)
+    p.add_argument("--eta", type=float, default=0.5, help="boosting step size")
+    p.add_argument("--boost-threshold", type=float, default=0.2, help="boost while held-out CE stays above this")
+    p.add_argument("--ridge-lam", type=float, default=0.1)
+    p.add_argument("--boost-epochs", type=int, default=1)
+    p.add_argument("--boost-max-steps", type=int, default=None)
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--n-select", type=int, default=200)
     p.add_argument("--hidden-examples", type=int, default=64)
@@ -376,6 +390,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=None, help="start no new stage after this many seconds")
     p.add_argument("--seed", type=int, default=0, help="data sampling seed")
     a = p.parse_args(argv)
+    if a.lam is None and a.n_calibration < 1:
+        p.error("--n-calibration must be >= 1 unless --lam pins λ")
     return a
 
 
@@ -388,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     load_s = time.perf_counter() - t
     folder = data_folder(args)
     data, skipped = load_data(folder, tok, args)
+    split_folds(data, weights_share=args.weights_share, seed=args.seed)
     names = [d.name for d in data]
     print(f"{len(data)} datasets ({len(skipped)} skipped), model loaded in {load_s:.1f} s", flush=True)
     cfg = TrainConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj"), lr=args.lr, epochs=args.epochs,
@@ -400,23 +417,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     res: dict = {"benchmark": "suite", "device": args.device.split(":")[0], "machine": machine(args.device),
                  "model": args.model, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                 "sizes": {d.name: {"train": len(d.train), "val": len(d.val), "test": len(d.test)} for d in data},
+                 "sizes": {d.name: {"train": len(d.train), "val": len(d.val), "select": len(d.select),
+                                    "weights": len(d.weights), "test": len(d.test)} for d in data},
                  "skipped": skipped, "train_config": {**cfg.__dict__, "target_modules": list(cfg.target_modules)}}
     try:
         res["zero_shot"] = work.stage("zero_shot", lambda: stage_zero_shot(r))
         res["all_s0"] = work.stage("all_s0", lambda: stage_all(r, 0))
         res["features"] = work.stage("features", lambda: stage_features(r, meta))
         feats = load_features(work)
-        res["affinity"] = work.stage("affinity", lambda: stage_affinity(r, feats))
+        res["calibration"] = work.stage("calibration", lambda: stage_calibration(r, feats, meta))
+        lam = res["calibration"]["lam"]
+        res["affinity"] = work.stage("affinity", lambda: stage_affinity(r, feats, lam))
         groups = res["affinity"]["groups"]
-        choice = res["choice"] = work.stage("choice", lambda: stage_choose(r, feats, targets))
+        choice = res["choice"] = work.stage("choice", lambda: stage_choose(r, feats, targets, lam))
         for s in args.seeds:  # seed by seed, so a cut-short run still has whole seeds of everything
             if s != 0:
                 res[f"all_s{s}"] = work.stage(f"all_s{s}", lambda s=s: stage_all(r, s))
-            res[f"methods_s{s}"] = work.stage(f"methods_s{s}", lambda s=s: stage_methods(r, s, groups))
+            res[f"methods_s{s}"] = work.stage(f"methods_s{s}", lambda s=s: stage_methods(r, s, groups, meta, feats))
             res[f"selection_s{s}"] = work.stage(f"selection_s{s}", lambda s=s: stage_selection(r, choice, s))
             if s == args.seeds[0]:
-                res["fidelity"] = work.stage("fidelity", lambda: stage_fidelity(r, feats, meta))
+                res["fidelity"] = work.stage("fidelity", lambda: stage_fidelity(r, feats, meta, res["calibration"]))
         res["approx"] = work.stage("approx", lambda: stage_approx(r, meta))
         res["complete"] = True
     except TimeoutError as e:

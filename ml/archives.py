@@ -7,9 +7,6 @@ and read files straight out of it, so nothing is installed and a second run down
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
-import io
 import json
 import os
 import re
@@ -17,12 +14,14 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
+
+from grouplora.ml.atomic import atomic_dir, atomic_path
+from grouplora.ml.hashing import sha256_file
 
 Kind = Literal["wheel", "sdist", "npm"]
 
@@ -48,33 +47,17 @@ class ArchiveSpec:
         return f"{self.kind}-{safe}"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_archive(spec: ArchiveSpec, cache_dir: Path | None = None) -> Path:
     """Return the cached archive for `spec`, downloading it first if needed (atomic: temp dir, then rename)."""
     folder = (cache_dir or default_cache_dir()) / "archives" / spec.key
     done = [p for p in folder.glob("*") if p.is_file() and not p.name.startswith(".")] if folder.exists() else []
     if done:
         return done[0]
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.key}-", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         _download(spec, tmp)
         files = [p for p in tmp.iterdir() if p.is_file()]
         if len(files) != 1:
             raise RuntimeError(f"expected one archive for {spec.key}, got {[p.name for p in files]}")
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return next(p for p in folder.iterdir() if p.is_file())
 
 
@@ -113,15 +96,6 @@ def _download_sdist(spec: ArchiveSpec, dest: Path) -> None:
         raise RuntimeError(f"sha256 mismatch for {entry['filename']}: the download is corrupt")
 
 
-def list_members(archive: Path) -> list[str]:
-    """Member names of a zip (wheel) or tar (sdist, npm) archive."""
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as z:
-            return z.namelist()
-    with tarfile.open(archive) as t:
-        return [m.name for m in t.getmembers() if m.isfile()]
-
-
 def read_member(archive: Path, member: str) -> bytes:
     """The bytes of one member, read without extracting the archive."""
     if zipfile.is_zipfile(archive):
@@ -134,39 +108,18 @@ def read_member(archive: Path, member: str) -> bytes:
         return f.read()
 
 
-def iter_members(archive: Path, pattern: str) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) for each member matching a glob pattern, in archive order, streaming through tars."""
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as z:
-            for name in z.namelist():
-                if fnmatch.fnmatch(name, pattern) and not name.endswith("/"):
-                    yield name, z.read(name)
-        return
-    with tarfile.open(archive) as t:
-        for m in t:
-            if m.isfile() and fnmatch.fnmatch(m.name, pattern):
-                f = t.extractfile(m)
-                if f is not None:
-                    yield m.name, f.read()
-
-
 def extract_member(archive: Path, member: str, dest: Path) -> Path:
     """Copy one (possibly large) member to `dest` atomically and return it."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as z, z.open(member) as src, open(tmp, "wb") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
-    else:
-        with tarfile.open(archive) as t:
-            src = t.extractfile(member)
-            if src is None:
-                raise KeyError(f"{archive.name}: {member} is not a regular file")
-            with open(tmp, "wb") as out:
+    with atomic_path(dest) as tmp:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z, z.open(member) as src, open(tmp, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
-    os.replace(tmp, dest)
+        else:
+            with tarfile.open(archive) as t:
+                src = t.extractfile(member)
+                if src is None:
+                    raise KeyError(f"{archive.name}: {member} is not a regular file")
+                with open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
     return dest
 
-
-def open_text(data: bytes, encoding: str = "utf-8") -> io.StringIO:
-    return io.StringIO(data.decode(encoding))

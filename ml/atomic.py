@@ -59,3 +59,19 @@ def write_json(obj: Any, path: Path) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     return Path(path)
+
+
+@contextmanager
+def atomic_files(folder: Path) -> Iterator[Path]:
+    """Yield a temp folder inside `folder`; on success move each file it holds over `folder`'s file of that name
+    (each one atomically; other files in `folder`, e.g. training checkpoints, stay)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".files.", dir=folder))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                os.replace(f, folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,25 +1,40 @@
-"""Boosting rounds for groups whose error stays high.
+"""Boosting rounds for groups whose held-out error stays high (the ACL 2025 ensemble's boosting).
 
-Cheap boosting (no training), the GradEx first-order view: around θ0 the per-example margins are
-f(θ0 + Pw) ≈ f0 + G w, with G (N, d) the projected gradients. Fit w by ridge regression of the residuals
-r (what the margins should move by; e.g. the negative logistic-loss gradient σ(−m) at the ensemble's
-current margins m), then write θ0 + Pw as a peft adapter.
+Gradient boosting on the label logits of a group. The group adapter gives logits z_g(x); round r adds a weak
+learner h_r fitted to the residual of the current prediction, with a step size η:
 
-Trained boosting: train_adapter on the group's examples with sample weights ∝ their current loss.
+    F_0 = z_g,    F_r = F_{r-1} + η h_r,    up to R rounds (`boost_group`).
 
-A round is kept only if the ensemble's validation loss improves (keep_round).
+A round is tried only while the group's loss on held-out examples (the selection fold of validation) stays above
+a threshold, and kept only if that loss drops (keep_round); the first rejected round ends the group's boosting
+(the residual it was fit to does not change). h_r is what round r's adapter adds to the logits of the point it
+starts from: h_r = z(θ_r) − z(θ_ref).
+
+* ridge (no training; the GradEx first-order view): around θ0 the gold log-odds are f(θ0 + Pw) ≈ f0 + G w, with G
+  (N, d) the projected gradients of the group's train examples. w = ridge fit of G to the residuals
+  r = σ(−m) (the negative logistic-loss gradient at the current margins m of F), written as the adapter θ0 + Pw;
+  θ_ref = θ0.
+* trained: a fresh LoRA trained on the group's train examples with the current prediction as a fixed logit
+  offset, i.e. on the loss CE(F(x) + h(x), y): the adapter learns the residual (examples the ensemble already
+  gets right carry almost no gradient); θ_ref = the bare base model. Its training FLOPs count.
+
+Legacy (the current ensemble asset, until it is ported): train_boost_adapter, a loss-weighted adapter.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 import scipy.linalg
 import torch
+from scipy.special import log_softmax
 
 from grouplora.ml.atomic import atomic_dir
 
@@ -162,3 +177,242 @@ def keep_round(val_loss_before: float, val_loss_after: float, min_gain: float = 
     if not np.isfinite(val_loss_after):
         return False
     return bool(val_loss_before - val_loss_after > min_gain)
+
+
+# ------------------------------------------------------------------------------------ boosting rounds
+
+
+@dataclass(frozen=True)
+class BoostSettings:
+    mode: str = "ridge"  # ridge (no training) | trained (a residual-fitting adapter; its FLOPs count)
+    rounds: int = 3  # R: at most this many rounds per group (0: no boosting)
+    eta: float = 0.5  # step size: F ← F + η h
+    threshold: float = 0.2  # boost while the group's held-out mean cross-entropy stays above this
+    min_gain: float = 0.0  # keep a round only if held-out loss drops by more than this
+    ridge_lam: float = 0.1  # ridge: λ relative to the mean eigenvalue of GᵀG (trace(GᵀG)/d)
+    train_epochs: int = 1  # trained: epochs of each round's adapter
+    train_max_steps: int | None = None  # trained: cap on its optimizer steps (FLOPs budget)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("ridge", "trained"):
+            raise ValueError(f"boost mode {self.mode!r}: use ridge or trained")
+        if self.rounds < 0 or not (self.eta > 0) or self.ridge_lam <= 0:
+            raise ValueError("need rounds >= 0, eta > 0 and ridge_lam > 0")
+
+
+@dataclass
+class BoostRound:
+    index: int  # 1-based
+    adapter_dir: str
+    kept: bool
+    loss_before: float  # held-out (selection fold) mean CE of F before the round
+    loss_after: float  # ... of F + η h
+    accuracy_before: float
+    accuracy_after: float
+    flops: int = 0  # training FLOPs (0 for ridge)
+    steps: int = 0
+    seconds: float = 0.0
+    w_norm: float = float("nan")  # ridge: ‖w‖
+
+
+@dataclass
+class BoostResult:
+    """One group's boosting: the rounds tried (kept ones first, at most one rejected one last)."""
+
+    group: str
+    mode: str
+    eta: float
+    reference: str | None  # θ_ref the rounds' logits are taken against (None: the bare base model)
+    select_loss: float  # the group adapter's held-out loss (what the threshold is compared with)
+    rounds: list[BoostRound] = field(default_factory=list)
+    stop: str = ""  # why it stopped: below threshold, rejected round, max rounds, disabled
+
+    @property
+    def kept(self) -> list[BoostRound]:
+        return [r for r in self.rounds if r.kept]
+
+    @property
+    def flops(self) -> int:
+        return int(sum(r.flops for r in self.rounds))  # rejected rounds were paid for too
+
+    @property
+    def steps(self) -> int:
+        return int(sum(r.steps for r in self.rounds))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "BoostResult":
+        d = dict(d)
+        d["rounds"] = [BoostRound(**r) for r in d.get("rounds", [])]
+        return cls(**d)
+
+
+@dataclass
+class RidgeBase:
+    """What ridge rounds need: θ0's adapter folder, the projection its features were taken with, and the
+    projected gradients of the group's train examples at θ0 ({dataset: (N, d)}, rows in train order)."""
+
+    theta0_dir: Path
+    projection: Projection
+    train_features: Mapping[str, np.ndarray]
+    r: int = 8
+
+
+def logprobs_by_dataset(model, tokenizer, adapter_dir: Path | None, examples: Mapping[str, Sequence], *,
+                        batch_size: int = 32, max_length: int = 256) -> dict[str, np.ndarray]:
+    """{dataset: (N, C) label log-probs} of the model with `adapter_dir` applied (None: the bare model); every
+    dataset's examples share its label_ids."""
+    from grouplora.ml.lora import applied_adapter
+    from grouplora.ml.scoring import predict_logprobs
+
+    out = {}
+    with applied_adapter(model, adapter_dir) as pm:
+        for name, ex in examples.items():
+            if not len(ex):
+                out[name] = np.zeros((0, 0), dtype=np.float32)
+                continue
+            out[name] = predict_logprobs(pm, tokenizer, [e.prompt for e in ex], list(ex[0].label_ids),
+                                         batch_size=batch_size, max_length=max_length)
+    return out
+
+
+def labels_of(examples: Mapping[str, Sequence]) -> dict[str, np.ndarray]:
+    return {n: np.array([e.label_index for e in ex], dtype=np.int64) for n, ex in examples.items()}
+
+
+def pooled_loss(logits: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray]) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of softmax(logits) over every example of every dataset, pooled."""
+    ce, hit = [], []
+    for n, z in logits.items():
+        if len(labels[n]) == 0:
+            continue
+        lp = log_softmax(np.asarray(z, dtype=np.float64), axis=-1)
+        ce.append(-lp[np.arange(len(labels[n])), labels[n]])
+        hit.append(lp.argmax(-1) == labels[n])
+    if not ce:
+        return float("nan"), float("nan")
+    return float(np.concatenate(ce).mean()), float(np.concatenate(hit).mean())
+
+
+def gold_margins(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """f = log p_y − log(1 − p_y) under softmax(logits): the gold label's log-odds."""
+    lp = log_softmax(np.asarray(logits, dtype=np.float64), axis=-1)
+    gold = lp[np.arange(len(labels)), labels]
+    other = np.log(-np.expm1(np.minimum(gold, -1e-12)))
+    return gold - other
+
+
+def _relative_ridge(G: np.ndarray, r: np.ndarray, rel_lam: float) -> np.ndarray:
+    scale = float((G.astype(np.float64) ** 2).sum()) / G.shape[1]  # trace(GᵀG)/d: the mean eigenvalue
+    return ridge_boost(G, r, rel_lam * max(scale, 1e-12))
+
+
+def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mapping[str, Sequence],
+                select: Mapping[str, Sequence], settings: BoostSettings, out_dir: Path, *,
+                ridge: RidgeBase | None = None, config=None, batch_size: int = 32, max_length: int = 256,
+                log=print) -> BoostResult:
+    """Boost one group (see the module doc): residual rounds with step η while its selection-fold loss stays
+    above settings.threshold, each kept only if that loss drops; round r's adapter goes to out_dir/round_<r>.
+
+    train / select: {member: examples} (TrainExample), the group's train examples and the selection fold of its
+    validation. ridge: needed in ridge mode. config: the TrainConfig of trained rounds (epochs and max_steps
+    come from settings)."""
+    if settings.mode == "ridge" and ridge is None:
+        raise ValueError("ridge boosting needs a RidgeBase (θ0, projection, train features)")
+    if settings.mode == "trained" and config is None:
+        raise ValueError("trained boosting needs the TrainConfig")
+    out_dir = Path(out_dir)
+    kw = {"batch_size": batch_size, "max_length": max_length}
+    y_tr, y_sel = labels_of(train), labels_of(select)
+    F_tr = logprobs_by_dataset(model, tokenizer, group_adapter, train, **kw)
+    F_sel = logprobs_by_dataset(model, tokenizer, group_adapter, select, **kw)
+    loss, acc = pooled_loss(F_sel, y_sel)
+    reference = str(ridge.theta0_dir) if settings.mode == "ridge" else None
+    res = BoostResult(group=group, mode=settings.mode, eta=settings.eta, reference=reference, select_loss=loss)
+    if settings.rounds == 0:
+        res.stop = "disabled"
+        return res
+    ref_dir = None if reference is None else Path(reference)
+    ref_tr = logprobs_by_dataset(model, tokenizer, ref_dir, train, **kw)
+    ref_sel = logprobs_by_dataset(model, tokenizer, ref_dir, select, **kw)
+    for k in range(1, settings.rounds + 1):
+        if not loss > settings.threshold:
+            res.stop = f"held-out loss {loss:.4f} <= threshold {settings.threshold}"
+            break
+        t0 = time.perf_counter()
+        rdir = out_dir / f"round_{k}"
+        flops = steps = 0
+        w_norm = float("nan")
+        if settings.mode == "ridge":
+            names = list(train)
+            margins = np.concatenate([gold_margins(F_tr[n], y_tr[n]) for n in names])
+            G = np.concatenate([np.asarray(ridge.train_features[n]) for n in names])
+            if G.shape[0] != margins.shape[0]:
+                raise ValueError(f"group {group}: {G.shape[0]} feature rows for {margins.shape[0]} train examples")
+            w = _relative_ridge(G, negative_gradient(margins), settings.ridge_lam)
+            w_norm = float(np.linalg.norm(w))
+            boost_adapter_from_w(ridge.theta0_dir, ridge.projection, w, rdir, r=ridge.r)
+        else:
+            from grouplora.ml.training import TrainConfig, train_adapter
+            cfg = TrainConfig(**{**config.__dict__, "epochs": settings.train_epochs,
+                                 "max_steps": settings.train_max_steps})
+            names = list(train)
+            ex = [e for n in names for e in train[n]]
+            # rows, not one array: members may have different class counts
+            off = [row for n in names for row in _pad(F_tr[n] - ref_tr[n])]
+            vex = [e for n in select for e in select[n]]
+            voff = [row for n in select for row in _pad(F_sel[n] - ref_sel[n])]
+            tr = train_adapter((model, tokenizer), ex, cfg, rdir, logit_offsets=off,
+                               val_examples=vex or None, val_logit_offsets=voff if vex else None,
+                               eval_batch_size=batch_size)
+            flops, steps = tr.flops, tr.steps
+        h_tr = _minus(logprobs_by_dataset(model, tokenizer, rdir, train, **kw), ref_tr)
+        h_sel = _minus(logprobs_by_dataset(model, tokenizer, rdir, select, **kw), ref_sel)
+        new_sel = {n: F_sel[n] + settings.eta * h_sel[n] for n in F_sel}
+        loss_after, acc_after = pooled_loss(new_sel, y_sel)
+        kept = keep_round(loss, loss_after, settings.min_gain)
+        res.rounds.append(BoostRound(k, str(rdir), kept, loss, loss_after, acc, acc_after, flops, steps,
+                                     time.perf_counter() - t0, w_norm))
+        log(f"boost {group} round {k} ({settings.mode}): held-out loss {loss:.4f} -> {loss_after:.4f} "
+            f"({'kept' if kept else 'rejected'})")
+        if not kept:
+            res.stop = "round rejected: held-out loss did not drop"
+            break
+        F_sel = new_sel
+        F_tr = {n: F_tr[n] + settings.eta * h_tr[n] for n in F_tr}
+        loss, acc = loss_after, acc_after
+    else:
+        res.stop = f"{settings.rounds} rounds"
+    return res
+
+
+def round_logits(model, tokenizer, result: BoostResult, examples: Mapping[str, Sequence], *,
+                 batch_size: int = 32, max_length: int = 256) -> list[dict[str, np.ndarray]]:
+    """h_r = z(θ_r) − z(θ_ref) of every KEPT round on `examples` ({dataset: examples}), in round order."""
+    kw = {"batch_size": batch_size, "max_length": max_length}
+    if not result.kept:
+        return []
+    ref = logprobs_by_dataset(model, tokenizer, None if result.reference is None else Path(result.reference),
+                              examples, **kw)
+    return [_minus(logprobs_by_dataset(model, tokenizer, Path(r.adapter_dir), examples, **kw), ref)
+            for r in result.kept]
+
+
+def boosted_logits(group_logits: np.ndarray, rounds: Sequence[np.ndarray], eta: float) -> np.ndarray:
+    """F = z_g + η Σ_r h_r."""
+    out = np.asarray(group_logits, dtype=np.float64).copy()
+    for h in rounds:
+        out += eta * np.asarray(h, dtype=np.float64)
+    return out
+
+
+def _minus(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {n: np.asarray(a[n], dtype=np.float64) - np.asarray(b[n], dtype=np.float64) for n in a}
+
+
+def _pad(z: np.ndarray) -> np.ndarray:
+    """Row-centre (softmax-invariant) so that offsets stay small numbers."""
+    z = np.asarray(z, dtype=np.float64)
+    return z - z.mean(axis=1, keepdims=True) if z.size else z

@@ -591,7 +591,49 @@ def choose_m(
     return best, table
 
 
+@dataclass
+class Partition:
+    """Datasets grouped from a task-affinity matrix T (target i, source j): what `partition_datasets` returns."""
+
+    names: list[str]
+    labels: np.ndarray  # group index per name
+    groups: list[list[str]]
+    A: np.ndarray  # the symmetrized affinity that was clustered
+    method: str
+    normalize: str
+    objective: float  # partition_objective(A, labels)
+    m_scores: pd.DataFrame | None  # choose_m's table (None when m was given)
+    sdp: SdpResult | None = None  # the SDP solve (relaxed objective, certified bound); None for spectral
+
+    @property
+    def m(self) -> int:
+        return len(self.groups)
+
+    def group_of(self, name: str) -> int:
+        return int(self.labels[self.names.index(name)])
+
+
+def partition_datasets(T: np.ndarray, names: list[str], *, m: int = 0, max_m: int = 4,
+                       method: Literal["sdp", "spectral"] = "sdp", normalize: Normalize = "row_zscore",
+                       seed: int = 0) -> Partition:
+    """Symmetrize T, choose the number of groups (m = 0: choose_m over 2..min(max_m, n − 1)) and cluster."""
+    A = symmetrize(T, normalize=normalize)
+    n = len(names)
+    if A.shape[0] != n:
+        raise ValueError(f"T is {A.shape[0]}x{A.shape[0]} for {n} names")
+    scores = None
+    if m > 0:
+        m = min(m, n)
+    else:
+        m, scores = choose_m(A, range(2, max(2, min(max_m, n - 1)) + 1), clusterer=method, seed=seed)
+    sdp = sdp_cluster(A, m, seed=seed) if method == "sdp" else None
+    labels = sdp.labels if sdp is not None else spectral_cluster(A, m, seed=seed)
+    groups = [[names[i] for i in np.flatnonzero(labels == g)] for g in range(m)]
+    return Partition(list(names), labels, groups, A, method, normalize, partition_objective(A, labels), scores, sdp)
+
+
 __all__ = [
+    "Partition",
     "SdpResult",
     "brute_force_partition",
     "canonical_labels",
@@ -599,6 +641,7 @@ __all__ = [
     "excess_score",
     "positive_affinity",
     "partition_matrix",
+    "partition_datasets",
     "partition_objective",
     "sdp_cluster",
     "spectral_cluster",

@@ -8,6 +8,10 @@
 * `manifest.json`: for each dataset the source package, version, kind, paths inside the archive, the archive's
   sha256, license, counts per split and per label, and what was dropped on the way; plus preset and seed.
 
+`twins` (the positive control): binary sets with balanced labels, each next to a twin `<name>_swap` with the SAME
+file (texts, splits) and template whose label words are swapped, so one adapter trained on both must fight itself
+and the right grouping is known (every twin pair apart). `write_twin_pack` does the same for any existing folder.
+
 Everything is deterministic for a preset and seed (a second build gives byte-identical files) and archives come
 from the cache of `grouplora.ml.archives`, so a second build downloads nothing. The folder is built beside
 `out_dir` and swapped in whole, so readers never see a half-written pack.
@@ -20,12 +24,10 @@ into the three splits, each split with the same label mix. `demo` balances label
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import random
-import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -36,15 +38,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from grouplora.ml.archives import ArchiveSpec, fetch_archive, sha256_file
+from grouplora.ml import bigbench
+from grouplora.ml.archives import ArchiveSpec, fetch_archive
 from grouplora.ml.atomic import atomic_dir, atomic_path
+from grouplora.ml.data_format import DEFAULT_TEMPLATE, NAME_RE, SPLITS
+from grouplora.ml.hashing import sha256_file
 from grouplora.ml.sources import SOURCES, Example, Source, load_members, select
 
-SPLITS = ("train", "validation", "test")
 CREATED_BY = "grouplora data build"
 FORMAT_VERSION = 1
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-DEFAULT_TEMPLATE = "{text}\nAnswer:"
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class Preset:
     balance: bool  # equal label shares as far as the data allows (else the natural distribution)
     max_chars: int  # text and text_pair are cut to this many characters
     max_labels: int | None = None  # keep only the most frequent labels
+    min_per_label: int = 0  # drop labels with fewer examples (after cleaning)
+    min_examples: int = 0  # a dataset with fewer examples after cleaning fails the build
+    twins: bool = False  # add a label-swapped twin of every dataset (the positive control)
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,16 @@ SETTINGS: dict[str, DatasetSettings] = {
     "nyt_editorials": DatasetSettings(
         "Sentence from a newspaper editorial: {text}\nIs the sentiment of the sentence positive or negative?\nAnswer:",
         _SENTIMENT2),
+    "vader_tweets": DatasetSettings(
+        "Tweet: {text}\nIs the sentiment of the tweet positive or negative?\nAnswer:", _SENTIMENT2),
+    "convention_speeches": DatasetSettings(
+        "Excerpt of a speech at a 2012 US party convention: {text}\n"
+        "Was it given at the Democratic or the Republican convention?\nAnswer:",
+        {"democrat": " Democratic", "republican": " Republican"}),
+    "debate_speakers": DatasetSettings(
+        "Statement in a 2016 US presidential or vice-presidential debate: {text}\n"
+        "Who said it: the moderator, the Democrat or the Republican?\nAnswer:",
+        {"moderator": " moderator", "democratic": " Democrat", "republican": " Republican"}),
     "bbc_news": DatasetSettings(
         "News article: {text}\nIs this article about {options}?\nAnswer:",
         {"business": " business", "entertainment": " entertainment", "politics": " politics",
@@ -112,6 +127,9 @@ SETTINGS: dict[str, DatasetSettings] = {
         "Drug review: {text}\nIs the review positive, negative or neutral?\nAnswer:", _SENTIMENT3),
 }
 
+# Every dataset a preset can name: the curated readers plus the generic BIG-bench tasks (ml/bigbench.py).
+REGISTRY: dict[str, Source] = {**SOURCES, **bigbench.SOURCES}
+
 _DEMO = ("rotten_tomatoes", "tweet_sentiment", "amazon_reviews", "bbc_news", "spam", "fever", "vitaminc",
          "epistemic_reasoning", "strategyqa", "intent")
 # The demo runs the whole chain (features, training, ensemble) on a 2-core CPU in minutes: ten datasets,
@@ -122,7 +140,16 @@ PRESETS: dict[str, Preset] = {
     "full": Preset("full", _DEMO[:3] + ("nyt_editorials",) + _DEMO[3:8] + ("presuppositions_nli",) + _DEMO[8:]
                    + ("multiemo", "drug_reviews"),
                    {"train": 2000, "validation": 500, "test": 1000}, balance=False, max_chars=1000),
+    # 100+ datasets for a GPU: every curated set but `multiemo` (its sentences are the union of the MultiEmo
+    # domain sets below), every BIG-bench task of ml/bigbench.py, small enough per dataset for one GPU run.
+    "scale": Preset("scale", tuple(n for n in SOURCES if n != "multiemo") + tuple(bigbench.SOURCES),
+                    {"train": 300, "validation": 100, "test": 100}, balance=True, max_chars=800,
+                    min_per_label=10, min_examples=60),
+    # Binary, balanced, a clear signal for a small model; each gets a label-swapped twin.
+    "twins": Preset("twins", ("rotten_tomatoes", "amazon_reviews", "nyt_editorials", "spam", "fever"),
+                    {"train": 600, "validation": 200, "test": 400}, balance=True, max_chars=256, twins=True),
 }
+TWIN_SUFFIX = "_swap"
 
 
 # --------------------------------------------------------------------------------------------- text
@@ -242,13 +269,14 @@ def split_matrix(label_totals: Mapping[str, int], split_sizes: Mapping[str, int]
 
 
 def stratified_sample(examples: Sequence[Example], sizes: Mapping[str, int], *, seed: int, key: str = "",
-                      balance: bool = False, max_labels: int | None = None,
+                      balance: bool = False, max_labels: int | None = None, min_per_label: int = 0,
                       label_order: Sequence[str] | None = None) -> tuple[list[tuple[Example, str]], dict[str, Any]]:
     """A seeded, label-stratified sample cut into splits: [(example, split)] ordered by split, shuffled within.
 
     At most `sizes[split]` per split; when the data is short, every split shrinks by the same factor. Each
     split gets the same label mix: balanced when `balance` (as far as the data allows), else the natural one.
-    `max_labels` keeps only the most frequent labels (ties: earlier in `label_order`). `key` (the dataset name) decorrelates datasets.
+    `max_labels` keeps only the most frequent labels (ties: earlier in `label_order`), `min_per_label` only those
+    with that many examples. `key` (the dataset name) decorrelates datasets.
     """
     by_label: dict[str, list[Example]] = {}
     for ex in examples:
@@ -256,7 +284,7 @@ def stratified_sample(examples: Sequence[Example], sizes: Mapping[str, int], *, 
     counts = Counter({lab: len(v) for lab, v in by_label.items()})
     pref = list(label_order or [])  # ties: the configured label order first, then the name
     ranked = sorted(counts, key=lambda lab: (-counts[lab], pref.index(lab) if lab in pref else len(pref), lab))
-    kept = ranked[:max_labels] if max_labels else ranked
+    kept = [lab for lab in (ranked[:max_labels] if max_labels else ranked) if counts[lab] >= min_per_label]
     order = [lab for lab in (label_order or []) if lab in kept] + sorted(set(kept) - set(label_order or []))
     dropped = sorted(set(ranked) - set(kept))
 
@@ -300,24 +328,15 @@ def write_parquet(rows: Sequence[tuple[Example, str]], path: Path) -> None:
         pq.write_table(table, tmp, compression="zstd", write_statistics=False)
 
 
-def _q(s: str) -> str:
-    return json.dumps(s, ensure_ascii=False)  # a JSON string is a valid YAML double-quoted scalar
-
-
 def render_datasets_yaml(entries: Mapping[str, Mapping[str, Any]], header: str = "") -> str:
     """The per-dataset settings file, in the shape `data_format.load_suite_config` reads; checked by a
-    round trip through yaml.safe_load (label values such as "yes"/"true" are quoted, never YAML booleans)."""
-    lines = [f"# {line}" for line in header.splitlines()]
-    lines += ["defaults:", f"  template: {_q(DEFAULT_TEMPLATE)}", "datasets:"]
-    for name, e in entries.items():
-        words = ", ".join(f"{_q(k)}: {_q(v)}" for k, v in e["label_words"].items())
-        lines += [f"  {name}:", f"    task_type: {e['task_type']}", f"    template: {_q(e['template'])}",
-                  f"    label_words: {{{words}}}"]
-    text = "\n".join(lines) + "\n"
-    expected = {"defaults": {"template": DEFAULT_TEMPLATE},
-                "datasets": {k: {"task_type": v["task_type"], "template": v["template"],
-                                 "label_words": dict(v["label_words"])} for k, v in entries.items()}}
-    if yaml.safe_load(text) != expected:
+    round trip through yaml.safe_load (safe_dump quotes label values such as "yes"/"true", never YAML booleans)."""
+    doc = {"defaults": {"template": DEFAULT_TEMPLATE},
+           "datasets": {k: {"task_type": v["task_type"], "template": v["template"],
+                            "label_words": dict(v["label_words"])} for k, v in entries.items()}}
+    comments = "".join(f"# {line}\n" for line in header.splitlines())
+    text = comments + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=10_000)
+    if yaml.safe_load(text) != doc:
         raise AssertionError("datasets.yaml does not round-trip")
     return text
 
@@ -332,9 +351,11 @@ def _options(words: Sequence[str]) -> str:
     return w[0] if len(w) == 1 else ", ".join(w[:-1]) + " or " + w[-1]
 
 
-def dataset_entry(name: str, labels: Sequence[str], task_type: str) -> dict[str, Any]:
-    """task_type, template (with `{options}` filled) and label_words restricted to `labels`."""
-    st = SETTINGS.get(name)
+def dataset_entry(name: str, labels: Sequence[str], task_type: str,
+                  settings: DatasetSettings | None = None) -> dict[str, Any]:
+    """task_type, template (with `{options}` filled) and label_words restricted to `labels`; `settings` default
+    to SETTINGS[name] (none: the default template and the labels as words)."""
+    st = settings or SETTINGS.get(name)
     if st is None:
         return {"task_type": task_type, "template": DEFAULT_TEMPLATE, "label_words": {lab: f" {lab}" for lab in labels}}
     words = {lab: st.label_words[lab] for lab in st.label_words if lab in labels}
@@ -348,8 +369,58 @@ def dataset_entry(name: str, labels: Sequence[str], task_type: str) -> dict[str,
     return {"task_type": task_type, "template": template, "label_words": words}
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def swapped_words(label_words: Mapping[str, str]) -> dict[str, str]:
+    """Every label gets the next label's word (two labels: swapped); label order (the class order) is kept."""
+    labels, words = list(label_words), list(label_words.values())
+    if len(labels) < 2:
+        raise ValueError(f"a twin needs at least two labels, got {labels}")
+    return {lab: words[(i + 1) % len(words)] for i, lab in enumerate(labels)}
+
+
+def twin_name(name: str) -> str:
+    twin = f"{name}{TWIN_SUFFIX}"
+    if not NAME_RE.match(twin):
+        raise ValueError(f"{name!r}: its twin's name {twin!r} is not a valid dataset name")
+    return twin
+
+
+def twin_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A datasets.yaml entry for the twin: same task type and template, label words swapped."""
+    return {"task_type": entry["task_type"], "template": entry["template"],
+            "label_words": swapped_words(entry["label_words"])}
+
+
+def write_twin_pack(src: Path, out_dir: Path, datasets: Sequence[str] | None = None) -> dict[str, str]:
+    """A new folder with `datasets` of the pack `src` (default: all) and a label-swapped twin of each: the same
+    file under `<name>_swap` and its datasets.yaml entry with the label words swapped. Returns {name: twin}."""
+    from grouplora.ml.data_format import classes_for, discover, load_dataset, load_suite_config
+
+    src, out_dir = Path(src), Path(out_dir)
+    files = discover(src)
+    names = list(files) if datasets is None else list(datasets)
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise ValueError(f"{src}: no dataset file for {missing} (has {sorted(files)})")
+    suite = load_suite_config(src / "datasets.yaml")
+    entries, twins = {}, {}
+    for n in names:
+        cfg = suite.for_dataset(n)
+        classes = classes_for(load_dataset(files[n], cfg), cfg)
+        entries[n] = {"task_type": cfg.task_type, "template": cfg.template,
+                      "label_words": dict(zip(classes, cfg.words_for(classes)))}
+        twins[n] = twin_name(n)
+        if twins[n] in files or twins[n] in names:
+            raise ValueError(f"{src}: {twins[n]} exists already")
+    entries.update({twins[n]: twin_entry(entries[n]) for n in names})
+    with atomic_dir(out_dir) as tmp:
+        for n in names:
+            data = files[n].read_bytes()
+            for target in (n, twins[n]):
+                (tmp / f"{target}{files[n].suffix}").write_bytes(data)
+        _write_text(tmp / "datasets.yaml", render_datasets_yaml(
+            entries, header=f"Twins of {src.name}: every <name>{TWIN_SUFFIX} has the same rows, label words swapped."))
+        _share(tmp)
+    return twins
 
 
 # --------------------------------------------------------------------------------------------- build
@@ -360,8 +431,9 @@ def build_one(source: Source, archive_path: Path, members: Mapping[str, bytes], 
     raw = source.read(archive_path, members)
     cleaned, too_long = [], 0
     for ex in raw:
-        if ex.text_pair is not None and max(len(ex.text), len(ex.text_pair)) > preset.max_chars:
-            too_long += 1  # cutting a premise or passage could cut away what the label depends on
+        whole = source.whole_text or ex.text_pair is not None
+        if whole and max(len(ex.text), len(ex.text_pair or "")) > preset.max_chars:
+            too_long += 1  # cutting a premise, passage or question could cut away what the label depends on
             continue
         text = normalize_text(ex.text, preset.max_chars)
         if text is None:
@@ -369,19 +441,24 @@ def build_one(source: Source, archive_path: Path, members: Mapping[str, bytes], 
         cleaned.append(Example(text, ex.label, normalize_text(ex.text_pair, preset.max_chars)))
     unique, stats = dedupe(cleaned)
     stats["rows_read"] = len(raw)
-    stats["too_long_pairs_removed"] = too_long
+    stats["too_long_removed"] = too_long
     stats["empty_removed"] = len(raw) - too_long - len(cleaned)
     stats["unique_rows"] = len(unique)
     settings = SETTINGS.get(source.name)
+    if settings is None and source.prompt is not None:
+        settings = DatasetSettings(*source.prompt(select(members, source.members), Path(archive_path).name))
     order = list(settings.label_words) if settings else None
     rows, info = stratified_sample(unique, preset.sizes, seed=seed, key=source.name, balance=preset.balance,
-                                   max_labels=preset.max_labels, label_order=order)
-    if not rows:
-        raise ValueError(f"{source.name}: no examples left after cleaning")
+                                   max_labels=preset.max_labels, min_per_label=preset.min_per_label,
+                                   label_order=order)
+    if len(rows) < max(1, preset.min_examples) or len(info["label_order"]) < 2:
+        raise ValueError(f"{source.name}: {len(rows)} examples in {len(info['label_order'])} label(s) with at least "
+                         f"{preset.min_per_label} examples after cleaning; preset {preset.name!r} needs "
+                         f"{preset.min_examples} in 2 or more ({stats})")
     path = out_dir / f"{source.name}.parquet"
     write_parquet(rows, path)
     labels = info["label_order"]
-    entry = dataset_entry(source.name, labels, source.task_type)
+    entry = dataset_entry(source.name, labels, source.task_type, settings)
     split_counts = Counter(s for _, s in rows)
     label_counts = Counter(e.label for e, _ in rows)
     by_split = {s: {lab: 0 for lab in labels} for s in SPLITS}
@@ -393,7 +470,7 @@ def build_one(source: Source, archive_path: Path, members: Mapping[str, bytes], 
         paths += [f"{matched[0]}::{p}" for p in source.inner_paths]
     manifest = {
         "file": path.name,
-        "sha256": file_sha256(path),
+        "sha256": sha256_file(path),
         "rows": len(rows),
         "task_type": source.task_type,
         "description": source.description,
@@ -447,7 +524,7 @@ def build_datapack(preset: str, out_dir: Path, cache_dir: Path | None = None, pr
     if on_error not in ("raise", "skip"):
         raise ValueError("on_error must be 'raise' or 'skip'")
     p = PRESETS[preset]
-    registry = dict(sources or SOURCES)
+    registry = dict(sources or REGISTRY)
     names = list(p.datasets) if datasets is None else list(datasets)
     unknown = [n for n in names if n not in registry or n not in p.datasets]
     if unknown:
@@ -498,6 +575,14 @@ def build_datapack(preset: str, out_dir: Path, cache_dir: Path | None = None, pr
         order = [n for n in names if n in manifest_sets]
         if not order:
             raise RuntimeError(f"no dataset could be built: {skipped}")
+        if p.twins:  # the same file under the twin's name; only the label words differ
+            for n in list(order):
+                t = twin_name(n)
+                (tmp / f"{t}.parquet").write_bytes((tmp / f"{n}.parquet").read_bytes())
+                yaml_sets[t] = twin_entry(yaml_sets[n])
+                manifest_sets[t] = {**manifest_sets[n], "file": f"{t}.parquet", "twin_of": n,
+                                    "label_words": yaml_sets[t]["label_words"]}
+                order.append(t)
         _write_text(tmp / "datasets.yaml", render_datasets_yaml(
             {n: yaml_sets[n] for n in order},
             header=f"Written by {CREATED_BY} (preset {preset}, seed {seed}); see manifest.json for sources."))
@@ -509,10 +594,12 @@ def build_datapack(preset: str, out_dir: Path, cache_dir: Path | None = None, pr
             "sampling": {"sizes": dict(p.sizes), "balanced_labels": p.balance, "max_chars": p.max_chars,
                          "max_labels": p.max_labels, "dedup": "exact (text, text_pair) before splitting; "
                          "texts with conflicting labels dropped",
-                         "long_pairs": "pairs with a side longer than max_chars are dropped, not cut"},
+                         "min_per_label": p.min_per_label, "min_examples": p.min_examples,
+                         "long_texts": "pairs with a side longer than max_chars, and texts of sources that need "
+                                       "the whole text (a question at the end), are dropped, not cut"},
             "datasets": {n: manifest_sets[n] for n in order},
             "skipped": skipped,
-            "files": {"datasets.yaml": file_sha256(tmp / "datasets.yaml"),
+            "files": {"datasets.yaml": sha256_file(tmp / "datasets.yaml"),
                       **{manifest_sets[n]["file"]: manifest_sets[n]["sha256"] for n in order}},
         }
         with atomic_path(tmp / "manifest.json") as m:

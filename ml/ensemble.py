@@ -1,9 +1,15 @@
-"""Per-dataset weighted ensemble of LoRA adapters.
+"""Per-dataset weighted ensemble of LoRA adapters (the ACL 2025 ensemble).
 
-For dataset t with adapters k = 1..K the ensemble's label logits are z = Σ_k α_k z_k with α ≥ 0 fitted on
-validation data to minimise the cross-entropy of softmax(z) (+ a small L2). α is not normalised: its sum
-acts as a temperature. Adding a per-row constant to z_k (logits vs log-probs) changes nothing, so the
-inputs may be either.
+For dataset t with adapters k = 1..K the ensemble's label logits are z = Σ_k α_k z_k with α ≥ 0 fitted to
+minimise the cross-entropy of softmax(z) (+ a small L2). α is not normalised: its sum acts as a temperature.
+Adding a per-row constant to z_k (logits vs log-probs) changes nothing, so the inputs may be either.
+
+The paper's candidates for dataset t (`score_dataset`): its group's adapter z_g and that group's kept boosting
+rounds h_1..h_R (ml.boosting: what each round adds to the logits), starting from the boosted combination
+α = (1, η, ..., η). α is fit on the WEIGHTS fold of validation (ml.folds), which chose no checkpoint and no
+boosting round; if every weight comes out 0 (no candidate beats a uniform guess there) the ensemble falls back to
+the group adapter, α = (1, 0, ..., 0). The all-datasets adapter is the baseline it is compared with; as a
+candidate it is an explicit option (`include_all`), reported separately as `ensemble_with_all`.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from scipy.optimize import minimize
 from scipy.special import log_softmax
 
 from grouplora.ml.atomic import write_json
-from grouplora.ml.boosting import keep_round
+from grouplora.ml.boosting import boosted_logits, keep_round
 from grouplora.ml.model import label_token_ids, model_fingerprint
 from grouplora.ml.scoring import predict_logprobs
 
@@ -73,9 +79,62 @@ def fit_all(per_dataset: Mapping[str, tuple[np.ndarray, np.ndarray]], *, l2: flo
     return {name: fit_weights(z, y, l2=l2) for name, (z, y) in per_dataset.items()}
 
 
+def fit_dataset_weights(logits_kNC: np.ndarray, labels: np.ndarray, *, init: np.ndarray | None = None,
+                        l2: float = 1e-3) -> tuple[np.ndarray, bool]:
+    """(α, fell_back): fit_weights, but never all zero: then α = (1, 0, ..., 0), candidate 0 alone (the group
+    adapter)."""
+    K = np.asarray(logits_kNC).shape[0]
+    alpha = fit_weights(logits_kNC, labels, l2=l2, init=init)
+    if K == 0 or not np.all(np.isfinite(alpha)) or not (alpha > 0).any():
+        alpha = np.zeros(K)
+        if K:
+            alpha[0] = 1.0
+        return alpha, True
+    return alpha, False
+
+
+def score_dataset(group: Mapping[str, np.ndarray], rounds: Sequence[Mapping[str, np.ndarray]], eta: float,
+                  labels: Mapping[str, np.ndarray], *, all_adapter: Mapping[str, np.ndarray] | None = None,
+                  include_all: bool = False, l2: float = 1e-3) -> dict[str, Any]:
+    """One dataset's methods, from label logits on two splits, "weights" (the weights fold) and "test":
+    group = its group adapter's; rounds = its group's kept boosting rounds (h_r); all_adapter = the
+    all-datasets adapter's (the baseline; a candidate only with include_all).
+
+    Returns {"accuracy": test accuracy per method, "weights_fold_accuracy": the same on the weights fold,
+    "weights": α over [group, rounds...], "fallback": bool, and with include_all "weights_with_all",
+    "fallback_with_all"}. Methods: grouped (z_g), grouped_boosted (z_g + η Σ h_r), ensemble (α fit on the weights
+    fold), one_adapter_all and ensemble_with_all when all_adapter is given."""
+    def acc(z: np.ndarray, y: np.ndarray) -> float:
+        return float((np.asarray(z).argmax(-1) == y).mean()) if len(y) else float("nan")
+
+    if include_all and all_adapter is None:
+        raise ValueError("include_all needs the all-datasets adapter's logits")
+    out: dict[str, Any] = {"accuracy": {}, "weights_fold_accuracy": {}}
+    cands = {sp: np.stack([group[sp], *[h[sp] for h in rounds]]) for sp in ("weights", "test")}
+    init = np.array([1.0] + [eta] * len(rounds))
+    alpha, fell_back = fit_dataset_weights(cands["weights"], labels["weights"], init=init, l2=l2)
+    out.update(weights=alpha.tolist(), fallback=fell_back)
+    for sp, key in (("test", "accuracy"), ("weights", "weights_fold_accuracy")):
+        y = labels[sp]
+        out[key]["grouped"] = acc(group[sp], y)
+        out[key]["grouped_boosted"] = acc(boosted_logits(group[sp], [h[sp] for h in rounds], eta), y)
+        out[key]["ensemble"] = acc(combine(cands[sp], alpha), y)
+        if all_adapter is not None:
+            out[key]["one_adapter_all"] = acc(all_adapter[sp], y)
+    if include_all:
+        wa = {sp: np.concatenate([cands[sp], all_adapter[sp][None]]) for sp in cands}
+        a2, fb2 = fit_dataset_weights(wa["weights"], labels["weights"], init=np.append(init, 1.0), l2=l2)
+        out.update(weights_with_all=a2.tolist(), fallback_with_all=fb2)
+        for sp, key in (("test", "accuracy"), ("weights", "weights_fold_accuracy")):
+            out[key]["ensemble_with_all"] = acc(combine(wa[sp], a2), labels[sp])
+    return out
+
+
 def dataset_methods(zv: np.ndarray, yv: np.ndarray, zt: np.ndarray, yt: np.ndarray, *, boosted: bool,
                     min_gain: float = 0.0) -> tuple[dict[str, float], np.ndarray, bool | None]:
-    """One dataset's test accuracy under each method, from its adapters' logits in the order
+    """LEGACY (the current ensemble asset's call, until it is ported to score_dataset; it fits the weights on
+    the same validation examples that judge the boosting round). One dataset's test accuracy under each method,
+    from its adapters' logits in the order
     [group, one-on-all, (group's boosting adapter)]: zv (K, N_val, C), zt (K, N_test, C).
 
     grouped_boosted = group + boosting adapter with weights fit on validation, kept only if validation loss
@@ -108,6 +167,12 @@ class AdapterSpec:
     name: str
     path: str  # relative paths resolve against the ensemble JSON's folder
     datasets: list[str] = field(default_factory=list)  # the group it was trained on
+    # a boosting round (ml.boosting): it contributes z(this) − z(reference), what it adds to the logits of the point
+    # it started from; "base" = the bare base model, else another adapter of the ensemble (e.g. θ0 of ridge rounds)
+    reference: str | None = None
+
+
+BASE = "base"  # AdapterSpec.reference of a round trained from a fresh LoRA on the bare base model
 
 
 @dataclass
@@ -171,6 +236,9 @@ class Ensemble:
                 raise ValueError(f"weights for {t!r} name unknown adapters {sorted(unknown)}")
             if any(not np.isfinite(v) or v < 0 for v in w.values()):
                 raise ValueError(f"weights for {t!r} must be finite and >= 0: {w}")
+        for a in self.adapters:
+            if a.reference is not None and a.reference != BASE and a.reference not in names:
+                raise ValueError(f"adapter {a.name!r}: reference {a.reference!r} is neither {BASE!r} nor an adapter")
 
 
 def weights_for(ensemble_adapters: Sequence[str], alpha: np.ndarray) -> dict[str, float]:
@@ -221,23 +289,42 @@ def release(model: torch.nn.Module) -> None:
 
 def adapter_logprobs(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str, prompts: list[str],
                      names: Sequence[str], *, batch_size: int = 16, max_length: int = 256,
-                     progress: bool = False) -> np.ndarray:
-    """(K, N, C) label log-probs of each named adapter on prompts (the input fit_weights wants)."""
+                     progress: bool = False, one_pass: bool = True) -> np.ndarray:
+    """(K, N, C) label log-probs of each named adapter on prompts (the input fit_weights wants); for a boosting
+    round (AdapterSpec.reference) its log-probs minus its reference's.
+
+    one_pass: all the adapters needed in one forward per batch of prompts (ml.inference.mixed_logprobs);
+    False: one adapter after the other (set_adapter), the reference it must equal."""
+    from grouplora.ml.inference import mixed_logprobs
+
     spec = ensemble.datasets[dataset]
     label_ids = spec.label_ids or label_token_ids(tokenizer, spec.label_words)
-    pm = loaded_model(model, {n: ensemble.adapter_path(n) for n in names})
+    refs = {ensemble.adapter(n).reference for n in names} - {None}
+    needed = list(dict.fromkeys([*names, *sorted(refs)]))
+    adapters = [n for n in needed if n != BASE]
+    pm = loaded_model(model, {n: ensemble.adapter_path(n) for n in adapters})
+    kw = dict(batch_size=batch_size, max_length=max_length, progress=progress)
+    raw: dict[str, np.ndarray] = {}
+    if one_pass and len(adapters) > 1:
+        keys = [_peft_name(n, ensemble.adapter_path(n)) for n in adapters]
+        raw.update(zip(adapters, mixed_logprobs(pm, tokenizer, prompts, label_ids, keys, **kw)))
+    else:
+        for n in adapters:
+            pm.set_adapter(_peft_name(n, ensemble.adapter_path(n)))
+            raw[n] = predict_logprobs(pm, tokenizer, prompts, label_ids, **kw)
+    if BASE in needed:
+        with pm.disable_adapter():
+            raw[BASE] = predict_logprobs(pm, tokenizer, prompts, label_ids, **kw)
     out = []
     for n in names:
-        pm.set_adapter(_peft_name(n, ensemble.adapter_path(n)))
-        out.append(predict_logprobs(pm, tokenizer, prompts, label_ids, batch_size=batch_size,
-                                    max_length=max_length, progress=progress))
+        ref = ensemble.adapter(n).reference
+        out.append(raw[n] if ref is None else raw[n] - raw[ref])
     return np.stack(out) if out else np.zeros((0, len(prompts), len(label_ids)), dtype=np.float32)
 
 
-def predict(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str, prompts: list[str], *,
-            batch_size: int = 16, max_length: int = 256, progress: bool = False,
-            check_fingerprint: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(labels (N,), probs (N, C)) of the dataset's weighted ensemble on prompts; α = 0 adapters are skipped."""
+def _served_weights(ensemble: Ensemble, model: torch.nn.Module, dataset: str, check_fingerprint: bool
+                    ) -> dict[str, float]:
+    """{adapter: α > 0} of the dataset, after checking (if asked) that the base is the adapters' base."""
     if dataset not in ensemble.weights:
         raise KeyError(f"the ensemble has no weights for dataset {dataset!r}")
     # Checked on the bare base only: once adapters are loaded its state_dict has LoRA weights in it.
@@ -248,6 +335,41 @@ def predict(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str,
     w = {n: a for n, a in ensemble.weights[dataset].items() if a > 0}
     if not w:
         raise ValueError(f"every adapter weight for {dataset!r} is 0")
+    return w
+
+
+def merged_logprobs(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str, prompts: list[str], *,
+                    weights: Mapping[str, float] | None = None, combination_type: str = "cat",
+                    batch_size: int = 16, max_length: int = 256, progress: bool = False) -> np.ndarray:
+    """(N, C) label log-probs of the dataset's ensemble served as ONE merged adapter (ml.inference.merge_adapters):
+    θ0 + Σ ŵ_k Δ_k with ŵ = α/Σα, logits scaled by Σα. weights: {adapter: α}, default the ensemble's for dataset
+    (pass them to score a weighting before it is stored in the ensemble)."""
+    from grouplora.ml.inference import merge_adapters
+
+    spec = ensemble.datasets[dataset]
+    label_ids = spec.label_ids or label_token_ids(tokenizer, spec.label_words)
+    w = {n: float(a) for n, a in (ensemble.weights[dataset] if weights is None else weights).items() if a > 0}
+    pm = loaded_model(model, {n: ensemble.adapter_path(n) for n in w})
+    key, temperature = merge_adapters(pm, {_peft_name(n, ensemble.adapter_path(n)): a for n, a in w.items()},
+                                      combination_type=combination_type)
+    pm.set_adapter(key)
+    lp = predict_logprobs(pm, tokenizer, prompts, label_ids, batch_size=batch_size, max_length=max_length,
+                          progress=progress)
+    return log_softmax(temperature * lp.astype(np.float64), axis=-1)  # log-softmax drops lp's row constants
+
+
+def predict(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str, prompts: list[str], *,
+            batch_size: int = 16, max_length: int = 256, progress: bool = False,
+            check_fingerprint: bool = True, merged: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (N,), probs (N, C)) of the dataset's weighted ensemble on prompts; α = 0 adapters are skipped.
+
+    All its adapters run in one pass (adapter_logprobs); merged=True serves the merged adapter instead
+    (merged_logprobs: one adapter's cost, an approximation of the ensemble)."""
+    w = _served_weights(ensemble, model, dataset, check_fingerprint)
+    if merged:
+        probs = np.exp(merged_logprobs(ensemble, model, tokenizer, dataset, prompts, weights=w,
+                                       batch_size=batch_size, max_length=max_length, progress=progress))
+        return probs.argmax(-1), probs
     names = list(w)
     z = adapter_logprobs(ensemble, model, tokenizer, dataset, prompts, names, batch_size=batch_size,
                          max_length=max_length, progress=progress)

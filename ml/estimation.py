@@ -552,6 +552,17 @@ def score(
     )
 
 
+def estimate_subsets(features: FeatureSet, subsets: Sequence[Subset | Sequence[str]], *,
+                     lam: float) -> tuple[pd.DataFrame, FitResult]:
+    """The pipeline's estimation step (the subset_estimates asset; benchmarks/chain.py): every subset's w at λ and
+    every dataset scored under it, as (score's table with mode 'linearized', the fit)."""
+    subs = _as_subsets(subsets)
+    fit = solve_subsets(features, subs, lam=lam)
+    table = score(features, subs, fit.W)
+    table["mode"] = "linearized"
+    return table, fit
+
+
 def estimate(features: FeatureSet, subsets: Sequence[Subset | Sequence[str]], **kw) -> pd.DataFrame:
     """fit_subsets + score. kw go to fit_subsets (lam, tol, max_iter, chunk_size, memory, threads)."""
     subs = _as_subsets(subsets)

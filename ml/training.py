@@ -7,6 +7,13 @@ row's own classes (padded with -inf), then take the cross-entropy over those cla
 Resumable: the end of every epoch writes out_dir/checkpoints/epoch_<k>/ atomically (adapter weights,
 optimizer, scheduler, RNG, counters). Calling again with the same config and data resumes from the latest
 one; a finished run (out_dir/train_result.json) returns at once.
+
+Best-validation checkpoint: with `val_examples`, every epoch ends with the mean cross-entropy on them and the
+adapter saved in out_dir is the epoch with the lowest one (TrainResult.best_epoch). Pass held-out examples that
+nothing reported is measured on (e.g. the selection fold of validation, `ml.folds`).
+
+Logit offsets (`logit_offsets`, per example): added to the example's label logits before the loss, so the
+adapter learns what to ADD to a fixed prediction (boosting fits the residual of the current ensemble).
 """
 
 from __future__ import annotations
@@ -15,9 +22,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -28,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from grouplora.ml.atomic import atomic_dir, write_json
-from grouplora.ml.flops import lora_training_flops, matmul_params
+from grouplora.ml.atomic import atomic_dir, atomic_files, write_json
+from grouplora.ml.flops import forward_flops, lora_training_flops, matmul_params
 from grouplora.ml.lora import add_lora
 from grouplora.ml.model import load_base_model, model_fingerprint
 from grouplora.ml.scoring import encode, label_logits, length_batches, prompt_lengths, shuffled_length_batches
@@ -51,12 +55,13 @@ class TrainConfig:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    lr: float = 2e-4
-    epochs: int = 1
+    # The defaults are the pipeline's (orchestration/settings.py:TrainingSettings reads them from here).
+    lr: float = 1e-3
+    epochs: int = 2
     batch_size: int = 8
-    max_length: int = 256
+    max_length: int = 160
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.1
     seed: int = 0
     grad_clip: float = 1.0  # 0 = no clipping
     qlora: bool = False
@@ -83,6 +88,10 @@ class TrainResult:
     n_lora_params: int
     resumed_from_epoch: int  # 0 = started fresh
     out_dir: str = ""
+    epochs: int = 0  # epochs trained (a max_steps stop counts its partial epoch)
+    best_epoch: int = 0  # 1-based epoch whose weights were saved (the last one without val_examples)
+    val_losses: list[float] = dataclasses.field(default_factory=list)  # mean val CE after each epoch
+    eval_flops: int = 0  # forward FLOPs of the per-epoch validation passes (not training FLOPs)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -92,12 +101,16 @@ class TrainResult:
 
 
 def batch_loss(model: torch.nn.Module, tokenizer, batch: Sequence[TrainExample], max_length: int,
-               weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(weighted mean CE, per-example label logits (B, C_max) with -inf padding, real tokens)."""
+               weights: torch.Tensor | None = None, offsets: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(weighted mean CE, per-example label logits (B, C_max) with -inf padding, real tokens).
+    offsets (B, >= C_max): added to the logits first (the returned logits include them)."""
     device = _device_of(model)
     enc = encode(tokenizer, [e.prompt for e in batch], max_length)
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     logits = example_logits(model, ids, mask, [e.label_ids for e in batch])
+    if offsets is not None:
+        logits = logits + offsets[:, :logits.shape[1]].to(device)
     target = torch.tensor([e.label_index for e in batch], device=device)
     ce = F.cross_entropy(logits, target, reduction="none")
     loss = ce.mean() if weights is None else (ce * weights.to(device)).mean()
@@ -119,10 +132,13 @@ def example_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[TrainExample], *, batch_size: int | None = 16,
-             max_length: int = 256, max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+             max_length: int = 256, max_tokens: int | None = None,
+             logit_offsets: Sequence[Sequence[float]] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-example (cross-entropy, correct) of `model` (base or peft-wrapped) on examples, in order; batched
-    by length (scoring.length_batches: batch_size examples and/or max_tokens padded tokens)."""
+    by length (scoring.length_batches: batch_size examples and/or max_tokens padded tokens); logit_offsets: per
+    example, added to its label logits as in training."""
     examples = [_as_example(e) for e in examples]
+    offsets = _offsets(logit_offsets, examples)
     was_training = model.training
     model.eval()
     losses, correct = np.zeros(len(examples), dtype=np.float32), np.zeros(len(examples), dtype=bool)
@@ -130,7 +146,8 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[TrainExample]
     try:
         for idx in length_batches(lengths, batch_size, max_tokens=max_tokens):
             batch = [examples[i] for i in idx]
-            _, logits, _ = batch_loss(model, tokenizer, batch, max_length)
+            _, logits, _ = batch_loss(model, tokenizer, batch, max_length,
+                                      offsets=None if offsets is None else offsets[idx])
             target = torch.tensor([e.label_index for e in batch], device=logits.device)
             losses[idx] = F.cross_entropy(logits, target, reduction="none").cpu().numpy()
             correct[idx] = (logits.argmax(1) == target).cpu().numpy()
@@ -155,6 +172,10 @@ def train_adapter(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     init_adapter: str | Path | None = None,
+    val_examples: Sequence[TrainExample] | None = None,
+    logit_offsets: Sequence[Sequence[float]] | np.ndarray | None = None,
+    val_logit_offsets: Sequence[Sequence[float]] | np.ndarray | None = None,
+    eval_batch_size: int = 32,
 ) -> TrainResult:
     """Train a fresh LoRA adapter on `examples`; out_dir gets the adapter in peft's save_pretrained format.
 
@@ -166,16 +187,28 @@ def train_adapter(
     after every epoch (epoch_loss, epoch).
     init_adapter: start from this saved adapter (same r, targets; e.g. a meta-initialization) instead of a
     fresh LoRA (A seeded, B = 0).
+    val_examples: held-out examples scored after every epoch; the saved adapter is the epoch with the lowest
+    mean cross-entropy on them (TrainResult.best_epoch, val_losses). None: the last epoch.
+    logit_offsets / val_logit_offsets: per example, added to its label logits before the loss (boosting).
     """
     out_dir = Path(out_dir)
     examples = [_as_example(e) for e in examples]
     _check_examples(examples)
     weights = _normalized_weights(sample_weights, len(examples))
+    offsets = _offsets(logit_offsets, examples)
+    val = None
+    if val_examples is not None:
+        val = [_as_example(e) for e in val_examples]
+        _check_examples(val)
+    val_offsets = _offsets(val_logit_offsets, val) if val is not None else None
+    if val_logit_offsets is not None and val is None:
+        raise ValueError("val_logit_offsets without val_examples")
     model, tokenizer = _resolve_base(base_name_or_model, tokenizer, config, device, dtype)
     _check_clean(model)
 
     init_state = _init_state(init_adapter, config)
-    key = run_key(config, model_fingerprint(model), examples, weights, init_state)
+    key = run_key(config, model_fingerprint(model), examples, weights, init_state,
+                  extra=[offsets, val, val_offsets])
     done = _finished_result(out_dir, key, config)
     if done is not None:
         return done
@@ -188,7 +221,8 @@ def train_adapter(
         try:
             if init_state is not None:
                 _load_init(peft_model, init_state, init_adapter)
-            return _train(peft_model, tokenizer, examples, weights, config, out_dir, key, on_step, progress)
+            return _train(peft_model, tokenizer, examples, weights, config, out_dir, key, on_step, progress,
+                          offsets=offsets, val=val, val_offsets=val_offsets, eval_batch_size=eval_batch_size)
         finally:
             # Hand the base back untouched: no LoRA layers, original grad flags and mode.
             peft_model.unload()
@@ -198,7 +232,8 @@ def train_adapter(
 
 
 def _train(peft_model, tokenizer, examples, weights, config: TrainConfig, out_dir: Path, key: str,
-           on_step, progress: bool) -> TrainResult:
+           on_step, progress: bool, *, offsets: torch.Tensor | None = None, val: list[TrainExample] | None = None,
+           val_offsets: torch.Tensor | None = None, eval_batch_size: int = 32) -> TrainResult:
     device = _device_of(peft_model)
     n = len(examples)
     steps_per_epoch = math.ceil(n / config.batch_size)
@@ -210,7 +245,8 @@ def _train(peft_model, tokenizer, examples, weights, config: TrainConfig, out_di
     lr_fn = lr_lambda(config.lr_schedule, total, round(config.warmup_ratio * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn)
     n_base, n_lora = matmul_params(peft_model)
-    st = {"epoch": 0, "step": 0, "tokens": 0, "seconds": 0.0, "epoch_losses": []}
+    st = {"epoch": 0, "step": 0, "tokens": 0, "seconds": 0.0, "epoch_losses": [], "val_losses": [],
+          "val_tokens": 0}
     lengths = prompt_lengths(tokenizer, [e.prompt for e in examples], config.max_length)
 
     with _PeakMemory(device) as mem:
@@ -237,7 +273,8 @@ def _train(peft_model, tokenizer, examples, weights, config: TrainConfig, out_di
                     break
                 idx = batches[b]
                 loss, _, tokens = batch_loss(peft_model, tokenizer, [examples[i] for i in idx],
-                                             config.max_length, None if weights is None else weights[idx])
+                                             config.max_length, None if weights is None else weights[idx],
+                                             None if offsets is None else offsets[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip if config.grad_clip > 0
@@ -255,6 +292,12 @@ def _train(peft_model, tokenizer, examples, weights, config: TrainConfig, out_di
                     on_step(st["step"], {"loss": losses[-1], "lr": lr, "grad_norm": float(gnorm),
                                          "epoch": epoch, "tokens": st["tokens"]})
             st["epoch_losses"].append(float(np.mean(losses)))
+            if val is not None:  # before the checkpoint, so a resumed run knows every epoch's val loss
+                vl, _ = evaluate(peft_model, tokenizer, val, batch_size=eval_batch_size,
+                                 max_length=config.max_length, logit_offsets=val_offsets)
+                st["val_losses"].append(float(vl.mean()))
+                st["val_tokens"] += _tokens(tokenizer, val, config.max_length)
+                peft_model.train()
             if len(losses) == steps_per_epoch:  # a full epoch: checkpoint it (a max_steps stop just ends)
                 st["epoch"] = epoch + 1
                 st["seconds"] += time.time() - t0
@@ -267,13 +310,20 @@ def _train(peft_model, tokenizer, examples, weights, config: TrainConfig, out_di
             bar.close()
     peak = mem.peak
 
+    epochs_run = len(st["epoch_losses"])
+    best = epochs_run
+    if val is not None and st["val_losses"]:
+        best = int(np.argmin(st["val_losses"])) + 1  # first of equal losses: the earlier, cheaper epoch
+        if best < epochs_run:  # an earlier epoch won: its checkpoint holds its weights
+            _load_adapter_files(peft_model, Path(out_dir) / "checkpoints" / f"epoch_{best}")
     _save_final(peft_model, out_dir)
     result = TrainResult(
         final_loss=st["epoch_losses"][-1] if st["epoch_losses"] else float("nan"),
         epoch_losses=list(st["epoch_losses"]), steps=st["step"], seconds=st["seconds"],
         flops=lora_training_flops(n_base, n_lora, st["tokens"]), peak_memory_bytes=peak,
         tokens=st["tokens"], n_base_params=n_base, n_lora_params=n_lora, resumed_from_epoch=resumed_from,
-        out_dir=str(out_dir))
+        out_dir=str(out_dir), epochs=epochs_run, best_epoch=best, val_losses=list(st["val_losses"]),
+        eval_flops=forward_flops(n_base + n_lora, st["val_tokens"]))
     write_json({"key": key, "epochs": config.epochs, "max_steps": config.max_steps, "config": dataclasses.asdict(config),
                 "result": result.to_dict()}, out_dir / RESULT_JSON)
     return result
@@ -314,8 +364,11 @@ def save_fresh_adapter(base_name_or_model: Any, config: TrainConfig, out_dir: Pa
 
 
 def run_key(config: TrainConfig, base_fingerprint: str, examples: Sequence[TrainExample],
-            weights: np.ndarray | None, init_state: dict[str, torch.Tensor] | None = None) -> str:
-    """What a checkpoint must match to be resumed: everything but the run length (epochs, max_steps)."""
+            weights: np.ndarray | None, init_state: dict[str, torch.Tensor] | None = None,
+            extra: Sequence[Any] = ()) -> str:
+    """What a checkpoint must match to be resumed: everything but the run length (epochs, max_steps).
+    extra: more inputs of the run (offsets, validation examples); None entries add nothing, so a run
+    without them keeps the key it had before they existed."""
     h = hashlib.sha256()
     for k in sorted(init_state or {}):  # a warm start is part of the run's identity
         h.update(k.encode())
@@ -327,6 +380,15 @@ def run_key(config: TrainConfig, base_fingerprint: str, examples: Sequence[Train
         h.update(json.dumps([e.prompt, e.label_index, list(e.label_ids)]).encode())
     if weights is not None:
         h.update(np.ascontiguousarray(weights, dtype=np.float64).tobytes())
+    for i, x in enumerate(extra):
+        if x is None:
+            continue
+        h.update(f"extra{i}".encode())
+        if isinstance(x, torch.Tensor):
+            h.update(np.ascontiguousarray(x.cpu().numpy(), dtype=np.float64).tobytes())
+        else:
+            for e in x:
+                h.update(json.dumps([e.prompt, e.label_index, list(e.label_ids)]).encode())
     return h.hexdigest()[:24]
 
 
@@ -363,6 +425,13 @@ def _save_adapter_files(peft_model, folder: Path) -> None:
     peft_model.peft_config[peft_model.active_adapter].save_pretrained(str(folder))
 
 
+def _load_adapter_files(peft_model, folder: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    set_peft_model_state_dict(peft_model, load_file(Path(folder) / "adapter_model.safetensors",
+                                                    device=str(_device_of(peft_model))))
+
+
 def _load_checkpoint(path: Path, key: str, peft_model, opt, sched, device: torch.device) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -380,20 +449,15 @@ def _load_checkpoint(path: Path, key: str, peft_model, opt, sched, device: torch
         torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
     st = blob["state"]
     st["epoch_losses"] = list(st["epoch_losses"])
+    st["val_losses"] = list(st.get("val_losses", []))
+    st.setdefault("val_tokens", 0)
     return st
 
 
 def _save_final(peft_model, out_dir: Path) -> None:
     """save_pretrained into a temp folder, then move each file over out_dir's (readers never see half)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out_dir))
-    try:
+    with atomic_files(out_dir) as tmp:
         peft_model.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            if f.is_file():
-                os.replace(f, out_dir / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _finished_result(out_dir: Path, key: str, config: TrainConfig) -> TrainResult | None:
@@ -473,6 +537,28 @@ def _check_examples(examples: Sequence[TrainExample]) -> None:
             raise ValueError(f"example {i}: label_ids {list(e.label_ids)} need >= 2 distinct tokens")
         if not 0 <= e.label_index < len(e.label_ids):
             raise ValueError(f"example {i}: label_index {e.label_index} outside {len(e.label_ids)} classes")
+
+
+def _offsets(offsets, examples: Sequence[TrainExample]) -> torch.Tensor | None:
+    """Per-example logit offsets as an (N, C_max) float32 tensor (zeros beyond an example's classes)."""
+    if offsets is None:
+        return None
+    if len(offsets) != len(examples):
+        raise ValueError(f"logit offsets: {len(offsets)} rows for {len(examples)} examples")
+    c_max = max(len(e.label_ids) for e in examples)
+    out = np.zeros((len(examples), c_max), dtype=np.float32)
+    for i, (o, e) in enumerate(zip(offsets, examples)):
+        o = np.asarray(o, dtype=np.float64).reshape(-1)
+        if o.shape[0] < len(e.label_ids) or not np.all(np.isfinite(o[:len(e.label_ids)])):
+            raise ValueError(f"logit offsets row {i}: need {len(e.label_ids)} finite values, got {o.tolist()}")
+        out[i, :len(e.label_ids)] = o[:len(e.label_ids)]
+    return torch.from_numpy(out)
+
+
+def _tokens(tokenizer, examples: Sequence[TrainExample], max_length: int) -> int:
+    """Real (non-pad) tokens of the examples' prompts, as encode() would feed them."""
+    from grouplora.ml.scoring import prompt_lengths
+    return int(sum(prompt_lengths(tokenizer, [e.prompt for e in examples], max_length)))
 
 
 def _normalized_weights(w, n: int) -> np.ndarray | None:

@@ -9,7 +9,8 @@
   upstream update, never while an upstream is in progress, and not while per-dataset work is still pending;
 - `adapter`: a partition runs when it is missing (a new key that `task_partition` registered). Keys are content
   hashes of members + data versions + training settings, so an unchanged group keeps its key and is not retrained;
-- `ensemble`: after adapter partitions update (and all of them exist); `registered_ensemble`: after the ensemble.
+- `ensemble`: after adapter partitions update (and all of them exist); `registered_ensemble`: after the ensemble;
+  `champion` (the promotion step): after the registration.
 
 Removing a dataset file is not an update of any asset: `dataset_files_sensor` deletes the partition and requests a
 `suite_job` run, after which the conditions above carry on. `nightly_recheck` re-checks the folder every night.
@@ -66,7 +67,7 @@ def condition_for(key: str, group: str | None) -> AC | None:
         return adapter_condition()
     if key == "ensemble":
         return ensemble_condition()
-    if key == "registered_ensemble":
+    if key in ("registered_ensemble", "champion"):
         return AC.eager()
     return None  # `dataset`: driven by the sensor (file content hashes), not by automation
 

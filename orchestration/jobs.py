@@ -1,20 +1,14 @@
-"""Jobs: per-dataset work (one run per partition) and the suite-wide SQL models."""
+"""Jobs: per-dataset work (one run per partition), the suite-wide assets, adapters, the ensemble, selection.
+
+Selected by asset key, so this module imports no asset module (definitions.py is the only one that does)."""
 
 
 import dagster as dg
 
-from grouplora.assets.adapters import adapter
-from grouplora.assets.datasets import dataset, dataset_partitions
-from grouplora.assets.ensemble import ensemble
-from grouplora.assets.estimates import subset_estimates
-from grouplora.assets.partition import adapter_partitions, task_partition
-from grouplora.assets.features import approximation_error, gradient_features, meta_gradient_features
-from grouplora.assets.meta_init import meta_init_adapter
-from grouplora.assets.selection import target_selection
-from grouplora.assets.zero_shot import zero_shot_scores
+from grouplora.orchestration.partitions import adapter_partitions, dataset_partitions
 
 # The per-dataset assets, in the order the data flows; the CLI runner checks them for currency in this order.
-PER_DATASET_ASSETS = [dataset, zero_shot_scores, gradient_features]
+PER_DATASET_ASSETS = ["dataset", "zero_shot_scores", "gradient_features"]
 
 dataset_job = dg.define_asset_job(
     "dataset_job",
@@ -25,29 +19,30 @@ dataset_job = dg.define_asset_job(
 
 suite_job = dg.define_asset_job(
     "suite_job",
-    selection=(dg.AssetSelection.assets(approximation_error, subset_estimates, task_partition)
-               | dg.AssetSelection.groups("sql")) - dg.AssetSelection.assets(ensemble).downstream(),
+    selection=(dg.AssetSelection.assets("approximation_error", "subset_estimates", "task_partition")
+               | dg.AssetSelection.groups("sql")) - dg.AssetSelection.assets("ensemble").downstream(),
     description="Suite-wide assets: approximation error, subset estimates, SQL affinity tables, the partition.",
 )
 
 adapter_job = dg.define_asset_job(
     "adapter_job",
-    selection=dg.AssetSelection.assets(adapter),
+    selection=dg.AssetSelection.assets("adapter"),
     partitions_def=adapter_partitions,
     description="Train one adapter (a group's, or the all-datasets baseline).",
 )
 
 ensemble_job = dg.define_asset_job(
     "ensemble_job",
-    selection=dg.AssetSelection.assets(ensemble).downstream(),
-    description="Fit the per-dataset ensemble, boost, report, and register the ensemble in MLflow.",
+    selection=dg.AssetSelection.assets("ensemble").downstream(),
+    description="Fit the per-dataset ensemble, boost, report, register the ensemble in MLflow and promote it "
+                "to champion if it wins.",
 )
 
 # Partitioned by dataset = the target for target_selection; the runner (orchestration/run.py: run_selection) runs
 # it step by step with an asset selection: the meta-init adapter once, meta features per dataset, then the target.
 selection_job = dg.define_asset_job(
     "selection_job",
-    selection=dg.AssetSelection.assets(meta_init_adapter, meta_gradient_features, target_selection),
+    selection=dg.AssetSelection.assets("meta_init_adapter", "meta_gradient_features", "target_selection"),
     partitions_def=dataset_partitions,
     description="Choose auxiliary datasets for a target: the meta-init adapter, meta-init gradient features, "
                 "target_selection for the partition's target.",

@@ -1,14 +1,16 @@
 """MLflow model registry for the served ensemble: log a version, promote it by alias, load it to predict.
 
-A registered version is an MLflow pyfunc (`EnsembleModel`) whose single artifact is a folder with
+A registered version is an MLflow models-from-code pyfunc: its code is `serving_model.py` (which sets an
+`EnsembleModel`; nothing is pickled) and its single artifact is a folder with
 `ensemble.json` and one sub-folder per adapter (adapter_config.json + adapter_model.safetensors, nothing
 else: training checkpoints stay behind). The base model is NOT in the artifact: the JSON names it (e.g.
 "smollm2-135m-instruct", loaded from the local model cache by `grouplora.ml.model.load_base_model`), and
 the JSON's `base_fingerprint` checks that the loaded base is the one the adapters were trained on.
 
 Promotion uses aliases only (no stages): `log_ensemble` points `challenger` at the new version and tags it
-with its validation metrics; `promote` moves `champion` to the challenger iff there is no champion yet or
-the challenger's metric strictly beats the champion's.
+with its validation metrics (and the baselines' validation accuracy); `promote` moves `champion` to the challenger
+iff it strictly beats every baseline tagged on it and the champion (or there is no champion yet), and tags the
+version with the decision and its reason.
 
 Class names: `DatasetSpec` has label words (what the model answers), not label values. The value returned
 for class i of dataset D is `Ensemble.meta["classes"][D][i]`; without that entry it is label_words[i]
@@ -22,6 +24,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +37,7 @@ import pandas as pd  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.models import ModelSignature  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from mlflow.types import ColSpec, Schema  # noqa: E402
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema  # noqa: E402
 
 from grouplora.ml.ensemble import Ensemble  # noqa: E402
 
@@ -45,11 +48,14 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 EXPERIMENT = "grouplora"
 DEFAULT_NAME = "grouplora-ensemble"
+MODEL_CODE = Path(__file__).with_name("serving_model.py")  # what log_ensemble logs as the model
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "dataset"), ColSpec("string", "text"),
                    ColSpec("string", "text_pair", required=False)]),
     outputs=Schema([ColSpec("string", "dataset"), ColSpec("string", "label"), ColSpec("double", "probability")]),
+    # merged: the merged adapter (one adapter's cost, an approximation) instead of the exact ensemble
+    params=ParamSchema([ParamSpec("batch_size", "long", 16), ParamSpec("merged", "boolean", False)]),
 )
 
 
@@ -114,9 +120,10 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 
     Input: a DataFrame with columns `dataset`, `text` and optionally `text_pair`. Output: a DataFrame with
     `dataset`, `label` (the predicted label value, see `class_names`) and `probability` (of that label),
-    row for row. The artifact holds the ensemble JSON and its adapters only; load_context loads the base
-    model named in the JSON (by name, e.g. "smollm2-135m-instruct" from the local model cache, or "tiny"):
-    it is not copied into the registry.
+    row for row. Params: batch_size (prompts per forward), merged (serve each dataset's merged adapter).
+    The artifact holds the ensemble JSON and its adapters only; load_context loads the base model named in
+    the JSON (by name, e.g. "smollm2-135m-instruct" from the local model cache, or "tiny"): it is not copied
+    into the registry. Logged as code (serving_model.py), never pickled.
     """
 
     def load_context(self, context: Any) -> None:
@@ -124,15 +131,23 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 
         self.ensemble = Ensemble.load(Path(context.artifacts[ARTIFACT_KEY]) / ENSEMBLE_JSON)
         self.model, self.tokenizer = load_base_model(self.ensemble.base_model)
+        # MLflow's server runs requests in threads; the adapters loaded on the one base (active adapter,
+        # mixed-batch hooks, merged adapters) are shared state: one prediction at a time.
+        self.lock = threading.Lock()
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return predict_frame(self.ensemble, self.model, self.tokenizer, model_input,
-                             batch_size=int((params or {}).get("batch_size", 16)))
+        params = params or {}
+        with self.lock:
+            return predict_frame(self.ensemble, self.model, self.tokenizer, model_input,
+                                 batch_size=int(params.get("batch_size", 16)),
+                                 merged=bool(params.get("merged", False)))
 
 
 def predict_frame(ensemble: Ensemble, model: Any, tokenizer: Any, frame: pd.DataFrame, *,
-                  batch_size: int = 16) -> pd.DataFrame:
-    """EnsembleModel.predict without MLflow: one (dataset, label, probability) row per input row, in order."""
+                  batch_size: int = 16, merged: bool = False) -> pd.DataFrame:
+    """EnsembleModel.predict without MLflow: one (dataset, label, probability) row per input row, in order.
+    Each dataset's rows go through all its adapters in one pass (ml.ensemble.predict), or with merged=True
+    through its merged adapter."""
     from grouplora.ml.ensemble import predict
     from grouplora.ml.prompts import render
 
@@ -154,7 +169,7 @@ def predict_frame(ensemble: Ensemble, model: Any, tokenizer: Any, frame: pd.Data
         idx = list(rows)
         prompts = [render(spec.template, str(frame.at[i, "text"]), _pair(pairs.iloc[i])) for i in idx]
         classes = class_names(ensemble, dataset)
-        pred, probs = predict(ensemble, model, tokenizer, dataset, prompts, batch_size=batch_size)
+        pred, probs = predict(ensemble, model, tokenizer, dataset, prompts, batch_size=batch_size, merged=merged)
         for j, i in enumerate(idx):
             labels[i] = classes[int(pred[j])]
             probability[i] = float(probs[j, int(pred[j])])
@@ -235,15 +250,17 @@ def log_ensemble(ensemble_path: Path, *, registered_name: str, tracking_uri: str
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
             mlflow.log_params({"base_model": ens.base_model, "base_fingerprint": ens.base_fingerprint or "-",
                                "adapters": len(ens.adapters), "datasets": len(ens.datasets)})
-            info = mlflow.pyfunc.log_model(name="model", python_model=EnsembleModel(),
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE),
                                            artifacts={ARTIFACT_KEY: str(folder)}, signature=SIGNATURE,
                                            pip_requirements=_pip_requirements(),
                                            registered_model_name=registered_name)
-    version = str(info.registered_model_version)
-    for k, v in metrics.items():
-        client.set_model_version_tag(registered_name, version, k, str(float(v)))
-    client.set_model_version_tag(registered_name, version, "base_model", ens.base_model)
-    client.set_registered_model_alias(registered_name, CHALLENGER, version)
+            # Tags and alias while the run is still RUNNING: crash recovery takes a version whose run ended
+            # without them for a half-registered one (orchestration/recovery.py).
+            version = str(info.registered_model_version)
+            for k, v in metrics.items():
+                client.set_model_version_tag(registered_name, version, k, str(float(v)))
+            client.set_model_version_tag(registered_name, version, "base_model", ens.base_model)
+            client.set_registered_model_alias(registered_name, CHALLENGER, version)
     return ModelVersionInfo(registered_name, version, run.info.run_id)
 
 
@@ -264,13 +281,22 @@ def _metric(client: MlflowClient, mv: Any, metric: str) -> float | None:
     return None
 
 
+# Validation accuracy of the baselines, tagged on each version by the ensemble's registration (when it has them):
+# a challenger must beat each one present, as well as the champion.
+BASELINES = {"val_zero_shot": "zero-shot", "val_one_adapter_all": "one adapter on all datasets"}
+PROMOTION_TAG = "grouplora.promotion"
+
+
 def promote(registered_name: str, *, tracking_uri: str, metric: str = "val_accuracy",
-            higher_is_better: bool = True) -> PromotionResult:
-    """Move `champion` to the `challenger` version iff there is no champion or the challenger's `metric`
-    strictly beats the champion's. Nothing changes otherwise; the result says why."""
+            higher_is_better: bool = True, version: str | None = None) -> PromotionResult:
+    """Move `champion` to the challenger iff its `metric` strictly beats every baseline tagged on it (BASELINES;
+    with the default metric) and the champion's, or there is no champion. The challenger is `version` when given
+    (a pipeline run promotes the version it registered itself), else the version the `challenger` alias names.
+    Nothing else changes; the decision and its reason are tagged on the challenger (PROMOTION_TAG)."""
     client = use_tracking(tracking_uri)
     client.get_registered_model(registered_name)  # a clear MlflowException when the name is unknown
-    ch = _alias_version(client, registered_name, CHALLENGER)
+    ch = client.get_model_version(registered_name, version) if version is not None else \
+        _alias_version(client, registered_name, CHALLENGER)
     cur = _alias_version(client, registered_name, CHAMPION)
     cur_v = str(cur.version) if cur is not None else None  # the store may hand back ints
     cur_value = _metric(client, cur, metric) if cur is not None else None
@@ -279,25 +305,48 @@ def promote(registered_name: str, *, tracking_uri: str, metric: str = "val_accur
     value = _metric(client, ch, metric)
     ch_v = str(ch.version)
 
-    def refuse(reason: str) -> PromotionResult:
-        return PromotionResult(False, ch_v, cur_v, value, cur_value, reason)
+    def decide(promoted: bool, reason: str) -> PromotionResult:
+        client.set_model_version_tag(registered_name, ch_v, PROMOTION_TAG,
+                                     f"{'promoted' if promoted else 'not promoted'}: {reason}")
+        return PromotionResult(promoted, ch_v, ch_v if promoted else cur_v, value, cur_value, reason)
+
+    def beats(a: float, b: float) -> bool:
+        return a > b if higher_is_better else a < b
 
     if value is None or not math.isfinite(value):
-        return refuse(f"challenger v{ch_v} has no finite {metric} ({value})")
+        return decide(False, f"challenger v{ch_v} has no finite {metric} ({value})")
     if cur is not None and cur_v == ch_v:
-        return refuse(f"v{ch_v} is already the champion")
+        return PromotionResult(False, ch_v, cur_v, value, cur_value, f"v{ch_v} is already the champion")
+    if metric == "val_accuracy":
+        for tag, what in BASELINES.items():
+            base = _metric(client, ch, tag)
+            if base is not None and not (math.isfinite(base) and beats(value, base)):
+                return decide(False, f"challenger v{ch_v} {metric}={value:g} does not beat the {what} baseline "
+                                     f"({tag}={base:g})")
     if cur is not None:
         if cur_value is None or not math.isfinite(cur_value):
-            return refuse(f"champion v{cur_v} has no finite {metric} to compare with")
-        beats = value > cur_value if higher_is_better else value < cur_value
-        if not beats:
-            return refuse(f"challenger v{ch_v} {metric}={value:g} does not beat "
-                          f"champion v{cur_v} {metric}={cur_value:g}")
+            return decide(False, f"champion v{cur_v} has no finite {metric} to compare with")
+        if not beats(value, cur_value):
+            return decide(False, f"challenger v{ch_v} {metric}={value:g} does not beat "
+                                 f"champion v{cur_v} {metric}={cur_value:g}")
     client.set_registered_model_alias(registered_name, CHAMPION, ch_v)
     client.set_model_version_tag(registered_name, ch_v, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     before = "no champion before" if cur is None else f"beats v{cur_v} {metric}={cur_value:g}"
-    return PromotionResult(True, ch_v, ch_v, value, cur_value,
-                           f"v{ch_v} {metric}={value:g} promoted to {CHAMPION} ({before})")
+    baselines = [f"{tag}={_metric(client, ch, tag):g}" for tag in BASELINES
+                 if metric == "val_accuracy" and _metric(client, ch, tag) is not None]
+    return decide(True, f"v{ch_v} {metric}={value:g} promoted to {CHAMPION} ({before}"
+                        + (f"; beats the baselines {', '.join(baselines)}" if baselines else "") + ")")
+
+
+def alias_state(registered_name: str, *, tracking_uri: str, metric: str = "val_accuracy") -> dict[str, Any]:
+    """Which versions hold `challenger` and `champion`, and their `metric` (read only: changes nothing)."""
+    client = use_tracking(tracking_uri)
+    out: dict[str, Any] = {}
+    for alias in (CHALLENGER, CHAMPION):
+        mv = _alias_version(client, registered_name, alias)
+        out[f"{alias}_version"] = str(mv.version) if mv is not None else None
+        out[f"{alias}_value"] = _metric(client, mv, metric) if mv is not None else None
+    return out
 
 
 def load_for_prediction(model_uri: str, *, tracking_uri: str | None = None) -> mlflow.pyfunc.PyFuncModel:

@@ -1,61 +1,63 @@
-"""Dagster resources: the dataset source folder, the storage root, the DuckDB warehouse and the base model.
+"""Dagster resources: the dataset source folder, the DuckDB warehouse, the base model and MLflow tracking.
 
 Each is plain configuration plus methods; nothing is held between steps, so every step can run in its own
-process (the multiprocess executor here, a cluster executor later).
+process (the multiprocess executor here, a cluster executor later). Locations left empty are read from the
+environment (orchestration/settings.py) when used, not when the Definitions load: a process that loaded the
+Definitions once can run projects with other GROUPLORA_* settings (tests do).
 """
 
 
-import hashlib
+import copy
+import os
 import random
 import time
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import dagster as dg
 import duckdb
 import pandas as pd
 import pydantic
 
-from grouplora.ml.data_format import SuiteConfig, discover, file_hash, load_suite_config, validate_name
+from grouplora.ml.data_format import (ConfigError, DatasetError, SuiteConfig, discover, load_suite_config, scan,
+                                        validate_name)
+from grouplora.ml.hashing import sha256_file
+from grouplora.orchestration import settings
+from grouplora.orchestration.devices import check_device, resolve_device
+from grouplora.orchestration.settings import GradientSettings, TrainingSettings
+from grouplora.orchestration.store import ArtifactStore
+from grouplora.orchestration.globs import literal_folder_glob
 
 
 class DatasetSourceResource(dg.ConfigurableResource):
     """The folder of dataset files (CSV/JSONL/Parquet) and its YAML of per-dataset settings."""
 
-    folder: str
+    folder: str = ""  # "" = $GROUPLORA_DATASETS or data/demo
     config_file: str = "datasets.yaml"
     seed: int = 0
 
+    def root(self) -> Path:
+        return Path(self.folder) if self.folder else settings.datasets_folder()
+
     def files(self) -> dict[str, Path]:
-        folder = Path(self.folder)
-        return discover(folder) if folder.exists() else {}
+        """Dataset name -> file for every usable file; unusable ones (see `scan`) are left out, so that one bad file
+        never stops the others."""
+        return self.scan()[0]
+
+    def scan(self) -> tuple[dict[str, Path], list[DatasetError]]:
+        """The usable files and one DatasetError per unusable one (ml.data_format.scan); a missing folder is empty."""
+        folder = self.root()
+        return scan(folder) if folder.exists() else ({}, [])
 
     def config(self) -> SuiteConfig:
-        return load_suite_config(Path(self.folder) / self.config_file)
+        return load_suite_config(self.root() / self.config_file)
 
     def version(self, name: str) -> str:
         """Content version of one dataset: its file's bytes and its settings (what the sensor compares)."""
         path = self.files()[validate_name(name)]
-        return f"{file_hash(path)[:16]}-{self.config().for_dataset(name).fingerprint()}-s{self.seed}"
-
-
-class StorageResource(dg.ConfigurableResource):
-    """The storage root: one folder per artifact kind, one file per partition."""
-
-    root: str
-
-    def path(self, kind: str, name: str, suffix: str = ".parquet") -> Path:
-        validate_name(kind, "artifact kind")
-        validate_name(name)
-        return Path(self.root) / kind / f"{name}{suffix}"
-
-    def folder(self, kind: str) -> Path:
-        return Path(self.root) / validate_name(kind, "artifact kind")
-
-    def glob(self, kind: str, suffix: str = ".parquet") -> str:
-        return str(self.folder(kind) / f"*{suffix}")
+        return f"{sha256_file(path)[:16]}-{self.config().for_dataset(name).fingerprint()}-s{self.seed}"
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -63,16 +65,20 @@ class WarehouseResource(dg.ConfigurableResource):
     and the SQL models' tables, so parallel partitions never need one writer at the same time. The short
     writes that remain (creating a view, one SQL model) retry while another process holds the file lock."""
 
-    path: str
+    path: str = ""  # "" = GROUPLORA_HOME/warehouse.duckdb
     lock_timeout_s: float = 120.0
+
+    def file(self) -> Path:
+        return Path(self.path) if self.path else settings.home() / "warehouse.duckdb"
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        path = self.file()
+        path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self.lock_timeout_s
         while True:
             try:
-                con = duckdb.connect(self.path, read_only=read_only and Path(self.path).exists())
+                con = duckdb.connect(str(path), read_only=read_only and path.exists())
                 break
             except duckdb.IOException as e:
                 if "lock" not in str(e).lower() or time.monotonic() > deadline:
@@ -84,10 +90,11 @@ class WarehouseResource(dg.ConfigurableResource):
             con.close()
 
     def register_parquet(self, view: str, glob: str, array_columns: dict[str, int] | None = None) -> None:
-        """(Re)create a view over every Parquet file matching `glob` (new partitions appear automatically).
+        """(Re)create a view over every Parquet file matching `glob` (new partitions appear automatically); only
+        its last component is a pattern, the folder is literal (orchestration.globs).
         array_columns: {column: k} exposes those list columns as DuckDB fixed-size FLOAT[k] arrays."""
         validate_name(view, "view name")
-        literal = "'" + glob.replace("'", "''") + "'"  # a view's body cannot take prepared parameters
+        literal = "'" + literal_folder_glob(glob).replace("'", "''") + "'"  # a view's body takes no parameters
         casts = ", ".join(f"{validate_name(c, 'column name')}::FLOAT[{int(k)}] AS {c}" for c, k in (array_columns or {}).items())
         select = f"* REPLACE ({casts})" if casts else "*"
         with self.connect() as con:
@@ -99,7 +106,7 @@ class WarehouseResource(dg.ConfigurableResource):
             return con.sql(sql, params=params or None).to_arrow_table().to_pandas()
 
     def tables(self) -> set[str]:
-        if not Path(self.path).exists():
+        if not self.file().exists():
             return set()
         with self.connect(read_only=True) as con:
             return {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
@@ -108,22 +115,59 @@ class WarehouseResource(dg.ConfigurableResource):
 class BaseModelResource(dg.ConfigurableResource):
     """The base language model: SmolLM2-135M-Instruct from its registry wheel, a local HF folder, or 'tiny'."""
 
-    name: str = "smollm2-135m-instruct"
-    dtype: str = "float32"
-    device: str = "cpu"
+    name: str = ""  # "" = $GROUPLORA_BASE_MODEL or smollm2-135m-instruct
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto: the GPU this step was given (Ray, or the host's first), else the CPU; or cpu, cuda, cuda:N
+    device: str = "auto"
     load_in_4bit: bool = False
     max_length: int = 256
     batch_size: int = 16
 
+    @pydantic.field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        return check_device(value)
+
+    def model_name(self) -> str:
+        return self.name or settings.base_model_name()
+
+    def torch_device(self) -> str:
+        """The device this step's model goes on (resolved here: under Ray, the GPU Ray assigned this step)."""
+        return resolve_device(self.device)
+
+    def numerics(self) -> str:
+        """What of the model's placement changes a trained adapter: the dtype and the device type (cpu or cuda;
+        which GPU, and how many, do not: every step trains on one device). A step that loads no model may ask
+        (task_partition keys adapters by it): 'auto' then needs this host's view to be the GPU steps' (one host;
+        the CLI makes it 'cuda' under Ray)."""
+        return f"{self.dtype}-{self.torch_device().partition(':')[0]}"
+
     def load(self, load_in_4bit: bool | None = None) -> tuple[Any, Any]:
         """(model, tokenizer), loaded once per process; load_in_4bit overrides the setting (QLoRA training)."""
         four_bit = self.load_in_4bit if load_in_4bit is None else load_in_4bit
-        return _load_model(self.name, self.dtype, self.device, four_bit)
+        return _load_model(self.model_name(), self.dtype, self.torch_device(), four_bit)
+
+    def tokenizer(self) -> Any:
+        """The tokenizer alone (a CPU step needs no weights)."""
+        return _load_tokenizer(self.model_name())
+
+    def with_lora(self, gradient_settings: GradientSettings, init_adapter: str | None = None) -> tuple[Any, Any]:
+        """θ0: a private copy of the base model with fresh LoRA (B = 0) or a saved adapter: `init_adapter` when
+        given, else gradient_settings.init_adapter (e.g. the meta-initialization)."""
+        from grouplora.ml.lora import add_lora, load_adapter
+
+        model, tokenizer = self.load()
+        model = copy.deepcopy(model)  # peft edits the model in place; the process-wide cached base stays clean
+        init = init_adapter or gradient_settings.init_adapter
+        if init:
+            return load_adapter(model, init), tokenizer
+        s = gradient_settings
+        return add_lora(model, r=s.lora_r, alpha=s.lora_alpha, target_modules=s.modules(), seed=s.seed), tokenizer
 
     def first_token(self, word: str) -> int:
         from grouplora.ml.model import label_token_ids
 
-        return label_token_ids(self.load()[1], [word])[0]
+        return label_token_ids(self.tokenizer(), [word])[0]
 
 
 @lru_cache(maxsize=2)
@@ -136,32 +180,21 @@ def _load_model(name: str, dtype: str, device: str, load_in_4bit: bool) -> tuple
     return load_base_model(name, dtype=getattr(torch, dtype), device=device, load_in_4bit=load_in_4bit)
 
 
-class GradientSettings(dg.ConfigurableResource):
-    """How gradient features are taken. One setting for the whole suite: every partition's features must share
-    the projection (same d, seed, LoRA shape) for the estimator to combine them."""
+@lru_cache(maxsize=2)
+def _load_tokenizer(name: str) -> Any:
+    from grouplora.ml.model import load_tokenizer
 
-    d: int = 200
-    seed: int = 0
-    lora_r: int = 8
-    lora_alpha: int = 16
-    target_modules: str = "q_proj,v_proj"
-    batch_size: int = 8
-    init_adapter: str = ""  # a meta-initialization adapter folder; empty = fresh LoRA (B = 0)
-    approx_max_error: float = 0.05  # the asset check fails when the mean relative error at 1% scale exceeds this
-
-    def modules(self) -> tuple[str, ...]:
-        return tuple(m.strip() for m in self.target_modules.split(",") if m.strip())
-
-    def fingerprint(self) -> str:
-        return f"d{self.d}-s{self.seed}-r{self.lora_r}-a{self.lora_alpha}-{'+'.join(self.modules())}" + \
-            (f"-init:{Path(self.init_adapter).name}" if self.init_adapter else "")
+    return load_tokenizer(name)
 
 
 class MlflowResource(dg.ConfigurableResource):
     """MLflow tracking (a sqlite store under GROUPLORA_HOME; `grouplora ui` serves it on 127.0.0.1)."""
 
-    tracking_uri: str
+    tracking_uri: str = ""  # "" = sqlite:///GROUPLORA_HOME/mlflow/mlflow.db
     experiment: str = "grouplora"
+
+    def uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{settings.home() / 'mlflow' / 'mlflow.db'}"
 
     def client_setup(self) -> Any:
         """mlflow, pointed at this store and experiment (created on first use, artifacts next to the db)."""
@@ -169,86 +202,65 @@ class MlflowResource(dg.ConfigurableResource):
 
         from grouplora.orchestration.registry import experiment_id, use_tracking
 
-        mlflow.set_experiment(experiment_id=experiment_id(use_tracking(self.tracking_uri), self.tracking_uri,
-                                                          self.experiment))
+        mlflow.set_experiment(experiment_id=experiment_id(use_tracking(self.uri()), self.uri(), self.experiment))
         return mlflow
 
+    def train_logged(self, context: dg.AssetExecutionContext, training_settings: TrainingSettings, base_model: str,
+                     model_and_tokenizer: tuple[Any, Any], examples: list, out_dir: Path, *, run_name: str,
+                     tags: dict[str, str], members: list[str]) -> tuple[Any, str]:
+        """ml.training.train_adapter inside an MLflow run (params, per-step metrics, final metrics, the peft
+        files as artifacts). Returns (TrainResult, MLflow run id). Every asset that trains an adapter uses it."""
+        from grouplora.ml.training import train_adapter
 
-class EstimationSettings(dg.ConfigurableResource):
-    """Which subsets to estimate and how: all singletons and pairs, plus n_random seeded subsets of `size`."""
+        config = training_settings.config()
+        mlflow = self.client_setup()
+        with mlflow.start_run(run_name=run_name) as run:
+            mlflow.set_tags({**tags, "grouplora.members": ",".join(members), "dagster.run_id": context.run.run_id})
+            mlflow.log_params({**vars(config), "n_examples": len(examples), "base_model": base_model})
 
-    n_random: int = 200
-    size: int = 3
-    seed: int = 0
-    lam: float = 1e-3
-    verify_subsets: int = 3  # subsets re-scored in 'forward' mode (the real model at θ0 + Pw) for comparison
+            def on_step(step: int, metrics: dict) -> None:
+                mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                                   step=step)
+                if "epoch_loss" in metrics:
+                    context.log.info(f"{run_name}: epoch {metrics.get('epoch')} loss {metrics['epoch_loss']:.4f}")
 
-
-class PartitionSettings(dg.ConfigurableResource):
-    """How datasets are grouped: m groups (0 = choose m automatically), SDP or spectral clustering."""
-
-    m: int = 0
-    max_m: int = 4
-    method: str = "sdp"  # sdp | spectral
-    normalize: str = "row_zscore"  # affinity rows live on each dataset's own scale; see ml.clustering.symmetrize
-    seed: int = 0
-
-
-class TrainingSettings(dg.ConfigurableResource):
-    """One setting for every adapter (group, baseline, boosting) so their costs and results compare."""
-
-    lora_r: int = 8
-    lora_alpha: int = 16
-    target_modules: str = "q_proj,v_proj"
-    lr: float = 1e-3
-    epochs: int = 2
-    batch_size: int = 8
-    max_length: int = 160
-    qlora: bool = False
-    seed: int = 0
-
-    def config(self) -> Any:
-        from grouplora.ml.training import TrainConfig
-
-        return TrainConfig(r=self.lora_r, alpha=self.lora_alpha, lr=self.lr, epochs=self.epochs,
-                           batch_size=self.batch_size, max_length=self.max_length, qlora=self.qlora, seed=self.seed,
-                           target_modules=tuple(m.strip() for m in self.target_modules.split(",") if m.strip()),
-                           warmup_ratio=0.1)
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(repr(self.config()).encode()).hexdigest()[:12]
+            result = train_adapter(model_and_tokenizer, examples, config, out_dir, on_step=on_step)
+            mlflow.log_metrics({"final_loss": result.final_loss, "train_flops": float(result.flops),
+                                "peak_memory_bytes": float(result.peak_memory_bytes), "seconds": result.seconds})
+            for path in sorted(Path(out_dir).glob("adapter_*")):  # the peft files, not the epoch checkpoints
+                mlflow.log_artifact(str(path), artifact_path="adapter")
+        return result, run.info.run_id
 
 
-class SelectionSettings(dg.ConfigurableResource):
-    """Choosing auxiliary datasets for a target (target_selection): how many, from how many random subsets."""
-
-    top_k: int = 3  # at most this many auxiliaries per method (random ensemble, forward selection, cosines)
-    n_subsets: int = 200  # random auxiliary sets for the random-ensemble score
-    size: int = 0  # auxiliaries per random set; 0 = a third of them
-    lam: float = 1e-3  # the estimator's L2 penalty
-    min_gain: float = 0.0  # forward selection stops when no addition lowers the estimated loss by more
-    seed: int = 0
-    hidden_max_examples: int = 64  # train prompts per dataset for the mean hidden state (hidden_cosine)
-
-    @pydantic.model_validator(mode="after")
-    def _check(self) -> "SelectionSettings":
-        problems = [f"{k} must be >= {low}, got {getattr(self, k)}" for k, low in
-                    (("top_k", 1), ("n_subsets", 1), ("size", 0), ("seed", 0), ("hidden_max_examples", 1))
-                    if getattr(self, k) < low]
-        if not 0 < self.lam < float("inf"):  # written so that NaN fails too
-            problems.append(f"lam must be finite and > 0, got {self.lam}")
-        if not 0 <= self.min_gain < float("inf"):
-            problems.append(f"min_gain must be finite and >= 0, got {self.min_gain}")
-        if problems:
-            raise ValueError("SelectionSettings: " + "; ".join(problems))
-        return self
+# A project settings file holds the settings models' sections and the base model's (orchestration/settings.py).
+SETTINGS_SECTIONS = {**settings.SETTINGS_SECTIONS, "model": ("base_model", BaseModelResource)}
 
 
-class EnsembleSettings(dg.ConfigurableResource):
-    """Boosting and the registry: boost a group when its train error stays above `boost_threshold`."""
+def project_settings() -> dict[str, dg.ConfigurableResource]:
+    """{resource key: resource} of every settings section: its defaults, then what the file $GROUPLORA_SETTINGS
+    sets, then $GROUPLORA_DEVICE / $GROUPLORA_DTYPE over the model section (`--device` / `--dtype`). Read and
+    checked when called; a ConfigError names the file (or variable) and the key."""
+    path = settings.settings_file()
+    values = settings.read_settings_file(path, SETTINGS_SECTIONS) if path else {}
+    model = values.setdefault("base_model", {})
+    for env, field in ((settings.DEVICE_ENV, "device"), (settings.DTYPE_ENV, "dtype")):
+        if os.environ.get(env):
+            model[field] = os.environ[env]
+    where = path or f"${settings.DEVICE_ENV} / ${settings.DTYPE_ENV}"
+    return {key: settings.checked(cls, values.get(key, {}), f"{section}.", lambda problem: ConfigError(where, problem))
+            for section, (key, cls) in SETTINGS_SECTIONS.items()}
 
-    boost_threshold: float = 0.2  # mean train cross-entropy of a group's adapter above which it gets boosted
-    boost_mode: str = "ridge"  # ridge: no training (features + projection); trained: a loss-weighted adapter
-    boost_lam: float = 1.0
-    boost_rounds: int = 1  # 0 disables boosting; one round per group is what is implemented
-    registered_name: str = "grouplora-ensemble"
+
+def settings_run_config() -> dict[str, Any]:
+    """The `resources` run config that sets every settings resource to project_settings(), every field: a run
+    carries its settings itself (shown with the run in the UI), whatever Definitions its process cached."""
+    return {key: {"config": {f: getattr(r, f) for f in type(r).model_fields}}
+            for key, r in project_settings().items()}
+
+
+def make_resources() -> dict[str, dg.ConfigurableResource]:
+    """Every resource under its key. Locations resolve from the environment when used, so the same objects
+    serve whatever GROUPLORA_HOME / GROUPLORA_DATASETS / GROUPLORA_BASE_MODEL a run sees. The settings are the
+    project's (project_settings: the UI's launchpad shows them) when the Definitions load."""
+    return {"sources": DatasetSourceResource(), "store": ArtifactStore(), "warehouse": WarehouseResource(),
+            "mlflow_tracking": MlflowResource(), **project_settings()}

@@ -1,20 +1,25 @@
 """Run the pipeline from the command line through a real, project-local Dagster instance.
 
 Every run goes through Dagster (same runs, logs and materializations the UI shows), with the multiprocess
-executor, so what works here works when a daemon or a cluster executor launches the same jobs.
+executor, so what works here works when a daemon or a cluster executor launches the same jobs. What is current
+(and skipped, so a rerun resumes) is decided from Dagster's records by orchestration/freshness.py.
 """
 
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import dagster as dg
 
-from grouplora.orchestration import settings
+from grouplora.ml.atomic import atomic_path
+from grouplora.orchestration import freshness, settings
 from grouplora.orchestration.jobs import PER_DATASET_ASSETS
+from grouplora.orchestration.partitions import dataset_partitions
+from grouplora.orchestration.recovery import owner_tags
 
-Executor = Literal["multiprocess", "in_process"]
+Executor = Literal["multiprocess", "in_process", "ray"]
 
 DAGSTER_YAML = """\
 # Project-local Dagster instance (written by grouplora). Runs, events and schedules live in this folder.
@@ -27,6 +32,14 @@ run_coordinator:
   class: QueuedRunCoordinator
   config:
     max_concurrent_runs: 2
+# A run whose worker never starts is failed after the timeout (the daemon's start-up check). A worker killed later
+# is found by the stale_runs_sensor (orchestration/sensors.py): the default run launcher has no health check.
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 300
+  cancel_timeout_seconds: 300
+  max_resume_run_attempts: 0
+  poll_interval_seconds: 120
 """
 
 
@@ -36,7 +49,8 @@ def dagster_home() -> Path:
     path.mkdir(parents=True, exist_ok=True)
     config = path / "dagster.yaml"
     if not config.exists():
-        config.write_text(DAGSTER_YAML)
+        with atomic_path(config) as tmp:  # a process starting beside this one reads all of it or none
+            tmp.write_text(DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(path)
     return path
 
@@ -52,6 +66,24 @@ def _job(name: str) -> dg.JobDefinition:
     return defs.resolve_job_def(name)
 
 
+def ray_job(name: str, address: str | None = None) -> dg.JobDefinition:
+    """Job `name` of the Definitions with the Ray executor at `address` (reconstructed in every step's process)."""
+    from grouplora.orchestration.definitions import build_definitions
+    from grouplora.orchestration.executors import ray_executor
+
+    return build_definitions(ray_executor(address)).resolve_job_def(name)
+
+
+def use_gpu_pool(executor: Executor) -> None:
+    """Multiprocess on one host: at most one GPU step per GPU at once (one slot on a CPU-only host)."""
+    if executor == "multiprocess":
+        import torch
+
+        from grouplora.orchestration.executors import set_gpu_pool_limit
+
+        set_gpu_pool_limit(get_instance(), max(1, torch.cuda.device_count()))
+
+
 def dataset_job() -> dg.JobDefinition:
     return _job("dataset_job")
 
@@ -60,78 +92,146 @@ def suite_job() -> dg.JobDefinition:
     return _job("suite_job")
 
 
-def latest_materialization(instance: dg.DagsterInstance, asset: str, partition: str | None) -> dg.EventLogRecord | None:
-    """The latest materialization of one partition (partition None: of an unpartitioned asset)."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=None if partition is None else [partition]),
-        limit=1).records
-    return records[0] if records else None
+@dataclass(frozen=True)
+class StepFailure:
+    """One failed step of a run: its key, the class and message of the step's own exception (e.g. a DatasetError
+    naming file and row, not Dagster's wrapper around it), and the whole error chain with stack traces."""
+
+    step: str
+    error_class: str
+    message: str
+    detail: str
 
 
-def materialized_version(instance: dg.DagsterInstance, asset: str, partition: str) -> str | None:
-    """The data version that a partition's last materialization recorded (None if never materialized)."""
-    record = latest_materialization(instance, asset, partition)
-    if record is None or record.asset_materialization is None:
-        return None
-    return (record.asset_materialization.tags or {}).get("dagster/data_version")
+class StepFailures(RuntimeError):
+    """A run failed; one StepFailure per failed step (or one for the run when no step failed)."""
+
+    def __init__(self, run_id: str, job_name: str, failures: list[StepFailure], partition: str | None = None):
+        self.run_id, self.job_name, self.failures, self.partition = run_id, job_name, failures, partition
+        super().__init__(f"run {run_id} of {job_name}" + (f" ({partition})" if partition else "") + " failed: "
+                         + "; ".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        """`<step>: <message>`, one line per failed step."""
+        return [f"{f.step}: {f.message.splitlines()[0] if f.message else f.error_class}" for f in self.failures]
+
+    def input_errors(self) -> bool:
+        """Every failure is a problem with an input file (a DatasetError or one of its kinds)."""
+        return bool(self.failures) and all(f.error_class in INPUT_ERRORS for f in self.failures)
 
 
-def is_current(instance: dg.DagsterInstance, partition: str, version: str, assets: list[str]) -> bool:
-    """True when the dataset partition holds `version` and every later per-dataset asset was built after it."""
-    if materialized_version(instance, assets[0], partition) != version:
-        return False
-    first = latest_materialization(instance, assets[0], partition)
-    later = [latest_materialization(instance, a, partition) for a in assets[1:]]
-    return all(r is not None and r.storage_id > first.storage_id for r in later)
+INPUT_ERRORS = {"DatasetError", "ConfigError", "LimitError"}
 
 
-def _root_cause(error) -> str:
+def _root_cause(error) -> StepFailure:
     """The user's own exception (e.g. a DatasetError naming file and row), not Dagster's wrapper around it."""
+    detail = error.to_string()
     while getattr(error, "cause", None) is not None:
         error = error.cause
-    return error.message.strip()
+    message = error.message.strip()
+    qualified = message.split(": ", 1)
+    if error.cls_name and len(qualified) == 2 and qualified[0].split(".")[-1] == error.cls_name:
+        message = qualified[1]  # "grouplora.ml.data_format.DatasetError: f.csv: ..." -> "f.csv: ..."
+    return StepFailure("", error.cls_name or "Error", message, detail)
+
+
+def _failures(result) -> list[StepFailure]:
+    out = []
+    for event in result.all_events:
+        data = event.event_specific_data
+        if event.is_step_failure and data is not None and getattr(data, "error", None) is not None:
+            cause = _root_cause(data.error)
+            out.append(StepFailure(event.step_key, cause.error_class, cause.message, cause.detail))
+    if not out:  # the run failed outside any step (e.g. a resource that cannot start)
+        event = result.get_run_failure_event()
+        error = getattr(event.event_specific_data, "error", None)
+        cause = _root_cause(error) if error is not None else StepFailure("", "Error", event.message or "", "")
+        out.append(StepFailure("run", cause.error_class, cause.message or (event.message or ""), cause.detail))
+    return out
 
 
 def run_job(instance: dg.DagsterInstance, job_fn: Callable[[], dg.JobDefinition], tags: dict[str, str] | None = None,
             asset_selection: list[dg.AssetKey] | None = None, executor: Executor = "multiprocess") -> str:
-    """One run of a job; raise with the failing step's own error if it fails.
+    """One run of a job, tagged with this process as its owner (orchestration/recovery.py); raise StepFailures
+    with each failing step's own error if it fails.
 
     "multiprocess" runs every step in its own process (what the daemon and a cluster do); "in_process" runs
-    the steps of this run in one process, which on a small CPU saves loading torch and the model per step."""
-    run_config = {"loggers": {"console": {"config": {"log_level": os.environ.get("GROUPLORA_LOG_LEVEL", "INFO")}}},
-                  "execution": {"config": {executor: {}}}}
-    with dg.execute_job(dg.reconstructable(job_fn), instance=instance, tags=tags or {}, run_config=run_config,
+    the steps of this run in one process, which on a small CPU saves loading torch and the model per step;
+    "ray" submits every step as a Ray job ($RAY_ADDRESS; orchestration/executors.py). The run carries the
+    project's settings in its run config (resources.settings_run_config)."""
+    from grouplora.orchestration.resources import settings_run_config
+
+    console = {"log_level": os.environ.get("GROUPLORA_LOG_LEVEL", "INFO"), "tracebacks": settings.debug()}
+    run_config = {"loggers": {"console": {"config": console}}, "resources": settings_run_config()}
+    tags = {**owner_tags(), **(tags or {})}
+    if executor == "ray":  # a job of its own, with the Ray executor: it takes no "execution" config
+        job = dg.build_reconstructable_job(__name__, ray_job.__name__, reconstructable_kwargs={
+            "name": job_fn().name, "address": os.environ.get("RAY_ADDRESS")})
+    else:
+        job = dg.reconstructable(job_fn)
+        run_config["execution"] = {"config": {executor: {}}}
+    with dg.execute_job(job, instance=instance, tags=tags, run_config=run_config,
                         asset_selection=asset_selection, raise_on_error=False) as result:
         if not result.success:
-            errors = [f"{e.step_key}: {_root_cause(e.event_specific_data.error)}"
-                      for e in result.all_events if e.is_step_failure and e.event_specific_data is not None
-                      and getattr(e.event_specific_data, "error", None) is not None]
-            raise RuntimeError(f"run {result.run_id} of {result.job_def.name} failed:\n" + "\n".join(errors))
+            raise StepFailures(result.run_id, result.job_def.name, _failures(result), tags.get("dagster/partition"))
         return result.run_id
 
 
 def run_datasets(names: Iterable[str], versions: dict[str, str], *, executor: Executor = "multiprocess",
-                 progress: Callable[[str, str], None] | None = None) -> list[str]:
+                 progress: Callable[[str, str], None] | None = None) -> tuple[list[str], dict[str, StepFailures]]:
     """Materialize the per-dataset assets for each name; a partition that is already current is skipped (so a
-    rerun resumes where it stopped). Returns the names that ran."""
-    from grouplora.assets.datasets import dataset_partitions
-
+    rerun resumes where it stopped), one that fails does not stop the others. Returns (names that ran, failures
+    by name)."""
     instance = get_instance()
     names = sorted(names)
+    register_datasets(instance, names)
+    expected = settings_metadata()
+    return run_partitions(instance, dataset_job, names,
+                          lambda n: freshness.partition_is_current(instance, n, versions[n], PER_DATASET_ASSETS,
+                                                                   expected),
+                          executor=executor, progress=progress)
+
+
+def settings_metadata() -> dict[str, dict]:
+    """{asset: {metadata key: value}} that a materialization must have recorded to be current under the project's
+    settings now: after a settings change the CLI re-runs what that setting changes."""
+    from grouplora.orchestration.resources import project_settings
+
+    s = project_settings()
+    gradient, dtype = s["gradient_settings"], s["base_model"].dtype
+    return {"zero_shot_scores": {"dtype": dtype},
+            "gradient_features": {"settings": gradient.fingerprint(), "dtype": dtype},
+            "meta_gradient_features": {"d": gradient.d, "seed": gradient.seed, "dtype": dtype},
+            "meta_init_adapter": {"training": s["training_settings"].fingerprint(),
+                                  "numerics": s["base_model"].numerics()}}
+
+
+def register_datasets(instance: dg.DagsterInstance, names: list[str]) -> None:
+    """Add the dataset partitions that the instance does not know yet."""
     known = set(instance.get_dynamic_partitions(dataset_partitions.name))
     new = [n for n in names if n not in known]
     if new:
         instance.add_dynamic_partitions(dataset_partitions.name, new)
-    assets = [a.key.to_user_string() for a in PER_DATASET_ASSETS]
-    return run_partitions(instance, dataset_job, names, lambda n: is_current(instance, n, versions[n], assets),
-                          executor=executor, progress=progress)
+
+
+def sync_datasets(instance: dg.DagsterInstance, names: Iterable[str]) -> list[str]:
+    """Make the dataset partitions exactly `names` (the usable files of the folder), as the sensor does: add the new
+    ones, delete those whose file was removed or is no longer usable, so the suite runs without them. Their stored
+    artifacts stay (a file put back at the same version is current again). Returns the deleted names."""
+    names = sorted(names)
+    gone = sorted(set(instance.get_dynamic_partitions(dataset_partitions.name)) - set(names))
+    for name in gone:
+        instance.delete_dynamic_partition(dataset_partitions.name, name)
+    register_datasets(instance, names)
+    return gone
 
 
 def run_partitions(instance: dg.DagsterInstance, job_fn: Callable[[], dg.JobDefinition], keys: Iterable[str],
                    is_done: Callable[[str], bool], *, executor: Executor,
-                   progress: Callable[[str, str], None] | None = None) -> list[str]:
-    """One run per partition key that is not done yet, in order; returns the keys that ran."""
-    ran = []
+                   progress: Callable[[str, str], None] | None = None) -> tuple[list[str], dict[str, StepFailures]]:
+    """One run per partition key that is not done yet, in order; a failed run is recorded and the next one goes
+    on. Returns (the keys that ran, failures by key)."""
+    ran, failed = [], {}
     for key in keys:
         if is_done(key):
             if progress:
@@ -139,11 +239,17 @@ def run_partitions(instance: dg.DagsterInstance, job_fn: Callable[[], dg.JobDefi
             continue
         if progress:
             progress(key, "running")
-        run_job(instance, job_fn, tags={"dagster/partition": key}, executor=executor)
+        try:
+            run_job(instance, job_fn, tags={"dagster/partition": key}, executor=executor)
+        except StepFailures as e:
+            failed[key] = e
+            if progress:
+                progress(key, "failed")
+            continue
         ran.append(key)
         if progress:
             progress(key, "done")
-    return ran
+    return ran, failed
 
 
 def adapter_job() -> dg.JobDefinition:
@@ -155,11 +261,12 @@ def ensemble_job() -> dg.JobDefinition:
 
 
 def run_adapters(keys: Iterable[str], *, executor: Executor = "multiprocess",
-                 progress: Callable[[str, str], None] | None = None) -> list[str]:
+                 progress: Callable[[str, str], None] | None = None) -> tuple[list[str], dict[str, StepFailures]]:
     """Train each adapter partition that has no materialization yet (keys are content hashes: a key that
-    exists was trained on exactly these data and settings). Returns the keys that ran."""
+    exists was trained on exactly these data and settings). Returns (the keys that ran, failures by key)."""
     instance = get_instance()
-    return run_partitions(instance, adapter_job, keys, lambda k: latest_materialization(instance, "adapter", k) is not None,
+    return run_partitions(instance, adapter_job, keys,
+                          lambda k: freshness.latest_materialization(instance, "adapter", k) is not None,
                           executor=executor, progress=progress)
 
 
@@ -176,21 +283,6 @@ def selection_job() -> dg.JobDefinition:
     return _job("selection_job")
 
 
-def _newer(record: dg.EventLogRecord | None, *than: dg.EventLogRecord | None) -> bool:
-    """record exists and was stored after every one of `than` (None entries: never materialized)."""
-    return record is not None and all(t is None or record.storage_id > t.storage_id for t in than)
-
-
-def meta_init_is_current(instance: dg.DagsterInstance, names: list[str]) -> bool:
-    """The meta-init adapter exists, was trained on (at least) `names` and after each one's latest dataset."""
-    record = latest_materialization(instance, "meta_init_adapter", None)
-    if record is None or record.asset_materialization is None:
-        return False
-    trained_on = record.asset_materialization.metadata.get("datasets")
-    return (trained_on is not None and set(names) <= set(trained_on.value)
-            and _newer(record, *(latest_materialization(instance, "dataset", n) for n in names)))
-
-
 def run_selection(target: str, names: Iterable[str], versions: dict[str, str], *, executor: Executor = "multiprocess",
                   progress: Callable[[str, str], None] | None = None) -> list[str]:
     """Choose auxiliary datasets for `target`: materialize what target_selection needs that is missing or stale,
@@ -199,18 +291,13 @@ def run_selection(target: str, names: Iterable[str], versions: dict[str, str], *
     last update; each dataset's meta_gradient_features unless taken after both the adapter and its dataset.
     Returns the steps that ran ("dataset:<name>", "meta_init_adapter", "meta_gradient_features:<name>",
     "target_selection:<target>")."""
-    from grouplora.assets.datasets import dataset_partitions
-
     names = sorted(names)
     if target not in names:
         raise ValueError(f"unknown target {target!r}; known datasets: {', '.join(names) or '(none)'}")
     if len(names) < 2:
         raise ValueError(f"no auxiliary datasets besides {target!r}: selection needs at least two datasets")
     instance = get_instance()
-    known = set(instance.get_dynamic_partitions(dataset_partitions.name))
-    new = [n for n in names if n not in known]
-    if new:
-        instance.add_dynamic_partitions(dataset_partitions.name, new)
+    register_datasets(instance, names)
     ran: list[str] = []
 
     def step(label: str, job_fn: Callable[[], dg.JobDefinition], partition: str, asset: str, done: bool) -> None:
@@ -227,13 +314,13 @@ def run_selection(target: str, names: Iterable[str], versions: dict[str, str], *
             progress(label, "done")
 
     for n in names:
-        step(f"dataset:{n}", dataset_job, n, "dataset", materialized_version(instance, "dataset", n) == versions[n])
+        step(f"dataset:{n}", dataset_job, n, "dataset", not freshness.dataset_is_stale(instance, n, versions[n]))
     # selection_job is partitioned by dataset; the unpartitioned adapter runs under the target's partition tag
-    step("meta_init_adapter", selection_job, target, "meta_init_adapter", meta_init_is_current(instance, names))
-    meta = latest_materialization(instance, "meta_init_adapter", None)
+    expected = settings_metadata()
+    step("meta_init_adapter", selection_job, target, "meta_init_adapter",
+         freshness.meta_init_is_current(instance, names, expected["meta_init_adapter"]))
     for n in names:
-        current = _newer(latest_materialization(instance, "meta_gradient_features", n), meta,
-                         latest_materialization(instance, "dataset", n))
-        step(f"meta_gradient_features:{n}", selection_job, n, "meta_gradient_features", current)
+        step(f"meta_gradient_features:{n}", selection_job, n, "meta_gradient_features",
+             freshness.meta_features_are_current(instance, n, expected["meta_gradient_features"]))
     step(f"target_selection:{target}", selection_job, target, "target_selection", False)
     return ran

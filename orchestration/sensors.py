@@ -5,11 +5,12 @@ import json
 
 import dagster as dg
 
-from grouplora.assets.datasets import dataset_partitions
 from grouplora.ml.data_format import DatasetError
+from grouplora.orchestration.freshness import dataset_is_stale, stale_datasets
 from grouplora.orchestration.jobs import dataset_job, suite_job
-from grouplora.orchestration.resources import DatasetSourceResource
-from grouplora.orchestration.run import materialized_version
+from grouplora.orchestration.partitions import dataset_partitions
+from grouplora.orchestration.resources import DatasetSourceResource, MlflowResource
+from grouplora.orchestration.settings import EnsembleSettings
 
 
 @dg.sensor(jobs=[dataset_job, suite_job], minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
@@ -17,15 +18,18 @@ from grouplora.orchestration.run import materialized_version
                        "when files were removed, deletes their partitions and requests a suite run without them.")
 def dataset_files_sensor(context: dg.SensorEvaluationContext, sources: DatasetSourceResource) -> dg.SensorResult | dg.SkipReason:
     try:
-        current = {name: sources.version(name) for name in sources.files()}
-    except (DatasetError, ValueError) as e:  # a bad file name or config: say so, change nothing
+        files, unusable = sources.scan()
+        current = {name: sources.version(name) for name in files}
+    except (DatasetError, ValueError) as e:  # an unreadable folder or a bad config: say so, change nothing
         return dg.SkipReason(f"dataset folder not usable: {e}")
+    for problem in unusable:  # a bad name, a symlink out of the folder: that file is left out, the others go on
+        context.log.warning(f"left out: {problem}")
     seen = json.loads(context.cursor) if context.cursor else {}
     known = set(context.instance.get_dynamic_partitions(dataset_partitions.name))
     added, removed = sorted(set(current) - known), sorted(known - set(current))
     # Changed since the last tick, and not already materialized at this version (e.g. by `grouplora run`).
     changed = sorted(n for n, v in current.items()
-                     if seen.get(n) != v and is_stale(context.instance, n, v))
+                     if seen.get(n) != v and dataset_is_stale(context.instance, n, v))
     requests = []
     if added:
         requests.append(dataset_partitions.build_add_request(added))
@@ -43,17 +47,6 @@ def dataset_files_sensor(context: dg.SensorEvaluationContext, sources: DatasetSo
                            cursor=json.dumps(current, sort_keys=True))
 
 
-def is_stale(instance: dg.DagsterInstance, name: str, version: str) -> bool:
-    """True unless the `dataset` partition's last materialization holds exactly this file version."""
-    return materialized_version(instance, "dataset", name) != version
-
-
-def stale_partitions(instance: dg.DagsterInstance, current: dict[str, str]) -> list[str]:
-    """Registered dataset partitions whose file's version is not the one last materialized (or never was)."""
-    registered = set(instance.get_dynamic_partitions(dataset_partitions.name))
-    return [n for n in sorted(registered & set(current)) if is_stale(instance, n, current[n])]
-
-
 @dg.schedule(job=dataset_job, cron_schedule="0 3 * * *", default_status=dg.DefaultScheduleStatus.RUNNING,
              description="Nightly re-check: re-materializes every registered dataset partition whose file no longer "
                          "matches its last materialized version (a change the sensor missed); automation does the rest.")
@@ -62,7 +55,24 @@ def nightly_recheck(context: dg.ScheduleEvaluationContext, sources: DatasetSourc
         current = {name: sources.version(name) for name in sources.files()}
     except (DatasetError, ValueError) as e:
         return dg.SkipReason(f"dataset folder not usable: {e}")
-    stale = stale_partitions(context.instance, current)
+    stale = stale_datasets(context.instance, current)
     if not stale:
         return dg.SkipReason("every registered dataset partition is current")
     return [dg.RunRequest(partition_key=n, run_key=f"nightly:{n}:{current[n]}") for n in stale]
+
+
+@dg.sensor(minimum_interval_seconds=120, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="After a crash: marks failed the runs whose process is gone (a killed run worker, a killed "
+                       "`grouplora run`), closes their MLflow runs as KILLED and sets aside half-registered model "
+                       "versions (orchestration/recovery.py). Requests no runs.")
+def stale_runs_sensor(context: dg.SensorEvaluationContext, mlflow_tracking: MlflowResource,
+                      ensemble_settings: EnsembleSettings) -> dg.SkipReason:
+    from grouplora.orchestration.recovery import recover
+    from grouplora.orchestration.registry import use_tracking
+
+    # local_workers: the daemon started here launches run workers on this machine; their recorded pid is the owner
+    report = recover(context.instance, use_tracking(mlflow_tracking.uri()),
+                     registered_name=ensemble_settings.registered_name, local_workers=True)
+    for line in report.lines():
+        context.log.warning(line)
+    return dg.SkipReason("; ".join(report.lines()) or "nothing left behind by a crashed process")

@@ -1,9 +1,26 @@
-"""Where project state lives. Everything a step needs is under GROUPLORA_HOME (storage, DuckDB, MLflow,
-DAGSTER_HOME), so any process on any worker that sees that folder can run any step."""
+"""Settings: where project state lives (read from the environment when used, never at import) and one typed
+settings model per concern, each defined once and used by the assets, the CLI and the benchmarks.
 
+Everything a step needs is under GROUPLORA_HOME (storage, DuckDB, MLflow, DAGSTER_HOME), so any process on any
+worker that sees that folder can run any step. Choices are `Literal`s and bounds are validated: a typo fails when
+the settings are built, instead of silently running another method. A project settings file (YAML,
+$GROUPLORA_SETTINGS or `--settings`) sets any of them, one section per concern (read_settings_file;
+resources.project_settings adds the base model's section and --device / --dtype).
+"""
 
+import hashlib
 import os
+from dataclasses import fields
 from pathlib import Path
+from typing import Any, Callable, Literal
+
+import dagster as dg
+import pydantic
+
+from grouplora.ml.data_format import ConfigError, read_yaml
+from grouplora.ml.training import TrainConfig
+
+# ------------------------------------------------------------------------------------------ environment
 
 
 def home() -> Path:
@@ -17,3 +34,231 @@ def datasets_folder() -> Path:
 
 def base_model_name() -> str:
     return os.environ.get("GROUPLORA_BASE_MODEL", "smollm2-135m-instruct")
+
+
+SETTINGS_ENV = "GROUPLORA_SETTINGS"  # the project settings file (YAML); `--settings` sets it
+DEVICE_ENV = "GROUPLORA_DEVICE"  # the base model's device over the file's; `--device` sets it
+DTYPE_ENV = "GROUPLORA_DTYPE"  # the base model's dtype over the file's; `--dtype` sets it
+
+
+def settings_file() -> Path | None:
+    value = os.environ.get(SETTINGS_ENV)
+    return Path(value).resolve() if value else None
+
+
+def debug() -> bool:
+    """GROUPLORA_DEBUG=1 (`grouplora --debug`): print whole errors with their stack traces."""
+    return os.environ.get("GROUPLORA_DEBUG", "") not in ("", "0")
+
+
+def lock_timeout() -> float:
+    """Seconds a command waits for another one on the same home (GROUPLORA_LOCK_TIMEOUT, default one day)."""
+    value = os.environ.get("GROUPLORA_LOCK_TIMEOUT", "86400")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"GROUPLORA_LOCK_TIMEOUT must be a number of seconds, got {value!r}") from None
+    if not seconds >= 0:
+        raise ValueError(f"GROUPLORA_LOCK_TIMEOUT must be >= 0, got {value!r}")
+    return seconds
+
+
+# ------------------------------------------------------------------------------------------ typed settings
+
+
+def _check_bounds(model: Any, lower: dict[str, float], positive: tuple[str, ...] = ()) -> None:
+    """Raise one ValueError naming every field below its lower bound (or not finite and > 0)."""
+    problems = [f"{k} must be >= {low}, got {getattr(model, k)}" for k, low in lower.items()
+                if not getattr(model, k) >= low]  # `not >=` so that NaN fails too
+    problems += [f"{k} must be finite and > 0, got {getattr(model, k)}" for k in positive
+                 if not 0 < getattr(model, k) < float("inf")]
+    if problems:
+        raise ValueError(f"{type(model).__name__}: " + "; ".join(problems))
+
+
+class GradientSettings(dg.ConfigurableResource):
+    """How gradient features are taken. One setting for the whole suite: every partition's features must share
+    the projection (same d, seed, LoRA shape) for the estimator to combine them."""
+
+    d: int = 200
+    seed: int = 0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    target_modules: str = "q_proj,v_proj"
+    batch_size: int = 8
+    init_adapter: str = ""  # a meta-initialization adapter folder; empty = fresh LoRA (B = 0)
+    approx_max_error: float = 0.05  # the asset check fails when the mean relative error at 1% scale exceeds this
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> "GradientSettings":
+        _check_bounds(self, {"d": 1, "seed": 0, "lora_r": 1, "lora_alpha": 1, "batch_size": 1},
+                      ("approx_max_error",))
+        if not self.modules():
+            raise ValueError("GradientSettings: target_modules names no module")
+        return self
+
+    def modules(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.target_modules.split(",") if m.strip())
+
+    def fingerprint(self) -> str:
+        return f"d{self.d}-s{self.seed}-r{self.lora_r}-a{self.lora_alpha}-{'+'.join(self.modules())}" + \
+            (f"-init:{Path(self.init_adapter).name}" if self.init_adapter else "")
+
+
+class EstimationSettings(dg.ConfigurableResource):
+    """Which subsets to estimate and how: all singletons and pairs, plus n_random seeded subsets of `size`."""
+
+    n_random: int = 200
+    size: int = 3
+    seed: int = 0
+    lam: float = 1e-3
+    verify_subsets: int = 3  # subsets re-scored in 'forward' mode (the real model at θ0 + Pw) for comparison
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> "EstimationSettings":
+        _check_bounds(self, {"n_random": 0, "size": 1, "seed": 0, "verify_subsets": 0}, ("lam",))
+        return self
+
+
+class PartitionSettings(dg.ConfigurableResource):
+    """How datasets are grouped: m groups (0 = choose m automatically), SDP or spectral clustering."""
+
+    m: int = 0
+    max_m: int = 4
+    method: Literal["sdp", "spectral"] = "sdp"
+    # affinity rows live on each dataset's own scale; see ml.clustering.symmetrize
+    normalize: Literal["none", "row_center", "row_zscore"] = "row_zscore"
+    seed: int = 0
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> "PartitionSettings":
+        _check_bounds(self, {"m": 0, "max_m": 2, "seed": 0})
+        return self
+
+
+_TRAIN = {f.name: f.default for f in fields(TrainConfig)}  # the one source of training defaults: ml/training.py
+
+
+class TrainingSettings(dg.ConfigurableResource):
+    """One setting for every adapter (group, baseline, boosting, meta-init) so their costs and results compare.
+    Defaults come from ml/training.py:TrainConfig (defined there once)."""
+
+    lora_r: int = _TRAIN["r"]
+    lora_alpha: int = _TRAIN["alpha"]
+    target_modules: str = ",".join(_TRAIN["target_modules"])
+    lr: float = _TRAIN["lr"]
+    epochs: int = _TRAIN["epochs"]
+    batch_size: int = _TRAIN["batch_size"]
+    max_length: int = _TRAIN["max_length"]
+    warmup_ratio: float = _TRAIN["warmup_ratio"]
+    qlora: bool = _TRAIN["qlora"]
+    seed: int = _TRAIN["seed"]
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> "TrainingSettings":
+        _check_bounds(self, {"lora_r": 1, "lora_alpha": 1, "epochs": 1, "batch_size": 1, "max_length": 8,
+                             "seed": 0, "warmup_ratio": 0.0}, ("lr",))
+        if not self.warmup_ratio < 1:
+            raise ValueError(f"TrainingSettings: warmup_ratio must be < 1, got {self.warmup_ratio}")
+        return self
+
+    def config(self) -> TrainConfig:
+        return TrainConfig(r=self.lora_r, alpha=self.lora_alpha, lr=self.lr, epochs=self.epochs,
+                           batch_size=self.batch_size, max_length=self.max_length, qlora=self.qlora, seed=self.seed,
+                           target_modules=tuple(m.strip() for m in self.target_modules.split(",") if m.strip()),
+                           warmup_ratio=self.warmup_ratio)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(repr(self.config()).encode()).hexdigest()[:12]
+
+
+class SelectionSettings(dg.ConfigurableResource):
+    """Choosing auxiliary datasets for a target (target_selection): how many, from how many random subsets."""
+
+    top_k: int = 3  # at most this many auxiliaries per method (random ensemble, forward selection, cosines)
+    n_subsets: int = 200  # random auxiliary sets for the random-ensemble score
+    size: int = 0  # auxiliaries per random set; 0 = a third of them
+    lam: float = 1e-3  # the estimator's L2 penalty
+    min_gain: float = 0.0  # forward selection stops when no addition lowers the estimated loss by more
+    seed: int = 0
+    hidden_max_examples: int = 64  # train prompts per dataset for the mean hidden state (hidden_cosine)
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> "SelectionSettings":
+        _check_bounds(self, {"top_k": 1, "n_subsets": 1, "size": 0, "seed": 0, "hidden_max_examples": 1}, ("lam",))
+        if not 0 <= self.min_gain < float("inf"):
+            raise ValueError(f"SelectionSettings: min_gain must be finite and >= 0, got {self.min_gain}")
+        return self
+
+
+class EnsembleSettings(dg.ConfigurableResource):
+    """Boosting and the registry: boost a group when its train error stays above `boost_threshold`."""
+
+    boost_threshold: float = 0.2  # mean train cross-entropy of a group's adapter above which it gets boosted
+    # ridge: no training (features + projection); trained: a loss-weighted adapter
+    boost_mode: Literal["ridge", "trained"] = "ridge"
+    boost_lam: float = 1.0
+    boost_rounds: int = 1  # 0 disables boosting; one round per group is what is implemented
+    registered_name: str = "grouplora-ensemble"
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> "EnsembleSettings":
+        _check_bounds(self, {"boost_threshold": 0.0, "boost_rounds": 0}, ("boost_lam",))
+        if self.boost_rounds > 1:
+            raise ValueError(f"EnsembleSettings: boost_rounds is 0 or 1 (one round is implemented), got {self.boost_rounds}")
+        return self
+
+
+def settings_resources() -> dict[str, dg.ConfigurableResource]:
+    """The default settings of every concern, under their resource keys."""
+    return {"gradient_settings": GradientSettings(), "estimation_settings": EstimationSettings(),
+            "partition_settings": PartitionSettings(), "training_settings": TrainingSettings(),
+            "ensemble_settings": EnsembleSettings(), "selection_settings": SelectionSettings()}
+
+
+# The sections of a project settings file: section -> (resource key, typed settings model).
+SETTINGS_SECTIONS: dict[str, tuple[str, type[dg.ConfigurableResource]]] = {
+    "gradient": ("gradient_settings", GradientSettings), "estimation": ("estimation_settings", EstimationSettings),
+    "partition": ("partition_settings", PartitionSettings), "training": ("training_settings", TrainingSettings),
+    "ensemble": ("ensemble_settings", EnsembleSettings), "selection": ("selection_settings", SelectionSettings)}
+
+
+def read_settings_file(path: Path, sections: dict[str, tuple[str, type[dg.ConfigurableResource]]],
+                       ) -> dict[str, dict[str, Any]]:
+    """{resource key: {setting: value}} of a project settings file (YAML, safe-loaded): one mapping per section,
+    each checked by its settings model; only the settings the file sets, as the model parsed them. Anything else
+    (unknown section or setting, wrong type, out of bounds) is a ConfigError naming the file and the key."""
+    raw = read_yaml(path)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path, f"expected a mapping of sections ({', '.join(sections)}), got a {type(raw).__name__}")
+    unknown = sorted(map(str, set(raw) - set(sections)))
+    if unknown:
+        raise ConfigError(path, f"unknown section(s) {unknown}; allowed: {sorted(sections)}")
+    out = {}
+    for section, block in raw.items():
+        key, model = sections[section]
+        if block is None:
+            continue
+        if not isinstance(block, dict):
+            raise ConfigError(path, f"{section} must be a mapping of setting to value, got {block!r}")
+        unknown = sorted(map(str, set(block) - set(model.model_fields)))
+        if unknown:
+            raise ConfigError(path, f"{section}: unknown setting(s) {unknown}; allowed: {sorted(model.model_fields)}")
+        parsed = checked(model, block, f"{section}.", lambda problem: ConfigError(path, problem))
+        out[key] = {k: getattr(parsed, k) for k in block}
+    return out
+
+
+def checked(model: type[dg.ConfigurableResource], values: dict[str, Any], where: str,
+            error: Callable[[str], Exception] = ValueError) -> dg.ConfigurableResource:
+    """model(**values), or error("<where><setting>: <problem>") for the first problem pydantic found."""
+    try:
+        return model(**values)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        got = f" (got {first['input']!r})" if loc and "input" in first else ""
+        raise error(f"{where}{loc}: {msg}{got}" if loc else f"{where.rstrip('.')}: {msg}") from None

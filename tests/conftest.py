@@ -1,7 +1,6 @@
-"""Shared fixtures."""
+"""Shared fixtures. Tests get helpers as fixtures (`make_folder`, `tick_sensor`), never by importing conftest."""
 
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +25,7 @@ def tiny():
     return load_base_model("tiny")
 
 
-def tick_sensor(sensor, instance, cursor, resources):
+def _tick_sensor(sensor, instance, cursor, resources):
     """One evaluation of a sensor, applying its dynamic-partition requests to the instance as the daemon does."""
     import dagster as dg
 
@@ -40,7 +39,13 @@ def tick_sensor(sensor, instance, cursor, resources):
     return result
 
 
-def make_folder(folder: Path, news: bool = False) -> Path:
+@pytest.fixture()
+def tick_sensor():
+    """tick_sensor(sensor, instance, cursor, resources): one evaluation, applying its partition requests."""
+    return _tick_sensor
+
+
+def write_datasets(folder: Path, news: bool = False) -> Path:
     """A folder of three tiny datasets in three formats (+ `news`, a fourth, when asked)."""
     folder.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"text": [f"the film was {w} {i}" for i in range(12) for w in ("good", "bad")],
@@ -60,26 +65,30 @@ def make_folder(folder: Path, news: bool = False) -> Path:
     return folder
 
 
-def _project(tmp_path, monkeypatch, news: bool):
-    folder = make_folder(tmp_path / "datasets", news=news)
+@pytest.fixture()
+def make_folder():
+    """make_folder(folder, news=False): write the tiny datasets into `folder` and return it."""
+    return write_datasets
+
+
+def _project(tmp_path, monkeypatch, news: bool) -> Path:
+    # The resources read these when a run uses them (not when the Definitions load), so the one cached `defs`
+    # of this process serves every test's project: nothing to reload, and the order of tests does not matter.
+    folder = write_datasets(tmp_path / "datasets", news=news)
     monkeypatch.setenv("GROUPLORA_HOME", str(tmp_path / "var"))
     monkeypatch.setenv("GROUPLORA_DATASETS", str(folder))
     monkeypatch.setenv("GROUPLORA_BASE_MODEL", "tiny")
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "var" / "dagster_home"))
-    # `defs` binds its resources to the environment at import: import it afresh for this test's folders, and
-    # drop it afterwards so that a later test imports it for its own (tests pass in any order).
-    sys.modules.pop("grouplora.orchestration.definitions", None)
-    yield tmp_path
-    sys.modules.pop("grouplora.orchestration.definitions", None)
+    return tmp_path
 
 
 @pytest.fixture()
 def plain_project(tmp_path, monkeypatch):
-    """make_folder's three datasets as the project's datasets, the tiny model, state under tmp_path/var."""
-    yield from _project(tmp_path, monkeypatch, news=False)
+    """write_datasets's three datasets as the project's datasets, the tiny model, state under tmp_path/var."""
+    return _project(tmp_path, monkeypatch, news=False)
 
 
 @pytest.fixture()
 def news_project(tmp_path, monkeypatch):
     """The same with `news` as a fourth dataset: three are left after one is removed (the partition needs three)."""
-    yield from _project(tmp_path, monkeypatch, news=True)
+    return _project(tmp_path, monkeypatch, news=True)

@@ -10,25 +10,23 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import make_folder
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def five_datasets(folder: Path) -> Path:
+def five_datasets(folder: Path, make_folder) -> Path:
     make_folder(folder, news=True)
     pd.DataFrame({"text": [f"buy cheap pills now {i}" if i % 2 else f"lunch at noon {i}" for i in range(24)],
                   "label": ["spam", "ham"] * 12}).to_csv(folder / "mail.csv", index=False)
     return folder
 
 
-def test_suite_runs_every_stage_and_resumes(tmp_path, capsys):
+def test_suite_runs_every_stage_and_resumes(tmp_path, capsys, make_folder):
     import suite
 
-    data = five_datasets(tmp_path / "data")
+    data = five_datasets(tmp_path / "data", make_folder)
     args = ["--model", "tiny", "--device", "cpu", "--data", str(data), "--work", str(tmp_path / "work"),
             "--out", str(tmp_path / "suite.json"), "--max-train", "8", "--max-val", "4", "--max-test", "6",
             "--seeds", "0", "1", "--n-random", "4", "--n-fidelity", "8", "--n-calibration", "1", "--epochs", "1",

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -59,7 +58,7 @@ def page_text_with(page, names: list[str], timeout: float) -> str:
 
 
 @pytest.fixture()
-def project(tmp_path):
+def project(tmp_path, make_folder):
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (`apt-get install -y chromium`; .ci/run does)")
     try:

@@ -255,3 +255,21 @@ def test_accuracy_table_and_bar_chart_png(tmp_path: Path) -> None:
         line_chart([1, 2], {"a": [1.0]}, tmp_path / "bad.png", title="t", xlabel="x", ylabel="y")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["acc.png", "bar.png", "line.png", "wide.png"]
     assert oct(out.stat().st_mode & 0o777) == "0o644"
+
+
+def test_partition_datasets_finds_planted_blocks_and_names_them():
+    """Two blocks that help themselves and hurt each other (the positive control's twins, as a matrix)."""
+    from grouplora.ml.clustering import partition_datasets
+
+    rng = np.random.default_rng(0)
+    names = ["a", "b", "c", "a_swap", "b_swap", "c_swap"]
+    block = np.kron(np.array([[1.0, -1.0], [-1.0, 1.0]]), np.ones((3, 3)))
+    T = -0.7 + 0.05 * block + 0.005 * rng.standard_normal((6, 6))
+    part = partition_datasets(T, names, max_m=4)
+    assert sorted(map(sorted, part.groups)) == [["a", "b", "c"], ["a_swap", "b_swap", "c_swap"]]
+    assert part.m == 2 and part.m_scores is not None and part.group_of("a") != part.group_of("a_swap")
+    assert part.A[0, 3] < 0 < part.A[0, 1]  # row z-scores: the twin is below the row mean
+    fixed = partition_datasets(T, names, m=3, method="spectral")
+    assert fixed.m == 3 and fixed.m_scores is None
+    with pytest.raises(ValueError, match="names"):
+        partition_datasets(T, names[:5])

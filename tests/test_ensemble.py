@@ -12,15 +12,19 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from scipy.special import log_softmax, softmax
 
-from grouplora.ml.boosting import (boost_adapter_from_w, keep_round, loss_weights, negative_gradient, ridge_boost,
-                                   train_boost_adapter)
-from grouplora.ml.ensemble import (AdapterSpec, DatasetSpec, Ensemble, combine, ensemble_loss, fit_all, fit_weights,
-                                   loaded_model, predict, release, weights_for)
+from grouplora.ml.boosting import (BoostResult, BoostSettings, RidgeBase, boost_adapter_from_w, boost_group,
+                                   gold_margins, keep_round, logprobs_by_dataset, loss_weights, negative_gradient,
+                                   pooled_loss, ridge_boost, round_logits, train_boost_adapter)
+from grouplora.ml.ensemble import (AdapterSpec, DatasetSpec, Ensemble, combine, ensemble_loss, fit_all,
+                                   fit_dataset_weights, fit_weights, loaded_model, predict, release, score_dataset,
+                                   weights_for)
+from grouplora.ml.features import compute_features
+from grouplora.ml.folds import split_validation
 from grouplora.ml.lora import load_adapter
 from grouplora.ml.model import label_token_ids, load_base_model, model_fingerprint
 from grouplora.ml.projection import Projection
 from grouplora.ml.scoring import encode, label_logits, predict_logprobs
-from grouplora.ml.training import TrainConfig, TrainExample, save_fresh_adapter
+from grouplora.ml.training import TrainConfig, TrainExample, save_fresh_adapter, train_adapter
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -268,3 +272,179 @@ def test_predict_combines_adapters_with_the_dataset_weights(tiny, tmp_path):
         other.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
     with pytest.raises(ValueError, match="fingerprint"):
         predict(ens, other, tok2, "senti", senti)
+
+
+# ---------------------------------------------------------------------- the ACL ensemble and boosting
+
+
+def test_weights_never_all_zero_and_fall_back_to_the_group_adapter():
+    """The strategyqa case: candidates with no signal on the weights fold fit to α = 0 (a uniform guess beats
+    them); the ensemble must then be the group adapter, not a constant prediction."""
+    rng = np.random.default_rng(0)
+    half = rng.normal(0, 2, (2, 20, 2))
+    noise = np.concatenate([half, half], axis=1)  # every input twice, once with each label: no signal at all
+    y = np.array([0] * 20 + [1] * 20)
+    assert not (fit_weights(noise, y) > 0).any()  # the degenerate fit does happen
+    alpha, fell_back = fit_dataset_weights(noise, y, init=np.array([1.0, 0.5]))
+    assert fell_back and alpha.tolist() == [1.0, 0.0]
+    for seed in range(20):  # never all zero, signal or not
+        z, yy = planted_logits(np.random.default_rng(seed), 30, c=2)
+        a, _ = fit_dataset_weights(z * rng.choice([-1.0, 0.0, 1.0]), yy)
+        assert (a > 0).any()
+    # score_dataset: the fallback ensemble predicts exactly what the group adapter predicts
+    yt = rng.integers(0, 2, 25)
+    n = len(y)
+    group = {"weights": noise[0], "test": rng.normal(0, 1, (25, 2))}
+    rnd = [{"weights": noise[1], "test": rng.normal(0, 1, (25, 2))}]
+    out = score_dataset(group, rnd, 0.5, {"weights": y, "test": yt})
+    assert out["fallback"] and out["weights"] == [1.0, 0.0]
+    assert out["accuracy"]["ensemble"] == out["accuracy"]["grouped"]
+
+
+def test_score_dataset_methods_and_the_all_adapter_option():
+    rng = np.random.default_rng(1)
+    z, y = planted_logits(rng, 200, c=3)  # informative, noise, anti
+    split = {"weights": slice(0, 100), "test": slice(100, 200)}
+    labels = {sp: y[s] for sp, s in split.items()}
+    group = {sp: z[1][s] for sp, s in split.items()}  # a useless group adapter...
+    rounds = [{sp: z[0][s] for sp, s in split.items()}]  # ...and a round that carries the signal
+    all_ = {sp: z[2][s] for sp, s in split.items()}
+    out = score_dataset(group, rounds, 0.5, labels, all_adapter=all_, include_all=True)
+    acc = out["accuracy"]
+    assert set(acc) == {"grouped", "grouped_boosted", "ensemble", "one_adapter_all", "ensemble_with_all"}
+    want = float((combine(np.stack([group["test"], rounds[0]["test"]]), np.array([1.0, 0.5])).argmax(-1)
+                  == labels["test"]).mean())
+    assert acc["grouped_boosted"] == want  # F = z_g + η h
+    assert acc["ensemble"] > acc["grouped"] + 0.2  # the weights find the round
+    assert out["weights"][1] > out["weights"][0] and len(out["weights_with_all"]) == 3
+    assert "ensemble_with_all" not in score_dataset(group, rounds, 0.5, labels, all_adapter=all_)["accuracy"]
+    with pytest.raises(ValueError, match="include_all"):
+        score_dataset(group, rounds, 0.5, labels, include_all=True)
+
+
+def test_gold_margins_and_pooled_loss():
+    z = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    y = np.array([0, 2])
+    p = softmax(z, axis=-1)[np.arange(2), y]
+    np.testing.assert_allclose(gold_margins(z, y), np.log(p / (1 - p)), atol=1e-12)
+    loss, acc = pooled_loss({"a": z[:1], "b": z[1:]}, {"a": y[:1], "b": y[1:]})
+    np.testing.assert_allclose(loss, -np.log(p).mean())
+    assert acc == 0.5  # row 2 is a 3-way tie: argmax picks class 0
+
+
+def group_setup(model, tok, root: Path, d: int = 16):
+    """A group of two tiny keyword datasets, its adapter (trained briefly), θ0 = a fresh LoRA, its projection
+    and the train features at θ0; validation split into selection and weights folds."""
+    senti = tuple(label_token_ids(tok, [" positive", " negative"]))
+    claim = tuple(label_token_ids(tok, [" true", " false"]))
+    def ds(word0, word1, lab, n, off):
+        return [TrainExample(f"Text {i + off}: it was {[word0, word1][i % 2]} today. Answer:", i % 2, lab)
+                for i in range(n)]
+    train = {"senti": ds("wonderful", "boring", senti, 16, 0), "claim": ds("water", "cheese", claim, 16, 0)}
+    val = {"senti": ds("wonderful", "boring", senti, 12, 100), "claim": ds("water", "cheese", claim, 12, 100)}
+    select, weights = {}, {}
+    for n, ex in val.items():
+        select[n], weights[n] = split_validation(ex, [e.label_index for e in ex], seed=0)
+    cfg = TrainConfig(r=4, alpha=8, lr=2e-2, epochs=2, batch_size=8, seed=3)
+    train_adapter((model, tok), [e for n in train for e in train[n]], cfg, root / "group",
+                  val_examples=[e for n in select for e in select[n]])
+    theta0 = save_fresh_adapter((model, tok), cfg, root / "theta0")
+    pm = load_adapter(model, theta0)
+    proj = Projection.for_model(pm, d=d, seed=0)
+    feats = {n: compute_features(pm, tok, [e.prompt for e in ex], [e.label_index for e in ex], list(ex[0].label_ids),
+                                 proj)[1] for n, ex in train.items()}
+    pm.unload()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return train, select, weights, cfg, RidgeBase(theta0, proj, feats, r=4)
+
+
+def test_boosting_rounds_are_judged_on_the_selection_fold_only(tiny, tmp_path):
+    model, tok = tiny
+    train, select, weights, cfg, ridge = group_setup(model, tok, tmp_path)
+    # folds are disjoint: the weights fold never judged a round
+    for n in select:
+        assert not {e.prompt for e in select[n]} & {e.prompt for e in weights[n]}
+    st = BoostSettings(mode="ridge", rounds=3, eta=0.5, threshold=0.0, ridge_lam=0.1)
+    res = boost_group(model, tok, "g", tmp_path / "group", train, select, st, tmp_path / "boost", ridge=ridge,
+                      log=lambda *_: None)
+    assert res.rounds and not has_lora(model)
+    # every recorded decision is the pooled loss on the SELECTION fold of F = z_g + η Σ h
+    z_sel = logprobs_by_dataset(model, tok, tmp_path / "group", select)
+    y_sel = {n: np.array([e.label_index for e in ex]) for n, ex in select.items()}
+    hs = round_logits(model, tok, res, select)
+    assert len(hs) == len(res.kept)
+    F = dict(z_sel)
+    for k, r in enumerate(res.rounds):
+        assert r.loss_before == pytest.approx(pooled_loss(F, y_sel)[0], abs=1e-6)
+        if r.kept:
+            F = {n: F[n] + 0.5 * hs[k][n] for n in F}
+            assert r.loss_after == pytest.approx(pooled_loss(F, y_sel)[0], abs=1e-5)
+            assert r.loss_after < r.loss_before
+        else:
+            assert r is res.rounds[-1] and r.loss_after >= r.loss_before  # the first rejection ends it
+    assert len(res.rounds) <= 3
+    # a threshold above the group's held-out loss: no round at all
+    high = boost_group(model, tok, "g", tmp_path / "group", train, select,
+                       BoostSettings(threshold=10.0), tmp_path / "boost2", ridge=ridge, log=lambda *_: None)
+    assert high.rounds == [] and "threshold" in high.stop
+
+
+def test_trained_boosting_fits_the_residual_with_offsets(tiny, tmp_path):
+    model, tok = tiny
+    train, select, _, cfg, _ = group_setup(model, tok, tmp_path)
+    st = BoostSettings(mode="trained", rounds=1, eta=1.0, threshold=0.0, train_epochs=1)
+    res = boost_group(model, tok, "g", tmp_path / "group", train, select, st, tmp_path / "boost", config=cfg,
+                      log=lambda *_: None)
+    (r,) = res.rounds
+    assert r.flops > 0 and r.steps == 4 and res.reference is None and not has_lora(model)
+    assert res.to_dict() == BoostResult.from_dict(res.to_dict()).to_dict()
+
+
+def test_constant_logit_offsets_change_nothing(tiny, tmp_path):
+    """Offsets shift each example's logits; a per-row constant is softmax-invariant, so training is identical."""
+    model, tok = tiny
+    lab = label_token_ids(tok, [" yes", " no"])
+    ex = [TrainExample(f"Question: is it {w}? Answer:", i % 2, lab) for i, w in enumerate(["blue", "cold"] * 4)]
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-2)
+    train_adapter((model, tok), ex, cfg, tmp_path / "plain")
+    train_adapter((model, tok), ex, cfg, tmp_path / "shift", logit_offsets=[[3.0, 3.0]] * len(ex))
+    train_adapter((model, tok), ex, cfg, tmp_path / "tilt", logit_offsets=[[3.0, -3.0]] * len(ex))
+    a, b, c = (load_file(tmp_path / x / "adapter_model.safetensors") for x in ("plain", "shift", "tilt"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=0)  # float32 rounding of the shifted logits
+    assert any((a[k] - c[k]).abs().max() > 1e-3 for k in a)
+    with pytest.raises(ValueError, match="offsets"):
+        train_adapter((model, tok), ex, cfg, tmp_path / "bad", logit_offsets=[[1.0, 2.0]])
+
+
+def test_predict_takes_boosting_rounds_against_their_reference(tiny, tmp_path):
+    """A round contributes z(round) − z(reference): against the bare base, or against θ0 (another adapter)."""
+    model, tok = tiny
+    fresh, a, b, _ = boosted_pair(model, tok, tmp_path / "adapters")
+    words = [" positive", " negative"]
+    ens = Ensemble(base_model="tiny", base_fingerprint="",
+                   adapters=[AdapterSpec("g", str(a)), AdapterSpec("r1", str(b), reference="theta0"),
+                             AdapterSpec("theta0", str(fresh)), AdapterSpec("r2", str(b), reference="base")],
+                   weights={"senti": {"g": 1.0, "r1": 0.5, "r2": 0.25}}, datasets={"senti": DatasetSpec(words)})
+    prompts = ["Review: it was wonderful. Sentiment:", "Review: a boring film. Sentiment:"]
+    ids = label_token_ids(tok, words)
+
+    def alone(path):
+        if path is None:
+            return predict_logprobs(model, tok, prompts, ids)
+        pm = PeftModel.from_pretrained(model, str(path))
+        lp = predict_logprobs(pm, tok, prompts, ids)
+        pm.unload()
+        return lp
+
+    za, zb, z0, zbase = alone(a), alone(b), alone(fresh), alone(None)
+    try:
+        _, probs = predict(ens, model, tok, "senti", prompts)
+        want = softmax(za + 0.5 * (zb - z0) + 0.25 * (zb - zbase), axis=-1)
+        np.testing.assert_allclose(probs, want, atol=1e-5)
+    finally:
+        release(model)
+    with pytest.raises(ValueError, match="reference"):
+        Ensemble.from_dict({**ens.to_dict(), "adapters": [{"name": "x", "path": "p", "reference": "nope"}],
+                            "weights": {}})

@@ -22,13 +22,14 @@ from grouplora.ml.estimation import (
     FeatureSet,
     Split,
     estimate,
+    estimate_subsets,
     fit_subsets,
     objective,
     score,
     solve_subsets,
     synthetic_features,
 )
-from grouplora.ml.subsets import Subset, make_subsets, subset_id
+from grouplora.ml.subsets import Subset, estimation_subsets, make_subsets, subset_id
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -177,6 +178,27 @@ def test_estimate_is_fit_then_score(fs, subsets):
     a = estimate(fs, subsets[:5], lam=1e-2)
     b = score(fs, subsets[:5], fit_subsets(fs, subsets[:5], lam=1e-2))
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_estimate_subsets_is_the_pipelines_step(fs, subsets):
+    table, fit = estimate_subsets(fs, subsets[:5], lam=1e-2)
+    np.testing.assert_allclose(fit.W, fit_subsets(fs, subsets[:5], lam=1e-2))
+    pd.testing.assert_frame_equal(table.drop(columns="mode"), score(fs, subsets[:5], fit.W))
+    assert set(table["mode"]) == {"linearized"}
+
+
+def test_estimation_subsets_caps_what_cannot_exist():
+    """The asset's and the benchmarks' subsets: n_random capped at the subsets that exist (4 datasets hold 4
+    triples), size at the number of datasets, and no random ones at size <= 2 (they would repeat the pairs)."""
+    names = ["a", "b", "c", "d"]
+    kinds = lambda subs: [s.kind for s in subs].count("random")  # noqa: E731
+    assert kinds(estimation_subsets(names, n_random=300, size=3, seed=0)) == 4
+    assert kinds(estimation_subsets(names, n_random=2, size=3, seed=0)) == 2
+    assert kinds(estimation_subsets(names, n_random=300, size=9, seed=0)) == 1  # size 4: the one set of all four
+    assert kinds(estimation_subsets(names, n_random=300, size=2, seed=0)) == 0
+    assert len(estimation_subsets(names, n_random=0, size=3, seed=0)) == 4 + 6
+    with pytest.raises(ValueError, match="only 4 distinct"):
+        make_subsets(names, n_random=300, size=3, seed=0)  # what the cap prevents
 
 
 def test_dataset_without_validation_scores_nan(fs):

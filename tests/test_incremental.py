@@ -7,9 +7,7 @@ import json
 import dagster as dg
 import pytest
 
-from grouplora.assets.datasets import dataset_partitions
-
-from conftest import tick_sensor
+from grouplora.orchestration.partitions import dataset_partitions
 
 SUITE = {"approximation_error", "subset_estimates", "zero_shot_report", "subset_affinity", "pairwise_affinity",
          "affinity_report", "estimate_verification", "task_partition"}
@@ -33,9 +31,10 @@ def spec_of(project) -> dict:
     return json.loads((project / "var" / "storage" / "partition" / "task_partition.json").read_text())
 
 
-def test_one_changed_dataset_reruns_only_what_depends_on_it(project):
+def test_one_changed_dataset_reruns_only_what_depends_on_it(project, tick_sensor):
     from grouplora.orchestration import run
-    from grouplora.orchestration.definitions import defs, make_resources
+    from grouplora.orchestration.definitions import defs
+    from grouplora.orchestration.resources import make_resources
     from grouplora.orchestration.sensors import dataset_files_sensor
 
     sources = make_resources()["sources"]
@@ -99,9 +98,10 @@ def test_one_changed_dataset_reruns_only_what_depends_on_it(project):
     assert asked == {"adapter": new_keys - old_keys}, asked
     run.run_adapters(sorted(new_keys - old_keys), executor="in_process")
 
-    # 4. then the ensemble, its registration and the SQL report over its results.
+    # 4. then the ensemble, its registration, the promotion step and the SQL report over its results.
     result, asked = evaluate(result.cursor)
-    assert asked == {"ensemble": {None}, "registered_ensemble": {None}, "accuracy_report": {None}}, asked
+    assert asked == {"ensemble": {None}, "registered_ensemble": {None}, "champion": {None},
+                     "accuracy_report": {None}}, asked
     run.run_ensemble(executor="in_process")
 
     # 5. settled again.
@@ -139,4 +139,4 @@ def test_one_changed_dataset_reruns_only_what_depends_on_it(project):
     assert sorted(instance.get_dynamic_partitions(dataset_partitions.name)) == ["facts", "news", "parity", "reviews"]
     assert [(r.job_name, r.partition_key) for r in added.run_requests] == [("dataset_job", "parity")]
     result, asked = evaluate(result.cursor)
-    assert not set(asked) & (SUITE | {"ensemble", "registered_ensemble"}), asked
+    assert not set(asked) & (SUITE | {"ensemble", "registered_ensemble", "champion"}), asked

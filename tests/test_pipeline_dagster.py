@@ -2,14 +2,14 @@
 multiprocess runs, a real DuckDB file; then the sensor's view of added, changed and removed files."""
 
 import json
+import re
 
 import dagster as dg
 import duckdb
 import pandas as pd
 import pytest
 
-from conftest import tick_sensor
-from grouplora.assets.datasets import dataset_partitions
+from grouplora.orchestration.partitions import dataset_partitions
 
 
 @pytest.fixture()
@@ -19,15 +19,15 @@ def project(plain_project):
 
 def test_pipeline_materializes_through_dagster_into_duckdb(project):
     from grouplora.orchestration import run
-    from grouplora.orchestration.definitions import make_resources
+    from grouplora.orchestration.resources import make_resources
 
     sources = make_resources()["sources"]
     versions = {n: sources.version(n) for n in sources.files()}
     assert sorted(versions) == ["facts", "parity", "reviews"]
     # One dataset through the multiprocess executor (every step in its own process, as on a cluster), the
     # others in process (faster): both must give the same kind of artifacts.
-    assert run.run_datasets(["facts"], versions, executor="multiprocess") == ["facts"]
-    assert run.run_datasets(versions, versions, executor="in_process") == ["parity", "reviews"]
+    assert run.run_datasets(["facts"], versions, executor="multiprocess") == (["facts"], {})
+    assert run.run_datasets(versions, versions, executor="in_process") == (["parity", "reviews"], {})
     run.run_suite(executor="in_process")
 
     db = project / "var" / "warehouse.duckdb"
@@ -59,8 +59,8 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
     spec = json.loads((project / "var" / "storage" / "partition" / "task_partition.json").read_text())
     assert sorted(m for g in spec["groups"] for m in g["members"]) == sorted(counts)
     keys = [g["key"] for g in spec["groups"]] + [spec["baseline"]["key"]]
-    assert run.run_adapters(keys, executor="in_process") == keys
-    assert run.run_adapters(keys, executor="in_process") == []  # content-keyed: nothing retrains
+    assert run.run_adapters(keys, executor="in_process") == (keys, {})
+    assert run.run_adapters(keys, executor="in_process") == ([], {})  # content-keyed: nothing retrains
     for key in keys:
         folder = project / "var" / "storage" / "adapters" / key
         assert (folder / "adapter_config.json").exists() and (folder / "adapter_model.safetensors").exists()
@@ -81,11 +81,11 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
     # stayed high; the trained mode (a loss-weighted adapter) is checked here on the same state
     import logging
     from grouplora.assets.ensemble import boost_group
-    from grouplora.orchestration.resources import EnsembleSettings, TrainingSettings
+    from grouplora.orchestration.settings import EnsembleSettings, TrainingSettings
     resources = make_resources()
     model, tok = resources["base_model"].load()
     group = spec["groups"][0]
-    name = boost_group(resources["storage"], resources["base_model"], resources["gradient_settings"],
+    name = boost_group(resources["store"], resources["base_model"], resources["gradient_settings"],
                        EnsembleSettings(boost_mode="trained"), TrainingSettings(epochs=1), group,
                        Ensemble.load(project / "var" / "storage" / "ensemble" / "current" / "ensemble.json"),
                        model, tok, logging.getLogger("test"))
@@ -103,15 +103,17 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
         [dg.AssetCheckKey(dg.AssetKey("dataset"), "dataset_schema")])
     assert checks, "the schema check ran"
     # A rerun with nothing changed resumes: no partition runs again.
-    assert run.run_datasets(versions, versions) == []
+    assert run.run_datasets(versions, versions) == ([], {})
 
     # A bad new version fails with the file, row and problem, and leaves the previous good artifact in place.
     stored = project / "var" / "storage" / "datasets" / "reviews.parquet"
     good = stored.read_bytes()
     (project / "datasets" / "reviews.csv").write_text("text,label\nonly,pos\nclass,pos\n")
     versions["reviews"] = sources.version("reviews")
-    with pytest.raises(RuntimeError, match=r"reviews.csv: only one class \('pos'\)"):
-        run.run_datasets(["reviews"], versions)
+    ran, failed = run.run_datasets(["reviews"], versions)
+    assert ran == [] and list(failed) == ["reviews"]
+    assert failed["reviews"].input_errors() and len(failed["reviews"].lines()) == 1
+    assert re.fullmatch(r"dataset: .*reviews.csv: only one class \('pos'\): .*", failed["reviews"].lines()[0])
     assert stored.read_bytes() == good
 
 
@@ -124,8 +126,8 @@ def test_adapter_partitions_depend_on_all_dataset_partitions():
     assert isinstance(mapping, dg.AllPartitionMapping)
 
 
-def test_sensor_adds_changes_and_removes_partitions(project):
-    from grouplora.orchestration.definitions import make_resources
+def test_sensor_adds_changes_and_removes_partitions(project, tick_sensor):
+    from grouplora.orchestration.resources import make_resources
     from grouplora.orchestration.sensors import dataset_files_sensor
 
     resources = {"sources": make_resources()["sources"]}

@@ -1,13 +1,19 @@
 """MLflow registry for the ensemble: log versions, promote by alias, load the champion and predict
-(in-process, through the click command, and from a fresh interpreter). A real sqlite store in tmp."""
+(in-process, through the click command, from a fresh interpreter, and through `mlflow models serve` over
+HTTP). A real sqlite store in tmp."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -16,6 +22,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -23,8 +30,8 @@ from grouplora.ml.ensemble import AdapterSpec, DatasetSpec, Ensemble, predict, r
 from grouplora.ml.model import label_token_ids, load_base_model, model_fingerprint  # noqa: E402
 from grouplora.ml.prompts import render  # noqa: E402
 from grouplora.ml.training import TrainConfig, TrainExample, train_adapter  # noqa: E402
-from grouplora.orchestration.registry import (ENSEMBLE_JSON, load_for_prediction, log_ensemble,  # noqa: E402
-                                              promote)
+from grouplora.orchestration.registry import (ENSEMBLE_JSON, MODEL_CODE, load_for_prediction,  # noqa: E402
+                                              log_ensemble, promote)
 from grouplora.registry_cli import predict as predict_cmd  # noqa: E402
 from grouplora.registry_cli import promote as promote_cmd  # noqa: E402
 
@@ -54,13 +61,13 @@ def write_ensemble(path: Path, adapters: dict[str, Path], weights: dict, tok, fi
     return ens.save(path)
 
 
-def reference(ensemble_json: Path, model, tok) -> pd.DataFrame:
+def reference(ensemble_json: Path, model, tok, merged: bool = False) -> pd.DataFrame:
     """What ml.ensemble.predict says on QUERY, mapped to class names by hand."""
     ens = Ensemble.load(ensemble_json)
     classes = {"sent": ["pos", "neg"], "spam": ["spam", "ham"]}
     label, prob = [], []
     for d, text in zip(QUERY["dataset"], QUERY["text"]):
-        y, p = predict(ens, model, tok, d, [render(ens.datasets[d].template, text)])
+        y, p = predict(ens, model, tok, d, [render(ens.datasets[d].template, text)], merged=merged)
         label.append(classes[d][int(y[0])])
         prob.append(float(p[0, y[0]]))
     release(model)
@@ -83,8 +90,9 @@ def registry(tmp_path_factory):
         adapters[name] = work / "adapters" / name
     v1_json = write_ensemble(work / "v1" / ENSEMBLE_JSON, adapters,
                              {"sent": {"sent": 1.0, "spam": 0.3}, "spam": {"sent": 0.2, "spam": 1.0}}, tok, fp)
+    # the champion: two adapters in one pass for sent; spam's second adapter has α = 0 (skipped)
     v3_json = write_ensemble(work / "v3" / ENSEMBLE_JSON, adapters,
-                             {"sent": {"sent": 2.0}, "spam": {"spam": 2.0, "sent": 0.0}}, tok, fp)
+                             {"sent": {"sent": 2.0, "spam": 0.5}, "spam": {"spam": 2.0, "sent": 0.0}}, tok, fp)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     steps = []
     for path, acc in ((v1_json, 0.6), (v1_json, 0.5), (v3_json, 0.7)):
@@ -92,7 +100,8 @@ def registry(tmp_path_factory):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         challenger = str(client.get_model_version_by_alias(NAME, "challenger").version)
         steps.append((info, challenger, promote(NAME, tracking_uri=uri)))
-    expected = {"v1": reference(v1_json, model, tok), "v3": reference(v3_json, model, tok)}
+    expected = {"v1": reference(v1_json, model, tok), "v3": reference(v3_json, model, tok),
+                "v3_merged": reference(v3_json, model, tok, merged=True)}
     shutil.rmtree(work)
     return {"uri": uri, "steps": steps, "expected": expected, "root": root}
 
@@ -109,6 +118,17 @@ def test_log_sets_challenger_and_tags_the_metric(registry):
     files = {Path(f.path).name for f in mlflow.artifacts.list_artifacts(
         artifact_uri=f"runs:/{i1.run_id}/model/artifacts/ensemble/adapters/00", tracking_uri=registry["uri"])}
     assert files == {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def test_versions_are_models_from_code_not_pickles(registry):
+    info = registry["steps"][0][0]
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{info.run_id}/model", tracking_uri=registry["uri"],
+                                                     dst_path=str(registry["root"] / "download")))
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["model_code_path"].endswith("serving_model.py")
+    assert (local / "serving_model.py").read_text() == MODEL_CODE.read_text()
+    assert not list(local.rglob("*.pkl"))  # no cloudpickled python_model
+    assert yaml.safe_load((local / "MLmodel").read_text())["signature"]["params"]
 
 
 def test_promotion_follows_the_metric(registry):
@@ -165,6 +185,31 @@ def test_champion_predicts_like_the_ensemble(registry, champion):
     assert not np.allclose(v1["probability"], out["probability"])
 
 
+def test_merged_param_serves_the_merged_adapters(registry, champion):
+    out = champion.predict(QUERY, params={"merged": True})
+    exp, exact = registry["expected"]["v3_merged"], registry["expected"]["v3"]
+    np.testing.assert_allclose(out["probability"], exp["probability"], rtol=1e-5)
+    assert list(out["label"]) == list(exp["label"])
+    # spam has one adapter with α > 0: merged is exact there; sent merges two adapters: an approximation
+    spam = QUERY.dataset == "spam"
+    np.testing.assert_allclose(out["probability"][spam], exact["probability"][spam], rtol=1e-5)
+    assert not np.allclose(out["probability"][~spam], exact["probability"][~spam], rtol=1e-6, atol=0)
+
+
+def test_concurrent_requests_get_the_sequential_answers(champion):
+    """The server predicts in threads; the adapters on the shared base must not leak between requests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    frames = [QUERY, QUERY.iloc[[1, 3]], QUERY.iloc[[0, 2]]] * 2
+    params = [{"merged": i % 2 == 1} for i in range(len(frames))]
+    want = [champion.predict(f, params=p) for f, p in zip(frames, params)]
+    with ThreadPoolExecutor(len(frames)) as pool:
+        got = list(pool.map(lambda fp: champion.predict(fp[0], params=fp[1]), zip(frames, params)))
+    for g, w in zip(got, want):
+        assert list(g["label"]) == list(w["label"])
+        np.testing.assert_allclose(g["probability"], w["probability"], rtol=1e-6)
+
+
 def test_text_pair_column_is_optional_and_used(champion):
     frame = QUERY.assign(text_pair=[None, "extra words", None, None])
     out = champion.predict(frame)
@@ -217,3 +262,98 @@ def test_predict_from_a_fresh_interpreter(registry, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     labels = [ln.split("\t")[0] for ln in proc.stdout.strip().splitlines()]
     assert labels == list(spam["label"])
+
+
+# ------------------------------------------------------------------------------------------- serving
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, dict | str]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            text = r.read().decode()
+            status = r.status
+    except urllib.error.HTTPError as e:
+        text, status = e.read().decode(), e.code
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+@pytest.fixture(scope="module")
+def server(registry):
+    """`mlflow models serve -m models:/<name>@champion --env-manager local` on 127.0.0.1 and a free port.
+
+    Its own process group: mlflow starts uvicorn as a child, and the whole group is stopped afterwards."""
+    port, log = free_port(), registry["root"] / "server.log"
+    bin_dir = str(Path(sys.executable).parent)  # mlflow runs `uvicorn` from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"], "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
+                                 "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=registry["root"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if http(url + "/ping", timeout=5)[0] == 200:
+                    break
+            except OSError:  # not listening yet
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"no answer on {url}/ping after 300 s:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_served_champion_answers_like_grouplora_predict(registry, server):
+    status, body = http(server + "/invocations", {"dataframe_split": QUERY.to_dict(orient="split", index=False)})
+    assert status == 200, body
+    served = pd.DataFrame(body["predictions"])
+    assert list(served["dataset"]) == list(QUERY["dataset"])  # row order kept across the datasets
+    # `grouplora predict` on the same texts, one call per dataset
+    runner = CliRunner()
+    cli = {}
+    for d in ("sent", "spam"):
+        texts = [t for ds, t in zip(QUERY.dataset, QUERY.text) if ds == d]
+        res = runner.invoke(predict_cmd, ["--tracking-uri", registry["uri"], "--model", f"models:/{NAME}@champion",
+                                          "--dataset", d, "--json", *[a for t in texts for a in ("--text", t)]])
+        assert res.exit_code == 0, res.output
+        cli.update({(d, r["text"]): r for r in map(json.loads, res.stdout.strip().splitlines())})
+    want = [cli[(d, t)] for d, t in zip(QUERY.dataset, QUERY.text)]
+    assert list(served["label"]) == [r["label"] for r in want]
+    assert list(served["probability"]) == pytest.approx([r["probability"] for r in want], abs=1e-6)  # CLI: 6 d.p.
+    np.testing.assert_allclose(served["probability"], registry["expected"]["v3"]["probability"], rtol=1e-5)
+
+    # params travel too: the merged adapters
+    status, body = http(server + "/invocations", {"dataframe_split": QUERY.to_dict(orient="split", index=False),
+                                                  "params": {"merged": True}})
+    assert status == 200, body
+    np.testing.assert_allclose(pd.DataFrame(body["predictions"])["probability"],
+                               registry["expected"]["v3_merged"]["probability"], rtol=1e-5)
+
+
+def test_served_champion_rejects_an_unknown_dataset_by_name(server):
+    status, body = http(server + "/invocations",
+                        {"dataframe_split": {"columns": ["dataset", "text"], "data": [["nope", "hello"]]}})
+    assert status >= 400 and "nope" in json.dumps(body)

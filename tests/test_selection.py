@@ -131,7 +131,7 @@ def test_bar_chart_highlights_names(tmp_path):
 
 
 def test_selection_settings_are_validated():
-    from grouplora.orchestration.resources import SelectionSettings
+    from grouplora.orchestration.settings import SelectionSettings
 
     s = SelectionSettings()
     assert (s.top_k, s.n_subsets, s.size, s.lam, s.min_gain, s.seed, s.hidden_max_examples) == (3, 200, 0, 1e-3, 0.0,
@@ -156,11 +156,10 @@ def test_selection_through_dagster_and_the_cli(project, monkeypatch):
     from click.testing import CliRunner
     from safetensors.torch import load_file
 
-    from grouplora.assets.features import lora_model
     from grouplora.cli import main
     from grouplora.ml.projection import Projection
-    from grouplora.orchestration import run
-    from grouplora.orchestration.definitions import make_resources
+    from grouplora.orchestration import freshness, run
+    from grouplora.orchestration.resources import make_resources
 
     resources = make_resources()
     sources = resources["sources"]
@@ -185,7 +184,7 @@ def test_selection_through_dagster_and_the_cli(project, monkeypatch):
     # meta features: taken at that adapter, with the lora_A gradients (a fresh LoRA's projection has B only)
     side = json.loads((storage / "features_meta" / "reviews.json").read_text())
     assert side["include_a"] is True and side["theta0_fingerprint"] == record["fingerprint"]
-    fresh_model, _ = lora_model(resources["base_model"], resources["gradient_settings"])
+    fresh_model, _ = resources["base_model"].with_lora(resources["gradient_settings"])
     fresh = Projection.for_model(fresh_model, d=side["d"], seed=side["seed"])
     assert side["matrices"] == 2 * len(fresh.names)
     assert side["projection_checksum"] != fresh.checksum()
@@ -221,7 +220,7 @@ def test_selection_through_dagster_and_the_cli(project, monkeypatch):
         assert f"  {method} " in out.output
     assert "| aux" in out.output and "chosen_by" in out.output and "reviews" in out.output
     instance = run.get_instance()
-    latest = run.latest_materialization(instance, "target_selection", "parity")
+    latest = freshness.latest_materialization(instance, "target_selection", "parity")
     assert latest.asset_materialization.metadata["hidden_states_computed"].value == []
     with duckdb.connect(str(project / "var" / "warehouse.duckdb"), read_only=True) as con:
         targets = dict(con.execute("SELECT target, count(*) FROM target_selection GROUP BY 1").fetchall())
@@ -230,7 +229,7 @@ def test_selection_through_dagster_and_the_cli(project, monkeypatch):
     # a retraining that fails while writing the new adapter leaves the old one whole
     import dagster as dg
 
-    import grouplora.assets.meta_init as meta_init_module
+    import grouplora.orchestration.store as store_module
 
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     copied = []
@@ -241,7 +240,7 @@ def test_selection_through_dagster_and_the_cli(project, monkeypatch):
             raise OSError("disk full")
         Path(dst).write_bytes(b"a newer adapter file")
 
-    monkeypatch.setattr(meta_init_module, "copy2", copy_then_fail)
+    monkeypatch.setattr(store_module, "copy2", copy_then_fail)
     with pytest.raises(RuntimeError, match="disk full"):
         run.run_job(instance, run.selection_job, tags={"dagster/partition": "reviews"}, executor="in_process",
                     asset_selection=[dg.AssetKey("meta_init_adapter")])

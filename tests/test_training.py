@@ -3,6 +3,7 @@ adapter, leaves a passed base untouched, runs QLoRA on CPU, and counts FLOPs by 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,7 @@ def test_training_learns_mixed_datasets_and_leaves_base_untouched(tiny, tmp_path
     out = tmp_path / "a"
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"epoch_{k}" for k in range(1, 7)]
-    pm = PeftModel.from_pretrained(model, str(out))
+    pm = PeftModel.from_pretrained(copy.deepcopy(model), str(out))  # a copy: peft freezes the shared base
     loss1, acc1 = evaluate(pm, tok, ex)
     pm.unload()
     assert loss1.mean() < 0.6 * loss0.mean()
@@ -114,7 +115,7 @@ def test_saved_adapter_gives_the_logits_of_its_merged_weights(tiny, tmp_path):
                 n_merged += 1
         assert n_merged == 3 * 2
         want = label_logits(merged, enc["input_ids"], enc["attention_mask"], labels)
-        pm = PeftModel.from_pretrained(model, str(tmp_path / "a"))
+        pm = PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "a"))  # a copy: peft freezes the base
         got = label_logits(pm, enc["input_ids"], enc["attention_mask"], labels)
         pm.unload()
         base = label_logits(model, enc["input_ids"], enc["attention_mask"], labels)
@@ -168,7 +169,7 @@ def test_more_epochs_continue_from_the_last_checkpoint(tiny, tmp_path):
     """epochs=1 then epochs=2 on the same folder == one 2-epoch run (constant LR: the schedule has no length)."""
     model, tok = tiny
     ex = toy_examples(tok, 12)
-    cfg = TrainConfig(lr=5e-3, epochs=2, batch_size=8, dropout=0.1, lr_schedule="constant", seed=1)
+    cfg = TrainConfig(lr=5e-3, epochs=2, batch_size=8, dropout=0.1, lr_schedule="constant", seed=1, warmup_ratio=0.0)
     two = train_adapter((model, tok), ex, cfg, tmp_path / "two")
     one = train_adapter((model, tok), ex, TrainConfig(**{**cfg.__dict__, "epochs": 1}), tmp_path / "ext")
     assert one.steps == 3
@@ -260,7 +261,9 @@ def test_flop_formula_on_the_tiny_config(tiny):
     n_base = L * (h * h + 2 * h * kv + h * h + 3 * h * i)  # q, k, v, o, gate/up/down; no embeddings, no lm_head
     assert matmul_params(model) == (n_base, 0) == (73728, 0)
     from grouplora.ml.lora import add_lora
-    pm = add_lora(model, r=8, target_modules=("q_proj", "v_proj"))
+    # on a copy: peft freezes the base's parameters and unload() does not thaw them; the module's shared `tiny`
+    # must stay as the other tests (in any order) expect it
+    pm = add_lora(copy.deepcopy(model), r=8, target_modules=("q_proj", "v_proj"))
     n_lora = L * (8 * h + h * 8 + 8 * h + kv * 8)
     assert matmul_params(pm) == (n_base, n_lora) == (73728, 3584)
     pm.unload()
@@ -284,6 +287,52 @@ def test_warm_start_from_a_saved_adapter(tiny, tmp_path):
     with pytest.raises(ValueError, match="r=8"):
         train_adapter((model, tok), ex, TrainConfig(r=4), tmp_path / "bad", init_adapter=tmp_path / "meta")
     assert not has_lora(model)
+
+
+def test_best_validation_epoch_is_the_saved_adapter(tiny, tmp_path):
+    """With val_examples every epoch is scored and the saved adapter is the epoch with the lowest val loss: on
+    validation examples whose labels contradict training, that is the first epoch, not the last."""
+    model, tok = tiny
+    ex = toy_examples(tok, 12)
+    flipped = [TrainExample(e.prompt, 1 - e.label_index if len(e.label_ids) == 2 else e.label_index, e.label_ids)
+               for e in ex[:12]]
+    cfg = TrainConfig(lr=1e-2, epochs=3, batch_size=8, seed=2)
+    res = train_adapter((model, tok), ex, cfg, tmp_path / "anti", val_examples=flipped)
+    assert res.epochs == 3 and len(res.val_losses) == 3 and res.eval_flops > 0
+    assert res.best_epoch == int(np.argmin(res.val_losses)) + 1 < 3  # learning the task hurts the flipped labels
+    assert_same_state(tmp_path / "anti", tmp_path / "anti" / "checkpoints" / f"epoch_{res.best_epoch}")
+    pm = PeftModel.from_pretrained(model, str(tmp_path / "anti"))
+    ce, _ = evaluate(pm, tok, flipped)
+    pm.unload()
+    np.testing.assert_allclose(ce.mean(), res.val_losses[res.best_epoch - 1], rtol=1e-5)
+    # the same examples as validation: the loss falls, the last epoch is kept
+    ok = train_adapter((model, tok), ex, cfg, tmp_path / "ok", val_examples=ex[:12])
+    assert ok.best_epoch == 3 and ok.val_losses[-1] < ok.val_losses[0]
+    # without val_examples: the last epoch, no val losses, the key (and so resumption) as before
+    plain = train_adapter((model, tok), ex, cfg, tmp_path / "plain")
+    assert plain.best_epoch == plain.epochs == 3 and plain.val_losses == [] and plain.eval_flops == 0
+
+
+def test_best_epoch_survives_a_resume(tiny, tmp_path):
+    model, tok = tiny
+    ex = toy_examples(tok, 12)
+    flipped = [TrainExample(e.prompt, 1 - e.label_index if len(e.label_ids) == 2 else e.label_index, e.label_ids)
+               for e in ex[:12]]
+    cfg = TrainConfig(lr=1e-2, epochs=3, batch_size=8, seed=2)
+    full = train_adapter((model, tok), ex, cfg, tmp_path / "full", val_examples=flipped)
+
+    def kill(step, m):
+        if step == 7:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_adapter((model, tok), ex, cfg, tmp_path / "run", val_examples=flipped, on_step=kill)
+    res = train_adapter((model, tok), ex, cfg, tmp_path / "run", val_examples=flipped)
+    assert res.resumed_from_epoch == 2 and res.best_epoch == full.best_epoch
+    np.testing.assert_allclose(res.val_losses, full.val_losses, atol=1e-6)
+    assert_same_state(tmp_path / "run", tmp_path / "full", atol=1e-6)
+    with pytest.raises(ValueError, match="another config"):  # other validation examples: another run
+        train_adapter((model, tok), ex, cfg, tmp_path / "run", val_examples=ex[:4], on_step=kill)
 
 
 def test_evaluate_is_batch_invariant_and_keeps_the_order(tiny):

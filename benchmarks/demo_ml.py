@@ -13,6 +13,7 @@ jobs compete for the cores) and wall seconds; ratios are new / old (< 1: the new
   way) vs grouped by length (length_window = 8): same epochs, lr, batch size; seconds, padded tokens, losses,
   and validation accuracy after training.
 - budgets: the features pass and scoring in fixed batches of 8 / 16 (the old settings) vs token budgets.
+- threads: the new per-dataset pass with 1 vs 2 torch threads (wall clock; meaningful on a quiet machine only).
 - dtype: the new per-dataset pass and a training run in float32 vs bfloat16 weights (fp32 LoRA).
 
     python benchmarks/demo_ml.py --data data/demo --datasets strategyqa,rotten_tomatoes,vitaminc
@@ -48,7 +49,7 @@ from grouplora.ml.training import TrainConfig, TrainExample, evaluate, train_ada
 
 # The demo's settings (orchestration/resources.py): BaseModelResource, GradientSettings, TrainingSettings.
 MAX_LENGTH, SCORE_BATCH, FEATURE_BATCH = 256, 16, 8
-PARTS = ("per_dataset", "training", "budgets", "dtype")
+PARTS = ("per_dataset", "training", "budgets", "dtype", "threads")
 TRAIN = dict(r=8, alpha=16, lr=1e-3, epochs=2, batch_size=8, max_length=160, warmup_ratio=0.1, seed=0)
 
 
@@ -144,10 +145,10 @@ def part_training(args, sets, models, ways=(("float32", 1), ("float32", 8)), old
                             "settings": TRAIN}
 
 
-def part_dtype(args, sets, models) -> dict:
+def part_dtype(args, per, models, sets) -> dict:
     rows = {}
-    name = next(iter(sets))
-    s = sets[name]
+    name = next(iter(per))
+    s = per[name]
     for r in range(args.rounds):
         for dt in (("float32", "bfloat16") if r % 2 == 0 else ("bfloat16", "float32")):
             model, tok = models[dt]
@@ -178,11 +179,11 @@ def part_budgets(args, sets, models) -> dict:
     with lora_on(model, r=8, alpha=16, seed=0) as pm:
         proj = Projection.for_model(pm, d=200, seed=0)
         for r in range(args.rounds):
-            for label, bs, budget in (ways if r % 2 == 0 else ways[::-1]):
-                for name, s in sets.items():
-                    lab = label_token_ids(tok, s["words"])
-                    fit = s["df"][s["df"]["split"].isin(["train", "validation"])]
-                    prompts, labels = fit["prompt"].tolist(), fit["label_id"].tolist()
+            for name, s in sets.items():  # every way on one dataset back to back: drifting load hits them alike
+                lab = label_token_ids(tok, s["words"])
+                fit = s["df"][s["df"]["split"].isin(["train", "validation"])]
+                prompts, labels = fit["prompt"].tolist(), fit["label_id"].tolist()
+                for label, bs, budget in (ways if r % 2 == 0 else ways[::-1]):
                     if label.startswith("features"):
                         fn = lambda: compute_features(pm, tok, prompts, labels, lab, proj, batch_size=bs,
                                                       max_tokens=budget, max_length=MAX_LENGTH)
@@ -191,10 +192,32 @@ def part_budgets(args, sets, models) -> dict:
                                                       max_length=MAX_LENGTH)
                     _, wall, cpu = clock(fn)
                     rows.setdefault(label, []).append({"round": r, "dataset": name, "wall_s": wall, "cpu_s": cpu})
-                print(f"  budgets {label}: cpu {sum(x['cpu_s'] for x in rows[label] if x['round'] == r):.1f}s",
-                      flush=True)
+                print(f"  budgets round {r} {name}: " + ", ".join(
+                    f"{k} {v[-1]['cpu_s']:.1f}" for k, v in rows.items()), flush=True)
     out = summary({k: v for k, v in rows.items() if k.startswith("features")}, old="features_b8")
     return out | summary({k: v for k, v in rows.items() if k.startswith("scoring")}, old="scoring_b16")
+
+
+def part_threads(args, per, models) -> dict:
+    """Wall time of the new per-dataset pass with 1 and 2 torch threads (on a quiet machine: is one process with
+    2 threads faster than 2 processes with 1 thread each would be? wall(1) / wall(2) < 2 says processes win)."""
+    model, tok = models["float32"]
+    rows: dict[str, list[dict]] = {}
+    old = torch.get_num_threads()
+    try:
+        for r in range(args.rounds):
+            for n in ((1, 2) if r % 2 == 0 else (2, 1)):
+                torch.set_num_threads(n)
+                for name, s in per.items():
+                    lab = label_token_ids(tok, s["words"])
+                    _, wall, cpu = clock(lambda: per_dataset_new(model, tok, s["df"], lab, args))
+                    rows.setdefault(f"threads_{n}", []).append({"round": r, "dataset": name, "wall_s": wall,
+                                                                "cpu_s": cpu})
+                print(f"  threads {n}: wall {sum(x['wall_s'] for x in rows[f'threads_{n}'] if x['round'] == r):.1f}s",
+                      flush=True)
+    finally:
+        torch.set_num_threads(old)
+    return summary(rows, old="threads_1")
 
 
 def summary(rows: dict[str, list[dict]], old: str = "old", new: str = "new") -> dict:
@@ -232,7 +255,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = args.parts.split(",")
-    names = list(dict.fromkeys(args.datasets.split(",") + args.train_datasets.split(",")))
+    training = "training" in parts or ("dtype" in parts and args.dtype_training)
+    names = list(dict.fromkeys(args.datasets.split(",") + (args.train_datasets.split(",") if training else [])))
     sets = load_sets(args.data, names)
     models = {"float32": load_base_model(args.model)}
     if "dtype" in parts:
@@ -244,25 +268,20 @@ def main() -> None:
            "clock": "cpu_s = process_time (CPU seconds of this process's threads), wall_s = perf_counter; "
                     "ratios new/old"}
     per = {n: s for n, s in sets.items() if n in args.datasets.split(",")}
-    if "per_dataset" in parts:
-        print("per_dataset", flush=True)
-        res["per_dataset"] = part_per_dataset(args, per, models)
-    if "training" in parts:
-        print("training", flush=True)
-        res["training"] = part_training(args, sets, models)
-    if "budgets" in parts:
-        print("budgets", flush=True)
-        res["budgets"] = part_budgets(args, per, models)
-    if "dtype" in parts:
-        print("dtype", flush=True)
-        res["dtype"] = part_dtype(args, per, models)
-    res["machine"]["load_after"] = os.getloadavg()
+    runs = {"per_dataset": lambda: part_per_dataset(args, per, models),
+            "training": lambda: part_training(args, sets, models),
+            "budgets": lambda: part_budgets(args, per, models),
+            "dtype": lambda: part_dtype(args, per, models, sets),
+            "threads": lambda: part_threads(args, per, models)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    # parts run separately accumulate in one file: a part's entry carries the command and machine it ran with
-    prev = json.loads(args.out.read_text()) if args.out.exists() else {}
-    meta = {k: v for k, v in res.items() if k not in PARTS}
-    merged = {k: v for k, v in prev.items() if k in PARTS} | {p: res[p] | {"run": meta} for p in PARTS if p in res}
-    args.out.write_text(json.dumps(merged, indent=2) + "\n")
+    for part in parts:
+        print(part, flush=True)
+        res[part] = runs[part]()
+        res["machine"]["load_after"] = os.getloadavg()
+        # written after every part; parts run separately accumulate in one file, each with the run it came from
+        prev = json.loads(args.out.read_text()) if args.out.exists() else {}
+        meta = {k: v for k, v in res.items() if k not in PARTS}
+        args.out.write_text(json.dumps(prev | {part: res[part] | {"run": meta}}, indent=2) + "\n")
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk.startswith("ratio")} for k, v in res.items()
                       if isinstance(v, dict) and any(kk.startswith("ratio") for kk in v)}, indent=2))
     print(f"-> {args.out}")

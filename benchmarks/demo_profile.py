@@ -9,6 +9,7 @@ turns (--rounds), so a drifting load on the shared machine hits both alike.
 
     python benchmarks/demo_profile.py --ref old=main --ref new=. --data data/demo
     python benchmarks/demo_profile.py --ref old=main --ref new=speed --data data/demo --cold
+    python benchmarks/demo_profile.py --ref old=main --ref new=. --run-args new='--dtype bfloat16' --data data/demo
     python benchmarks/demo_profile.py --ref old=main --ref new=. --data /tmp/tiny-data --model tiny   # a smoke run
 
 `.` is this checkout as it is (its own .venv). Writes benchmarks/results/demo_profile.json (--out): per version the
@@ -144,19 +145,25 @@ def run_version(label: str, ref: str, args, workdir: Path) -> dict:
     if ref == ".":
         res["uncommitted_changes"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                                          cwd=ROOT, capture_output=True, text=True).stdout.strip())
+    extra = shlex.split(args.run_args.get(label, ""))
+    res["run_args"] = extra
     if args.cold:  # everything a new user waits for: install, downloads, model conversion, the chain
         home = folder / "var"
         env |= {"GROUPLORA_CACHE": str(folder / ".cold-cache")}  # `make demo` builds and runs data/demo
-        wall = sh(["make", "demo"], folder, env, log)
+        if not extra:
+            wall = sh(["make", "demo"], folder, env, log)
+        else:  # `make demo` is `make install` + `grouplora demo`: the same, with this version's arguments
+            env |= {"DAGSTER_HOME": str(home / "dagster_home")}
+            wall = sh(["make", "install"], folder, env, log)
+            wall += sh([str(folder / ".venv" / "bin" / "grouplora"), "demo", *extra], folder, env, log)
     else:
-        if not (folder / ".venv" / ".installed").exists():
-            res["install_s"] = round(sh(["make", "install"], folder, env, log), 1)
+        res["install_s"] = round(sh(["make", "install"], folder, env, log), 1)  # a no-op when current
         home = workdir / f"{label}-home"
         if home.exists():
             shutil.rmtree(home)
         env |= {"GROUPLORA_HOME": str(home), "DAGSTER_HOME": str(home / "dagster_home")}
-        wall = sh([str(folder / ".venv" / "bin" / "grouplora"), "run", "--datasets", str(Path(args.data).resolve())],
-                  folder, env, log)
+        wall = sh([str(folder / ".venv" / "bin" / "grouplora"), "run", "--datasets", str(Path(args.data).resolve()),
+                   *extra], folder, env, log)
     res["load_after"] = load()
     dagster_home = home / "dagster_home"
     out = subprocess.run([str(folder / ".venv" / "bin" / "python"), str(Path(__file__).resolve()), "--collect",
@@ -173,6 +180,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="GROUPLORA_BASE_MODEL (tiny for a smoke run)")
     ap.add_argument("--cold", action="store_true", help="`make demo` in a fresh clone with an empty cache")
     ap.add_argument("--rounds", type=int, default=1, help="times each version runs, taking turns")
+    ap.add_argument("--run-args", action="append", default=[], metavar="LABEL=ARGS",
+                    help="extra arguments of one version's `grouplora run`/`demo`, e.g. new='--dtype bfloat16'")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/grouplora-demo-profile"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "demo_profile.json")
     ap.add_argument("--collect", type=Path, default=None, help=argparse.SUPPRESS)
@@ -181,6 +190,9 @@ def main() -> None:
         print(json.dumps(collect(args.collect)))
         return
     refs = dict(r.split("=", 1) for r in (args.ref or ["old=main", "new=."]))
+    args.run_args = dict(r.split("=", 1) for r in args.run_args)
+    if set(args.run_args) - set(refs):
+        raise SystemExit(f"--run-args for unknown versions {sorted(set(args.run_args) - set(refs))}")
     if args.cold:
         args.data = None  # `make demo` builds the demo pack from the (empty) cache itself
     elif args.data is None:

@@ -56,6 +56,9 @@ def lora_on(model: PreTrainedModel, adapter: str | Path | None = None, **lora: o
     """`model` with a fresh LoRA (add_lora(**lora)) or the saved `adapter` (trainable) for the block; then the
     LoRA layers are unloaded and every requires_grad flag and the train/eval mode restored, so a process-wide
     cached base comes back as it was without a deep copy of it (≈ 0.5 GB and seconds of CPU for SmolLM2)."""
+    if isinstance(model, PeftModel) or any(n.split(".")[-1] in ("lora_A", "lora_B") for n, _ in model.named_modules()):
+        raise ValueError("the base model already carries LoRA layers (a PeftModel, or adapters loaded for "
+                         "prediction: call ensemble.release(model) first)")
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
     pm = load_adapter(model, adapter) if adapter is not None else add_lora(model, **lora)

@@ -116,6 +116,18 @@ def length_batches(lengths: list[int], batch_size: int | None = None, *,
     return batches
 
 
+# Padded tokens per batch by device. CPU: benchmarks/demo_ml.py (budgets) found 512 as cheap as the old fixed
+# batches and 2048 10-20% dearer (bigger activations miss the caches); the forward + backward of 1024 tokens
+# holds ~1.2 GB of activations for SmolLM2. CUDA: a GPU needs big batches to be busy; 16384 tokens (~250 demo
+# prompts) until benchmarks/gradient_features.py --pipeline's H200 sweep says better.
+MAX_TOKENS = {"cpu": 512, "cuda": 16384}
+
+
+def default_max_tokens(device: str | torch.device) -> int:
+    """The token budget for batches on `device` (cpu, cuda, cuda:N)."""
+    return MAX_TOKENS.get(torch.device(device).type, MAX_TOKENS["cpu"])
+
+
 def shuffled_length_batches(lengths: list[int], batch_size: int, seed: int | list[int], *,
                             window: int = 8) -> list[list[int]]:
     """One training epoch's batches of `batch_size` examples with little padding and still random: a seeded

@@ -244,6 +244,9 @@ def test_lora_on_gives_the_features_of_a_copy_and_hands_the_base_back(tmp_path):
     np.testing.assert_allclose(again[1], want[1], rtol=1e-5, atol=1e-7)
     assert model_fingerprint(base) == fp and [p.requires_grad for p in base.parameters()] == flags
     assert not base.training and not any("lora_" in n for n, _ in base.named_modules())
+    with lora_on(base, r=8, alpha=16, seed=0) as pm, pytest.raises(ValueError, match="already carries LoRA"):
+        with lora_on(pm.get_base_model()):  # a base with LoRA layers in it is refused, not stacked
+            pass
 
 
 def test_bf16_base_keeps_fp32_lora_master_weights(tmp_path):

@@ -208,3 +208,10 @@ def test_smollm2_real_model():
     assert lp[0, 0] > np.log(0.8) and lp[1, 1] > np.log(0.8)
     f = log_odds(torch.from_numpy(lp), torch.tensor([0, 1]))
     assert (f > 1.0).all()
+
+
+def test_default_token_budget_by_device():
+    from grouplora.ml.scoring import MAX_TOKENS, default_max_tokens
+    assert default_max_tokens("cpu") == MAX_TOKENS["cpu"]
+    assert default_max_tokens("cuda:1") == default_max_tokens(torch.device("cuda")) == MAX_TOKENS["cuda"]
+    assert MAX_TOKENS["cuda"] > MAX_TOKENS["cpu"]

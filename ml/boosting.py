@@ -192,8 +192,10 @@ class BoostSettings:
     rounds: int = 3  # R: at most this many rounds per group (0: no boosting)
     eta: float = 0.5  # step size: F ← F + η h
     threshold: float = 0.2  # boost while the group's held-out mean cross-entropy stays above this
-    min_gain: float = 0.0  # keep a round only if held-out loss drops by more than this
+    min_gain: float = 1e-3  # keep a round only if held-out mean CE drops by more than this (not by noise)
     line_search: bool = True  # ρ_r = argmin of the train loss of F + ρ h_r (else ρ_r = 1)
+    linear_tol: float = 0.3  # ridge: shrink w (×1/4) until the real Δf on train is within this of Gw
+    max_shrinks: int = 6
     ridge_lam: float = 0.1  # ridge: λ relative to the mean eigenvalue of GᵀG (trace(GᵀG)/d)
     train_epochs: int = 1  # trained: epochs of each round's adapter
     train_max_steps: int | None = None  # trained: cap on its optimizer steps (FLOPs budget)
@@ -219,6 +221,7 @@ class BoostRound:
     seconds: float = 0.0
     w_norm: float = float("nan")  # ridge: ‖w‖
     rho: float = 1.0  # the round's line-search multiplier (on train): it is added as η ρ h
+    linearity_error: float = float("nan")  # ridge: ‖real Δf − Gw‖ / ‖Gw‖ on train at the kept step
 
 
 @dataclass
@@ -355,7 +358,8 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
         t0 = time.perf_counter()
         rdir = out_dir / f"round_{k}"
         flops = steps = 0
-        w_norm = float("nan")
+        w_norm = lin_err = float("nan")
+        scale, h_tr = 1.0, None
         if settings.mode == "ridge":
             names = list(train)
             margins = np.concatenate([gold_margins(F_tr[n], y_tr[n]) for n in names])
@@ -363,8 +367,20 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
             if G.shape[0] != margins.shape[0]:
                 raise ValueError(f"group {group}: {G.shape[0]} feature rows for {margins.shape[0]} train examples")
             w = _relative_ridge(G, negative_gradient(margins), settings.ridge_lam)
-            w_norm = float(np.linalg.norm(w))
-            boost_adapter_from_w(ridge.theta0_dir, ridge.projection, w, rdir, r=ridge.r)
+            # θ0 + Pw leaves the linear regime fast: P's columns are random directions, so ‖Pw‖ is ~√(D/d)
+            # times the step that would move f by Gw. Shrink w until the real change of the gold log-odds at θ0
+            # on these examples matches Gw (a trust region for the linearization); ρ then scales the function.
+            f_ref = np.concatenate([gold_margins(ref_tr[n], y_tr[n]) for n in names])
+            for _ in range(settings.max_shrinks + 1):
+                boost_adapter_from_w(ridge.theta0_dir, ridge.projection, w * scale, rdir, r=ridge.r)
+                h_tr = _minus(logprobs_by_dataset(model, tokenizer, rdir, train, **kw), ref_tr)
+                real = np.concatenate([gold_margins(ref_tr[n] + h_tr[n], y_tr[n]) for n in names]) - f_ref
+                pred = G.astype(np.float64) @ (w * scale)
+                lin_err = float(np.linalg.norm(real - pred) / max(np.linalg.norm(pred), 1e-12))
+                if lin_err <= settings.linear_tol:
+                    break
+                scale *= 0.25
+            w_norm = float(np.linalg.norm(w * scale))
         else:
             from grouplora.ml.training import TrainConfig, train_adapter
             cfg = TrainConfig(**{**config.__dict__, "epochs": settings.train_epochs,
@@ -379,15 +395,16 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
                                val_examples=vex or None, val_logit_offsets=voff if vex else None,
                                eval_batch_size=batch_size)
             flops, steps = tr.flops, tr.steps
-        h_tr = _minus(logprobs_by_dataset(model, tokenizer, rdir, train, **kw), ref_tr)
+        if h_tr is None:
+            h_tr = _minus(logprobs_by_dataset(model, tokenizer, rdir, train, **kw), ref_tr)
         h_sel = _minus(logprobs_by_dataset(model, tokenizer, rdir, select, **kw), ref_sel)
-        rho = line_search(F_tr, h_tr, y_tr) if settings.line_search else 1.0
+        rho = line_search(F_tr, h_tr, y_tr, max_rho=20.0 / scale) if settings.line_search else 1.0
         step = settings.eta * rho
         new_sel = {n: F_sel[n] + step * h_sel[n] for n in F_sel}
         loss_after, acc_after = pooled_loss(new_sel, y_sel)
         kept = keep_round(loss, loss_after, settings.min_gain)
         res.rounds.append(BoostRound(k, str(rdir), kept, loss, loss_after, acc, acc_after, flops, steps,
-                                     time.perf_counter() - t0, w_norm, rho))
+                                     time.perf_counter() - t0, w_norm, rho, lin_err))
         log(f"boost {group} round {k} ({settings.mode}, ρ {rho:.3g}): held-out loss {loss:.4f} -> {loss_after:.4f} "
             f"({'kept' if kept else 'rejected'})")
         if not kept:

@@ -280,7 +280,7 @@ class Chain:
             rounds = h[n]
             y = {"weights": np.array([e.label_index for e in self.s.weights[n]]),
                  "test": np.array([e.label_index for e in self.s.test[n]])}
-            out = score_dataset(zg[n], rounds, a.eta, y,
+            out = score_dataset(zg[n], rounds, boosts[gname].step_sizes, y,
                                 all_adapter={sp: z_all[sp][n] for sp in ("weights", "test")}, include_all=True)
             out["accuracy"]["zero_shot"] = float((z_base["test"][n].argmax(-1) == y["test"]).mean())
             rows.append({"dataset": n, "group": gname, "n_rounds": len(rounds), **out})

@@ -275,7 +275,7 @@ def stage_methods(r: Runner, seed: int, groups: list[list[str]], meta: Path, fea
                 round_logits(r.model, r.tok, boosts[i], {n: examples_of([ds], "test")},
                              batch_size=a.eval_batch_size, max_length=a.max_length))]
             y = {"weights": ds.weights["label_id"].to_numpy(), "test": ds.test["label_id"].to_numpy()}
-            out = score_dataset(zg[n], h, a.eta, y, all_adapter=za[n], include_all=True)
+            out = score_dataset(zg[n], h, boosts[i].step_sizes, y, all_adapter=za[n], include_all=True)
             rows.append({"dataset": n, "group": i, **out["accuracy"], "weights": out["weights"],
                          "fallback": out["fallback"], "weights_with_all": out["weights_with_all"],
                          "rounds_kept": len(h), "weights_fold_accuracy": out["weights_fold_accuracy"],

@@ -3,7 +3,11 @@
 Gradient boosting on the label logits of a group. The group adapter gives logits z_g(x); round r adds a weak
 learner h_r fitted to the residual of the current prediction, with a step size η:
 
-    F_0 = z_g,    F_r = F_{r-1} + η h_r,    up to R rounds (`boost_group`).
+    F_0 = z_g,    F_r = F_{r-1} + η ρ_r h_r,    up to R rounds (`boost_group`),
+
+with ρ_r the line search of gradient boosting (Friedman): the multiplier of h_r that minimizes the group's TRAINING
+loss (a weak learner's raw scale is arbitrary, e.g. a ridge fit extrapolated through the real model), and η the
+shrinkage. BoostResult.step_sizes are the η ρ_r of the kept rounds.
 
 A round is tried only while the group's loss on held-out examples (the selection fold of validation) stays above
 a threshold, and kept only if that loss drops (keep_round); the first rejected round ends the group's boosting
@@ -188,7 +192,10 @@ class BoostSettings:
     rounds: int = 3  # R: at most this many rounds per group (0: no boosting)
     eta: float = 0.5  # step size: F ← F + η h
     threshold: float = 0.2  # boost while the group's held-out mean cross-entropy stays above this
-    min_gain: float = 0.0  # keep a round only if held-out loss drops by more than this
+    min_gain: float = 1e-3  # keep a round only if held-out mean CE drops by more than this (not by noise)
+    line_search: bool = True  # ρ_r = argmin of the train loss of F + ρ h_r (else ρ_r = 1)
+    linear_tol: float = 0.3  # ridge: shrink w (×1/4) until the real Δf on train is within this of Gw
+    max_shrinks: int = 6
     ridge_lam: float = 0.1  # ridge: λ relative to the mean eigenvalue of GᵀG (trace(GᵀG)/d)
     train_epochs: int = 1  # trained: epochs of each round's adapter
     train_max_steps: int | None = None  # trained: cap on its optimizer steps (FLOPs budget)
@@ -213,6 +220,8 @@ class BoostRound:
     steps: int = 0
     seconds: float = 0.0
     w_norm: float = float("nan")  # ridge: ‖w‖
+    rho: float = 1.0  # the round's line-search multiplier (on train): it is added as η ρ h
+    linearity_error: float = float("nan")  # ridge: ‖real Δf − Gw‖ / ‖Gw‖ on train at the kept step
 
 
 @dataclass
@@ -230,6 +239,11 @@ class BoostResult:
     @property
     def kept(self) -> list[BoostRound]:
         return [r for r in self.rounds if r.kept]
+
+    @property
+    def step_sizes(self) -> list[float]:
+        """η ρ_r of each kept round: F = z_g + Σ_r step_r h_r."""
+        return [self.eta * r.rho for r in self.kept]
 
     @property
     def flops(self) -> int:
@@ -344,7 +358,8 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
         t0 = time.perf_counter()
         rdir = out_dir / f"round_{k}"
         flops = steps = 0
-        w_norm = float("nan")
+        w_norm = lin_err = float("nan")
+        scale, h_tr = 1.0, None
         if settings.mode == "ridge":
             names = list(train)
             margins = np.concatenate([gold_margins(F_tr[n], y_tr[n]) for n in names])
@@ -352,8 +367,20 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
             if G.shape[0] != margins.shape[0]:
                 raise ValueError(f"group {group}: {G.shape[0]} feature rows for {margins.shape[0]} train examples")
             w = _relative_ridge(G, negative_gradient(margins), settings.ridge_lam)
-            w_norm = float(np.linalg.norm(w))
-            boost_adapter_from_w(ridge.theta0_dir, ridge.projection, w, rdir, r=ridge.r)
+            # θ0 + Pw leaves the linear regime fast: P's columns are random directions, so ‖Pw‖ is ~√(D/d)
+            # times the step that would move f by Gw. Shrink w until the real change of the gold log-odds at θ0
+            # on these examples matches Gw (a trust region for the linearization); ρ then scales the function.
+            f_ref = np.concatenate([gold_margins(ref_tr[n], y_tr[n]) for n in names])
+            for _ in range(settings.max_shrinks + 1):
+                boost_adapter_from_w(ridge.theta0_dir, ridge.projection, w * scale, rdir, r=ridge.r)
+                h_tr = _minus(logprobs_by_dataset(model, tokenizer, rdir, train, **kw), ref_tr)
+                real = np.concatenate([gold_margins(ref_tr[n] + h_tr[n], y_tr[n]) for n in names]) - f_ref
+                pred = G.astype(np.float64) @ (w * scale)
+                lin_err = float(np.linalg.norm(real - pred) / max(np.linalg.norm(pred), 1e-12))
+                if lin_err <= settings.linear_tol:
+                    break
+                scale *= 0.25
+            w_norm = float(np.linalg.norm(w * scale))
         else:
             from grouplora.ml.training import TrainConfig, train_adapter
             cfg = TrainConfig(**{**config.__dict__, "epochs": settings.train_epochs,
@@ -368,20 +395,23 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
                                val_examples=vex or None, val_logit_offsets=voff if vex else None,
                                eval_batch_size=batch_size)
             flops, steps = tr.flops, tr.steps
-        h_tr = _minus(logprobs_by_dataset(model, tokenizer, rdir, train, **kw), ref_tr)
+        if h_tr is None:
+            h_tr = _minus(logprobs_by_dataset(model, tokenizer, rdir, train, **kw), ref_tr)
         h_sel = _minus(logprobs_by_dataset(model, tokenizer, rdir, select, **kw), ref_sel)
-        new_sel = {n: F_sel[n] + settings.eta * h_sel[n] for n in F_sel}
+        rho = line_search(F_tr, h_tr, y_tr, max_rho=20.0 / scale) if settings.line_search else 1.0
+        step = settings.eta * rho
+        new_sel = {n: F_sel[n] + step * h_sel[n] for n in F_sel}
         loss_after, acc_after = pooled_loss(new_sel, y_sel)
         kept = keep_round(loss, loss_after, settings.min_gain)
         res.rounds.append(BoostRound(k, str(rdir), kept, loss, loss_after, acc, acc_after, flops, steps,
-                                     time.perf_counter() - t0, w_norm))
-        log(f"boost {group} round {k} ({settings.mode}): held-out loss {loss:.4f} -> {loss_after:.4f} "
+                                     time.perf_counter() - t0, w_norm, rho, lin_err))
+        log(f"boost {group} round {k} ({settings.mode}, ρ {rho:.3g}): held-out loss {loss:.4f} -> {loss_after:.4f} "
             f"({'kept' if kept else 'rejected'})")
         if not kept:
             res.stop = "round rejected: held-out loss did not drop"
             break
         F_sel = new_sel
-        F_tr = {n: F_tr[n] + settings.eta * h_tr[n] for n in F_tr}
+        F_tr = {n: F_tr[n] + step * h_tr[n] for n in F_tr}
         loss, acc = loss_after, acc_after
     else:
         res.stop = f"{settings.rounds} rounds"
@@ -400,11 +430,33 @@ def round_logits(model, tokenizer, result: BoostResult, examples: Mapping[str, S
             for r in result.kept]
 
 
-def boosted_logits(group_logits: np.ndarray, rounds: Sequence[np.ndarray], eta: float) -> np.ndarray:
-    """F = z_g + η Σ_r h_r."""
+def line_search(F: Mapping[str, np.ndarray], h: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
+                max_rho: float = 20.0) -> float:
+    """ρ ∈ [0, max_rho] minimizing the pooled cross-entropy of F + ρ h (convex in ρ): gradient boosting's line
+    search, on the data the learner was fit to."""
+    from scipy.optimize import minimize_scalar
+
+    res = minimize_scalar(lambda r: pooled_loss({n: F[n] + r * h[n] for n in F}, labels)[0], bounds=(0.0, max_rho),
+                          method="bounded", options={"xatol": 1e-4})
+    return float(res.x)
+
+
+def step_list(steps: float | Sequence[float], n: int) -> list[float]:
+    """A step size per round: one η for all, or one each (BoostResult.step_sizes)."""
+    if isinstance(steps, (int, float, np.floating)):
+        return [float(steps)] * n
+    steps = [float(x) for x in steps]
+    if len(steps) != n:
+        raise ValueError(f"{len(steps)} step sizes for {n} rounds")
+    return steps
+
+
+def boosted_logits(group_logits: np.ndarray, rounds: Sequence[np.ndarray], steps: float | Sequence[float]
+                   ) -> np.ndarray:
+    """F = z_g + Σ_r step_r h_r (steps: η for every round, or BoostResult.step_sizes)."""
     out = np.asarray(group_logits, dtype=np.float64).copy()
-    for h in rounds:
-        out += eta * np.asarray(h, dtype=np.float64)
+    for h, st in zip(rounds, step_list(steps, len(rounds))):
+        out += st * np.asarray(h, dtype=np.float64)
     return out
 
 

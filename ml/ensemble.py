@@ -27,7 +27,7 @@ from scipy.optimize import minimize
 from scipy.special import log_softmax
 
 from grouplora.ml.atomic import write_json
-from grouplora.ml.boosting import boosted_logits, keep_round
+from grouplora.ml.boosting import boosted_logits, keep_round, step_list
 from grouplora.ml.model import label_token_ids, model_fingerprint
 from grouplora.ml.scoring import predict_logprobs
 
@@ -93,16 +93,18 @@ def fit_dataset_weights(logits_kNC: np.ndarray, labels: np.ndarray, *, init: np.
     return alpha, False
 
 
-def score_dataset(group: Mapping[str, np.ndarray], rounds: Sequence[Mapping[str, np.ndarray]], eta: float,
+def score_dataset(group: Mapping[str, np.ndarray], rounds: Sequence[Mapping[str, np.ndarray]],
+                  eta: float | Sequence[float],
                   labels: Mapping[str, np.ndarray], *, all_adapter: Mapping[str, np.ndarray] | None = None,
                   include_all: bool = False, l2: float = 1e-3) -> dict[str, Any]:
     """One dataset's methods, from label logits on two splits, "weights" (the weights fold) and "test":
     group = its group adapter's; rounds = its group's kept boosting rounds (h_r); all_adapter = the
-    all-datasets adapter's (the baseline; a candidate only with include_all).
+    all-datasets adapter's (the baseline; a candidate only with include_all); eta = the rounds' step sizes (one η,
+    or BoostResult.step_sizes = η ρ_r per round).
 
     Returns {"accuracy": test accuracy per method, "weights_fold_accuracy": the same on the weights fold,
     "weights": α over [group, rounds...], "fallback": bool, and with include_all "weights_with_all",
-    "fallback_with_all"}. Methods: grouped (z_g), grouped_boosted (z_g + η Σ h_r), ensemble (α fit on the weights
+    "fallback_with_all"}. Methods: grouped (z_g), grouped_boosted (z_g + Σ η ρ_r h_r), ensemble (α fit on the weights
     fold), one_adapter_all and ensemble_with_all when all_adapter is given."""
     def acc(z: np.ndarray, y: np.ndarray) -> float:
         return float((np.asarray(z).argmax(-1) == y).mean()) if len(y) else float("nan")
@@ -111,7 +113,7 @@ def score_dataset(group: Mapping[str, np.ndarray], rounds: Sequence[Mapping[str,
         raise ValueError("include_all needs the all-datasets adapter's logits")
     out: dict[str, Any] = {"accuracy": {}, "weights_fold_accuracy": {}}
     cands = {sp: np.stack([group[sp], *[h[sp] for h in rounds]]) for sp in ("weights", "test")}
-    init = np.array([1.0] + [eta] * len(rounds))
+    init = np.array([1.0] + step_list(eta, len(rounds)))  # start from the boosted combination
     alpha, fell_back = fit_dataset_weights(cands["weights"], labels["weights"], init=init, l2=l2)
     out.update(weights=alpha.tolist(), fallback=fell_back)
     for sp, key in (("test", "accuracy"), ("weights", "weights_fold_accuracy")):

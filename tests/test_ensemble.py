@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from scipy.special import log_softmax, softmax
 
 from grouplora.ml.boosting import (BoostResult, BoostSettings, RidgeBase, boost_adapter_from_w, boost_group,
-                                   gold_margins, keep_round, logprobs_by_dataset, loss_weights, negative_gradient,
+                                   boosted_logits, gold_margins, keep_round, line_search, logprobs_by_dataset,
+                                   loss_weights, negative_gradient,
                                    pooled_loss, ridge_boost, round_logits, train_boost_adapter)
 from grouplora.ml.ensemble import (AdapterSpec, DatasetSpec, Ensemble, combine, ensemble_loss, fit_all,
                                    fit_dataset_weights, fit_weights, loaded_model, predict, release, score_dataset,
@@ -322,6 +323,19 @@ def test_score_dataset_methods_and_the_all_adapter_option():
         score_dataset(group, rounds, 0.5, labels, include_all=True)
 
 
+def test_line_search_finds_the_loss_minimizing_multiplier():
+    rng = np.random.default_rng(2)
+    y = {"a": rng.integers(0, 2, 200)}
+    F = {"a": np.zeros((200, 2))}
+    h = {"a": 0.1 * (np.eye(2)[y["a"]] - 0.5) + 0.05 * rng.normal(size=(200, 2))}  # right direction, far too small
+    rho = line_search(F, h, y)
+    grid = np.linspace(0, 20, 2001)
+    best = grid[np.argmin([pooled_loss({"a": F["a"] + r * h["a"]}, y)[0] for r in grid])]
+    assert rho > 1 and abs(rho - best) < 0.02
+    assert line_search(F, {"a": -h["a"]}, y) < 1e-3  # a learner that only hurts gets ρ = 0
+    assert boosted_logits(np.zeros((1, 2)), [np.ones((1, 2)), np.ones((1, 2))], [0.5, 2.0]).tolist() == [[2.5, 2.5]]
+
+
 def test_gold_margins_and_pooled_loss():
     z = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
     y = np.array([0, 2])
@@ -378,12 +392,15 @@ def test_boosting_rounds_are_judged_on_the_selection_fold_only(tiny, tmp_path):
     for k, r in enumerate(res.rounds):
         assert r.loss_before == pytest.approx(pooled_loss(F, y_sel)[0], abs=1e-6)
         if r.kept:
-            F = {n: F[n] + 0.5 * hs[k][n] for n in F}
+            F = {n: F[n] + 0.5 * r.rho * hs[k][n] for n in F}  # η ρ_r h_r
             assert r.loss_after == pytest.approx(pooled_loss(F, y_sel)[0], abs=1e-5)
             assert r.loss_after < r.loss_before
         else:
             assert r is res.rounds[-1] and r.loss_after >= r.loss_before  # the first rejection ends it
-    assert len(res.rounds) <= 3
+    assert len(res.rounds) <= 3 and res.step_sizes == [0.5 * r.rho for r in res.kept]
+    assert all(r.rho >= 0 for r in res.rounds)
+    # each ridge round's step was shrunk into the linear regime: its real Δf on train is within tolerance of Gw
+    assert all(r.linearity_error <= st.linear_tol for r in res.rounds)
     # a threshold above the group's held-out loss: no round at all
     high = boost_group(model, tok, "g", tmp_path / "group", train, select,
                        BoostSettings(threshold=10.0), tmp_path / "boost2", ridge=ridge, log=lambda *_: None)

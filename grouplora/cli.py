@@ -410,8 +410,9 @@ def progress_for(bar):
 
 def _print_ensemble(store) -> None:
     table = store.ensemble_results().set_index("dataset")
-    cols = ["zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble"]
-    table = table[cols]
+    cols = ["zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble", "ensemble_merged",
+            "ensemble_with_all"]
+    table = table[[c for c in cols if c in table.columns]]  # a results file of an earlier version has fewer
     table.loc["MEAN"] = table.mean()
     click.echo("\nTest accuracy (demo scale: a few dozen test examples per dataset):")
     click.echo(table.round(3).to_markdown())

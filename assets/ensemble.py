@@ -98,7 +98,7 @@ def score_datasets(store: ArtifactStore, base_model: BaseModelResource, spec: di
                                 b.step_sizes, y, all_adapter={sp: z[sp][-1] for sp in z}, include_all=True)
             served = names if include_all else names[:-1]
             alpha = out["weights_with_all"] if include_all else out["weights"]
-            weights[n] = {k: float(a) for k, a in zip(served, alpha)}
+            weights[n] = {k: float(a) for k, a in zip(served, alpha) if a > 0}  # missing = 0 (Ensemble)
             merged = merged_logprobs(ens, model, tokenizer, n, split["test"]["prompt"].tolist(), weights=weights[n], **kw)
             zs = store.zero_shot(n)
             zs_val = zs[zs["split"] == "validation"]

@@ -367,7 +367,8 @@ def _run_suite_onwards(resources, instance, versions: dict[str, str], executor: 
     if freshness.suite_is_current(instance, versions, _stored_partition(store), PER_DATASET_ASSETS, config):
         click.echo("== suite-wide assets: current")
     else:
-        click.echo("== suite-wide assets: approximation error, subset estimates, affinity tables, partition")
+        click.echo("== suite-wide assets: approximation error, λ calibration, subset estimates, affinity tables, "
+                   "partition")
         run.run_suite(executor)
     _print_results(resources["warehouse"])
 

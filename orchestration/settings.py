@@ -117,7 +117,9 @@ class EstimationSettings(dg.ConfigurableResource):
     lam: float | None = None  # None: calibrated in the pipeline (lam_calibration); a number pins λ (no fine-tunes)
     calibration_subsets: int = 2  # subsets really fine-tuned to choose λ
     calibration_size: int = 2  # datasets per calibration subset
-    calibration_max_steps: int = 0  # cap on each calibration fine-tune's optimizer steps; 0 = the training recipe
+    # cap on each calibration fine-tune's optimizer steps (its schedule is fitted to the cap): 12 = one epoch of a
+    # demo-sized pair (2 × 48 examples, batch 8), keeping the CPU demo fast; 0 = the adapters' full recipe
+    calibration_max_steps: int = 12
     verify_subsets: int = 3  # subsets re-scored in 'forward' mode (the real model at θ0 + Pw) for comparison
 
     @pydantic.model_validator(mode="after")

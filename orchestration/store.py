@@ -113,7 +113,7 @@ class ArtifactStore(dg.ConfigurableResource):
         """One dataset's rows; only those of `split` (one or several, index reset) when given. A split may be a
         validation fold, FOLD_SELECT or FOLD_WEIGHTS (ml.folds)."""
         if isinstance(split, str) and split in FOLDS:
-            df = self.rows(name, "validation", None if columns is None else [*columns, "label_id"])
+            df = self.rows(name, "validation", None if columns is None else list(dict.fromkeys([*columns, "label_id"])))
             fold = df[weights_fold_mask(df["label_id"].to_numpy()) == (split == FOLD_WEIGHTS)]
             return fold.reset_index(drop=True)[columns if columns is not None else fold.columns]
         cols = None if columns is None else list(dict.fromkeys([*columns, *(["split"] if split else [])]))

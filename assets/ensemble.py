@@ -94,12 +94,14 @@ def score_datasets(store: ArtifactStore, base_model: BaseModelResource, spec: di
             y = {sp: df["label_id"].to_numpy() for sp, df in split.items()}
             z = {sp: adapter_logprobs(ens, model, tokenizer, n, df["prompt"].tolist(), names, **kw)
                  for sp, df in split.items()}
-            out = score_dataset({sp: z[sp][0] for sp in z}, [{sp: z[sp][1 + i] for sp in z} for i in range(len(rounds))],
-                                b.step_sizes, y, all_adapter={sp: z[sp][-1] for sp in z}, include_all=True)
+            h = [{sp: z[sp][1 + i] for sp in z} for i in range(len(rounds))]
+            out = score_dataset({sp: z[sp][0] for sp in z}, h, b.step_sizes, y, all_adapter={sp: z[sp][-1] for sp in z},
+                                include_all=True)
             served = names if include_all else names[:-1]
             alpha = out["weights_with_all"] if include_all else out["weights"]
             weights[n] = {k: float(a) for k, a in zip(served, alpha) if a > 0}  # missing = 0 (Ensemble)
-            merged = merged_logprobs(ens, model, tokenizer, n, split["test"]["prompt"].tolist(), weights=weights[n], **kw)
+            merged = merged_logprobs(ens, model, tokenizer, n, split["test"]["prompt"].tolist(), weights=weights[n],
+                                     **kw)
             zs = store.zero_shot(n)
             zs_val = zs[zs["split"] == "validation"]
             zs_w = np.stack(zs_val["logprobs"].to_numpy())[weights_fold_mask(zs_val["label_id"].to_numpy())]

@@ -116,7 +116,8 @@ def target_selection(context: dg.AssetExecutionContext, store: ArtifactStore, wa
     parquet, record = store.write_selection(target, table, {
         "target": target, "datasets": names, "chosen": selection.chosen,
         "methods": methods.to_dict(orient="records"), "forward_path": selection.forward_path.to_dict(orient="records"),
-        "settings": selection.settings, "lam": lam, "lam_source": calibration["source"], "meta_init_fingerprint": meta["fingerprint"],
+        "settings": selection.settings, "lam": lam, "lam_source": calibration["source"],
+        "meta_init_fingerprint": meta["fingerprint"],
         "projection_checksum": feature_settings["projection_checksum"]})
     warehouse.register_parquet("target_selection", store.parquet_glob("selection"))
     png = selection_chart(selection, store.png_path("selection", target))
@@ -142,6 +143,7 @@ def target_selection(context: dg.AssetExecutionContext, store: ArtifactStore, wa
         "scores": dg.MetadataValue.md(table.drop(columns=["target"]).round(4).to_markdown(index=False)),
         "forward_path": dg.MetadataValue.md(selection.forward_path.round(4).to_markdown(index=False)),
         "chart": png_markdown(png), "chart_path": dg.MetadataValue.path(str(png)),
-        "lam": lam, "lam_source": calibration["source"], "hidden_states_computed": computed, "seconds": round(seconds, 3), "hidden_seconds": round(hidden_seconds, 2),
+        "lam": lam, "lam_source": calibration["source"], "hidden_states_computed": computed,
+        "seconds": round(seconds, 3), "hidden_seconds": round(hidden_seconds, 2),
         "meta_init_fingerprint": meta["fingerprint"], "path": dg.MetadataValue.path(str(parquet)),
         "mlflow_run_id": run.info.run_id})

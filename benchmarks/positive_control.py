@@ -208,7 +208,8 @@ class Chain:
                                             self.path("calibration", f"s{seed}"), theta0=a.theta0,
                                             init_adapter=self.theta0(seed), n_subsets=a.n_calibration,
                                             size=a.subset_size, seed=1000 + seed, grid=a.lam_grid, pinned_lam=a.lam,
-                                            eval_batch_size=a.eval_batch_size, log=lambda m: print(f"  {m}", flush=True))
+                                            eval_batch_size=a.eval_batch_size,
+                                            log=lambda m: print(f"  {m}", flush=True))
         print(f"  λ = {cal.lam:g} ({cal.source}); at λ: {cal.at_lam()}", flush=True)
         runs = {k: {x: v for x, v in r.items() if x != "true"} for k, r in runs.items()}
         return {"calibration": cal.to_dict(), "runs": runs, "flops": sum(r["flops"] for r in runs.values()),

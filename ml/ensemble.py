@@ -104,8 +104,8 @@ def score_dataset(group: Mapping[str, np.ndarray], rounds: Sequence[Mapping[str,
 
     Returns {"accuracy": test accuracy per method, "weights_fold_accuracy": the same on the weights fold,
     "weights": α over [group, rounds...], "fallback": bool, and with include_all "weights_with_all",
-    "fallback_with_all"}. Methods: grouped (z_g), grouped_boosted (z_g + Σ η ρ_r h_r), ensemble (α fit on the weights
-    fold), one_adapter_all and ensemble_with_all when all_adapter is given."""
+    "fallback_with_all"}. Methods: grouped (z_g), grouped_boosted (z_g + Σ η ρ_r h_r), ensemble (α fit on the
+    weights fold), one_adapter_all and ensemble_with_all when all_adapter is given."""
     def acc(z: np.ndarray, y: np.ndarray) -> float:
         return float((np.asarray(z).argmax(-1) == y).mean()) if len(y) else float("nan")
 
@@ -146,8 +146,8 @@ def method_costs(groups: Sequence[Mapping[str, Any]], boosts: Sequence[Any], all
                "peak_memory_bytes": peak(groups)}
     b_flops, b_steps = int(sum(b.flops for b in boosts)), int(sum(b.steps for b in boosts))
     kept = int(sum(len(b.kept) for b in boosts))
-    all_ = {"flops": int(all_run["flops"]), "steps": int(all_run["steps"]), "eval_flops": int(all_run.get("eval_flops", 0)),
-            "adapters": 1, "peak_memory_bytes": peak([all_run])}
+    all_ = {"flops": int(all_run["flops"]), "steps": int(all_run["steps"]),
+            "eval_flops": int(all_run.get("eval_flops", 0)), "adapters": 1, "peak_memory_bytes": peak([all_run])}
     ens = {**grouped, "flops": grouped["flops"] + b_flops, "steps": grouped["steps"] + b_steps,
            "adapters": grouped["adapters"] + kept, "boost_flops": b_flops, "boost_steps": b_steps, "rounds_kept": kept}
     with_all = {**ens, "flops": ens["flops"] + all_["flops"], "steps": ens["steps"] + all_["steps"],

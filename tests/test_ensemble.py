@@ -472,7 +472,8 @@ def test_merged_ensemble_with_rounds_matches_it_to_first_order(tiny, tmp_path):
     words = [" positive", " negative"]
     alpha = {"g": 1.2, "r": 0.9}
     ens = Ensemble(base_model="tiny", base_fingerprint="",
-                   adapters=[AdapterSpec("g", str(g)), AdapterSpec("r", str(r), reference="t"), AdapterSpec("t", str(t))],
+                   adapters=[AdapterSpec("g", str(g)), AdapterSpec("r", str(r), reference="t"),
+                             AdapterSpec("t", str(t))],
                    weights={"senti": alpha}, datasets={"senti": DatasetSpec(words)})
     mw, temp = merge_weights(ens, alpha)
     assert temp == pytest.approx(1.2) and mw == pytest.approx({"g": 1.0, "r": 0.75, "t": -0.75})

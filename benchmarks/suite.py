@@ -52,7 +52,8 @@ from estimation_fidelity import (ROOT, Data, _jsonable, change_spearman, data_fo
 
 from grouplora.ml.approx import SCALES, approximation_errors  # noqa: E402
 from grouplora.ml.boosting import BoostResult, BoostSettings, RidgeBase, boost_group, round_logits  # noqa: E402
-from grouplora.ml.calibration import LAM_GRID, calibrate, calibration_subsets, choose_lam, error_table  # noqa: E402
+from grouplora.ml.calibration import (LAM_GRID, calibrate_by_finetuning, calibration_subsets, choose_lam,  # noqa: E402
+                                      error_table)
 from grouplora.ml.ensemble import score_dataset  # noqa: E402
 from grouplora.ml.estimation import FeatureSet, Split  # noqa: E402
 from grouplora.ml.lora import add_lora, load_adapter  # noqa: E402
@@ -175,14 +176,12 @@ def load_features(work: Work) -> FeatureSet:
 def stage_calibration(r: Runner, feats: FeatureSet, meta: Path) -> dict:
     """λ against real fine-tunes from θ* of a few random subsets (ml.calibration), or --lam when pinned."""
     a = r.args
-    subsets = calibration_subsets(list(feats.names), a.n_calibration, size=3, seed=1)
-    runs = {}
-    for i, s in enumerate(subsets):
-        runs[s.id] = finetune(r.model, r.tok, r.by_name, s, r.config(0), a, r.work.path("fidelity_adapters"),
-                              init_adapter=meta)
-        print(f"  [{i + 1}/{len(subsets)}] calibration {','.join(s.members)} {runs[s.id]['train_s']:.1f} s", flush=True)
-    cal = calibrate(feats, subsets, {k: v["true"] for k, v in runs.items()}, theta0="meta_init", grid=a.lam_grid,
-                    pinned_lam=a.lam)
+    # truth on the selection fold: the rows the features' validation side was taken on (val_split="select")
+    cal, runs = calibrate_by_finetuning(r.model, r.tok, feats, by_dataset(r.data, "train"),
+                                        by_dataset(r.data, "select"), r.config(0), r.work.path("fidelity_adapters"),
+                                        theta0="meta_init", init_adapter=meta, n_subsets=a.n_calibration, size=3,
+                                        seed=1, grid=a.lam_grid, pinned_lam=a.lam, eval_batch_size=a.eval_batch_size,
+                                        log=lambda m: print(f"  {m}", flush=True))
     print(f"  λ = {cal.lam:g} ({cal.source})", flush=True)
     return {**cal.to_dict(), "runs": runs, "at_lam": cal.at_lam()}
 

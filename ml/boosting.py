@@ -21,8 +21,6 @@ starts from: h_r = z(θ_r) − z(θ_ref).
 * trained: a fresh LoRA trained on the group's train examples with the current prediction as a fixed logit
   offset, i.e. on the loss CE(F(x) + h(x), y): the adapter learns the residual (examples the ensemble already
   gets right carry almost no gradient); θ_ref = the bare base model. Its training FLOPs count.
-
-Legacy (the current ensemble asset, until it is ported): train_boost_adapter, a loss-weighted adapter.
 """
 
 from __future__ import annotations
@@ -158,22 +156,6 @@ def boost_adapter_from_w(base_adapter_dir: Path | None, projection: Projection, 
 
 
 # ---------------------------------------------------------------------------------------- trained
-
-
-def loss_weights(per_example_loss: np.ndarray, floor: float = 0.0) -> np.ndarray:
-    """Sample weights ∝ current per-example loss (+ floor), scaled to mean 1."""
-    l = np.clip(np.asarray(per_example_loss, dtype=np.float64), 0.0, None) + floor
-    if l.size == 0 or not np.all(np.isfinite(l)) or l.sum() <= 0:
-        raise ValueError("per-example losses must be finite with a positive sum")
-    return l / l.mean()
-
-
-def train_boost_adapter(base_name_or_model: Any, examples: Sequence, current_loss: np.ndarray, config,
-                        out_dir: Path, **kwargs):
-    """train_adapter on a group's examples reweighted by their current (ensemble) loss."""
-    from grouplora.ml.training import train_adapter
-    return train_adapter(base_name_or_model, examples, config, out_dir,
-                         sample_weights=loss_weights(current_loss), **kwargs)
 
 
 def keep_round(val_loss_before: float, val_loss_after: float, min_gain: float = 0.0) -> bool:

@@ -48,7 +48,8 @@ def test_gpu_tags_ask_ray_for_one_gpu_and_an_own_runtime_env(monkeypatch):
 # Every asset that loads the model's weights: a GPU step. The dataset step needs only the tokenizer, and
 # task_partition only the base model's settings (its numerics, for the adapter keys).
 GPU_ASSETS = {"zero_shot_scores", "gradient_features", "meta_gradient_features", "approximation_error", "adapter",
-              "meta_init_adapter", "ensemble", "subset_estimates", "target_selection"}
+              "meta_init_adapter", "ensemble", "subset_estimates", "target_selection", "lam_calibration",
+              "meta_lam_calibration"}
 
 
 def test_the_steps_that_load_the_model_ask_for_one_gpu_and_no_other_step_does():

@@ -128,6 +128,16 @@ def default_max_tokens(device: str | torch.device) -> int:
     return MAX_TOKENS.get(torch.device(device).type, MAX_TOKENS["cpu"])
 
 
+def batching(device: str | torch.device, batch_size: int | None = None, max_tokens: int | None = None
+             ) -> dict[str, int | None]:
+    """{batch_size, max_tokens} for length_batches: what is given (0 or None = not set); with neither, the
+    device's token budget alone (default_max_tokens)."""
+    batch_size, max_tokens = batch_size or None, max_tokens or None
+    if batch_size is None and max_tokens is None:
+        max_tokens = default_max_tokens(device)
+    return {"batch_size": batch_size, "max_tokens": max_tokens}
+
+
 def shuffled_length_batches(lengths: list[int], batch_size: int, seed: int | list[int], *,
                             window: int = 8) -> list[list[int]]:
     """One training epoch's batches of `batch_size` examples with little padding and still random: a seeded

@@ -297,8 +297,8 @@ def adapter_logprobs(ensemble: Ensemble, model: torch.nn.Module, tokenizer, data
 
     one_pass: all the adapters needed in one forward per batch of prompts (ml.inference.mixed_logprobs);
     False: one adapter after the other (set_adapter), the reference it must equal. Batches by length
-    (scoring.batching: batch_size prompts and/or max_tokens padded tokens per forward; neither = the
-    device's token budget)."""
+    (scoring.batching): at most max_tokens padded tokens per forward (None = the device's budget) and
+    batch_size prompts (None = no cap)."""
     from grouplora.ml.inference import mixed_logprobs
 
     spec = ensemble.datasets[dataset]
@@ -344,8 +344,7 @@ def _served_weights(ensemble: Ensemble, model: torch.nn.Module, dataset: str, ch
 
 def merged_logprobs(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str, prompts: list[str], *,
                     weights: Mapping[str, float] | None = None, combination_type: str = "cat",
-                    batch_size: int | None = None, max_length: int = 256, max_tokens: int | None = None,
-                    progress: bool = False) -> np.ndarray:
+                    batch_size: int = 16, max_length: int = 256, progress: bool = False) -> np.ndarray:
     """(N, C) label log-probs of the dataset's ensemble served as ONE merged adapter (ml.inference.merge_adapters):
     θ0 + Σ ŵ_k Δ_k with ŵ = α/Σα, logits scaled by Σα. weights: {adapter: α}, default the ensemble's for dataset
     (pass them to score a weighting before it is stored in the ensemble)."""
@@ -358,15 +357,14 @@ def merged_logprobs(ensemble: Ensemble, model: torch.nn.Module, tokenizer, datas
     key, temperature = merge_adapters(pm, {_peft_name(n, ensemble.adapter_path(n)): a for n, a in w.items()},
                                       combination_type=combination_type)
     pm.set_adapter(key)
-    lp = predict_logprobs(pm, tokenizer, prompts, label_ids, max_length=max_length, progress=progress,
-                          **batching(model_device(model), batch_size, max_tokens))
+    lp = predict_logprobs(pm, tokenizer, prompts, label_ids, batch_size=batch_size, max_length=max_length,
+                          progress=progress)
     return log_softmax(temperature * lp.astype(np.float64), axis=-1)  # log-softmax drops lp's row constants
 
 
 def predict(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str, prompts: list[str], *,
-            batch_size: int | None = None, max_length: int = 256, max_tokens: int | None = None,
-            progress: bool = False, check_fingerprint: bool = True, merged: bool = False
-            ) -> tuple[np.ndarray, np.ndarray]:
+            batch_size: int = 16, max_length: int = 256, progress: bool = False,
+            check_fingerprint: bool = True, merged: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(labels (N,), probs (N, C)) of the dataset's weighted ensemble on prompts; α = 0 adapters are skipped.
 
     All its adapters run in one pass (adapter_logprobs); merged=True serves the merged adapter instead
@@ -374,12 +372,11 @@ def predict(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str,
     w = _served_weights(ensemble, model, dataset, check_fingerprint)
     if merged:
         probs = np.exp(merged_logprobs(ensemble, model, tokenizer, dataset, prompts, weights=w,
-                                       batch_size=batch_size, max_length=max_length, max_tokens=max_tokens,
-                                       progress=progress))
+                                       batch_size=batch_size, max_length=max_length, progress=progress))
         return probs.argmax(-1), probs
     names = list(w)
     z = adapter_logprobs(ensemble, model, tokenizer, dataset, prompts, names, batch_size=batch_size,
-                         max_length=max_length, max_tokens=max_tokens, progress=progress)
+                         max_length=max_length, progress=progress)
     logits = combine(z, np.array([w[n] for n in names]))
     probs = np.exp(log_softmax(logits, axis=-1))
     return probs.argmax(-1), probs

@@ -130,12 +130,9 @@ def default_max_tokens(device: str | torch.device) -> int:
 
 def batching(device: str | torch.device, batch_size: int | None = None, max_tokens: int | None = None
              ) -> dict[str, int | None]:
-    """{batch_size, max_tokens} for length_batches: what is given (0 or None = not set); with neither, the
-    device's token budget alone (default_max_tokens)."""
-    batch_size, max_tokens = batch_size or None, max_tokens or None
-    if batch_size is None and max_tokens is None:
-        max_tokens = default_max_tokens(device)
-    return {"batch_size": batch_size, "max_tokens": max_tokens}
+    """{batch_size, max_tokens} for length_batches: at most max_tokens padded tokens per batch (0 or None = the
+    device's budget, default_max_tokens) and at most batch_size examples (0 or None = no cap)."""
+    return {"batch_size": batch_size or None, "max_tokens": max_tokens or default_max_tokens(device)}
 
 
 def shuffled_length_batches(lengths: list[int], batch_size: int, seed: int | list[int], *,

@@ -121,10 +121,9 @@ class BaseModelResource(dg.ConfigurableResource):
     device: str = "auto"
     load_in_4bit: bool = False
     max_length: int = 256
-    # Scoring batches (zero-shot, ensemble): prompts of similar length, at most batch_size of them (0 = no cap)
-    # and max_tokens padded tokens (0 = the device's budget, ml.scoring.default_max_tokens). Only float error
-    # depends on them.
-    batch_size: int = 0
+    # Scoring batches: prompts of similar length, at most batch_size of them (0 = no cap) and max_tokens padded
+    # tokens (0 = the device's budget, ml.scoring.default_max_tokens). Only float error depends on them.
+    batch_size: int = 16
     max_tokens: int = 0
 
     @pydantic.field_validator("device")

@@ -85,9 +85,9 @@ class GradientSettings(dg.ConfigurableResource):
     lora_r: int = 8
     lora_alpha: int = 16
     target_modules: str = "q_proj,v_proj"
-    # Batches of the features pass: similar lengths, at most batch_size examples (0 = no cap) and max_tokens
-    # padded tokens (0 = the device's budget, ml.scoring.default_max_tokens). Not in the fingerprint: the
-    # features do not depend on them (up to float error).
+    # Batches of the features pass: similar lengths, at most max_tokens padded tokens (0 = the device's budget,
+    # ml.scoring.default_max_tokens) and batch_size examples (0 = no cap). Not in the fingerprint: the features
+    # do not depend on them (up to float error).
     batch_size: int = 0
     max_tokens: int = 0
     init_adapter: str = ""  # a meta-initialization adapter folder; empty = fresh LoRA (B = 0)

@@ -27,8 +27,14 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
     # One dataset through the multiprocess executor (every step in its own process, as on a cluster), the
     # others in process (faster): both must give the same kind of artifacts.
     assert run.run_datasets(["facts"], versions, executor="multiprocess") == (["facts"], {})
+    from grouplora.orchestration.resources import _load_model
+    _load_model.cache_clear()
     assert run.run_datasets(versions, versions, executor="in_process") == (["parity", "reviews"], {})
     run.run_suite(executor="in_process")
+    # two partition runs and the suite in this process: the model was loaded once, and every step took its LoRA
+    # layers off the shared base again
+    assert (_load_model.cache_info().misses, _load_model.cache_info().currsize) == (1, 1)
+    assert not any("lora" in n for n, _ in make_resources()["base_model"].load()[0].named_modules())
 
     db = project / "var" / "warehouse.duckdb"
     with duckdb.connect(str(db), read_only=True) as con:
@@ -65,6 +71,8 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
         folder = project / "var" / "storage" / "adapters" / key
         assert (folder / "adapter_config.json").exists() and (folder / "adapter_model.safetensors").exists()
     run.run_ensemble(executor="in_process")
+    assert _load_model.cache_info().misses == 1  # adapters and ensemble too: still the one load
+    assert not any("lora" in n for n, _ in make_resources()["base_model"].load()[0].named_modules())
     results = pd.read_parquet(project / "var" / "storage" / "ensemble" / "results.parquet")
     assert sorted(results["dataset"]) == sorted(counts)
     for method in ("zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble"):

@@ -58,7 +58,7 @@ def test_a_settings_file_sets_every_concern_and_the_flags_win_over_it(tmp_path, 
     assert set(config) == {key for key, _ in SETTINGS_SECTIONS.values()}
     assert config["gradient_settings"]["config"]["d"] == 7 and config["gradient_settings"]["config"]["seed"] == 0
     assert config["base_model"]["config"] == {"name": "", "dtype": "float16", "device": "cuda:1",
-                                              "load_in_4bit": False, "max_length": 256, "batch_size": 0,
+                                              "load_in_4bit": False, "max_length": 256, "batch_size": 16,
                                               "max_tokens": 0}
 
 

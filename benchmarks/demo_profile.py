@@ -14,7 +14,8 @@ turns (--rounds), so a drifting load on the shared machine hits both alike.
 
 `.` is this checkout as it is (its own .venv). Writes benchmarks/results/demo_profile.json (--out): per version the
 wall time, seconds per stage (dataset partitions, suite, adapters, ensemble, and the time outside Dagster runs) and
-per asset (summed over partitions), every run, the machine's load, and the ratios new / old; plus the command.
+per asset (summed over partitions), every run, the machine's load, the results table, and the ratios new / old and
+the two results tables compared (per method mean and per dataset); plus the command.
 
 `--collect DAGSTER_HOME` (used internally, run with a version's own python) prints that instance's runs as JSON.
 """
@@ -169,7 +170,38 @@ def run_version(label: str, ref: str, args, workdir: Path) -> dict:
     out = subprocess.run([str(folder / ".venv" / "bin" / "python"), str(Path(__file__).resolve()), "--collect",
                           str(dagster_home)], capture_output=True, text=True, env=env, check=True)
     runs = json.loads(out.stdout)
-    return res | summarize(runs, wall) | {"run_list": runs}
+    return res | summarize(runs, wall) | {"results": results_table(home)} | {"run_list": runs}
+
+
+METHODS = ["zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble"]
+
+
+def results_table(home: Path) -> dict:
+    """The run's test accuracy table (storage/ensemble/results.parquet): {dataset: {method: accuracy}} with a
+    MEAN row, over the methods both versions report."""
+    import pandas as pd
+
+    path = home / "storage" / "ensemble" / "results.parquet"
+    if not path.exists():
+        return {}
+    table = pd.read_parquet(path).set_index("dataset")
+    table = table[[m for m in METHODS if m in table.columns]]
+    table.loc["MEAN"] = table.mean()
+    return {d: {m: round(float(v), 4) for m, v in row.items()} for d, row in table.iterrows()}
+
+
+def compare_results(old: dict, new: dict, tolerance: float = 0.0) -> dict:
+    """Per method: the mean test accuracy of both versions and new − old; per dataset the differences; and
+    whether the new table is no worse (every method's mean ≥ old's − tolerance)."""
+    if not old or not new:
+        return {"missing": [k for k, v in (("old", old), ("new", new)) if not v]}
+    methods = [m for m in old["MEAN"] if m in new["MEAN"]]
+    means = {m: {"old": old["MEAN"][m], "new": new["MEAN"][m], "diff": round(new["MEAN"][m] - old["MEAN"][m], 4)}
+             for m in methods}
+    per_dataset = {d: {m: round(new[d][m] - old[d][m], 4) for m in methods}
+                   for d in old if d != "MEAN" and d in new}
+    return {"mean": means, "diff_per_dataset": per_dataset, "tolerance": tolerance,
+            "no_worse": all(v["diff"] >= -tolerance for v in means.values())}
 
 
 def main() -> None:
@@ -218,11 +250,14 @@ def main() -> None:
     if len(versions) == 2:
         (a, va), (b, vb) = versions.items()
         out["ratios"] = {f"{b}/{a}": ratios(va, vb)}
+        out["results_comparison"] = {f"{b} vs {a}": compare_results(va.get("results", {}), vb.get("results", {}))}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: {"wall_s": v["wall_s"], **v["stages_s"]} for k, v in versions.items()}, indent=2))
     if "ratios" in out:
         print(json.dumps(out["ratios"], indent=2))
+        print(json.dumps({k: v.get("mean", v) | {"no_worse": v.get("no_worse")}
+                          for k, v in out["results_comparison"].items()}, indent=2))
     print(f"-> {args.out}")
 
 

@@ -122,7 +122,10 @@ def test_gpu_pool_limits_concurrent_gpu_steps_on_the_multiprocess_executor(plain
             logs = instance.all_logs(r["run_id"])
             blocked += [e.step_key for e in logs if f"blocked by limit for pool {GPU_POOL}" in (e.user_message or "")]
             placements = read_placements(instance, r["run_id"])
-            spans += [(placements[s]["process_start"], placements[s]["finished"]) for s in GPU_STEPS]
             assert all(placements[s]["ray_step_key"] is None for s in GPU_STEPS)  # multiprocess, not Ray
+            # the step's own start and success events: the pool slot is taken before the one and freed after the
+            # other (the placement hook runs after success, when the slot may already be the other run's)
+            spans += [(st.start_time, st.end_time) for st in instance.get_run_step_stats(r["run_id"])
+                      if st.step_key in GPU_STEPS]
     assert set(blocked) <= set(GPU_STEPS) and blocked  # one GPU step had to wait for the other's slot
     assert len(spans) == 2 and all(not (a[0] < b[1] and b[0] < a[1]) for a, b in combinations(spans, 2))

@@ -207,7 +207,8 @@ def compare_results(old: dict, new: dict, tolerance: float = 0.0) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ref", action="append", default=[], metavar="LABEL=REF",
-                    help="a version to time (git ref, or '.' = this checkout); give two, e.g. old=main new=.")
+                    help="a version to time (git ref, or '.' = this checkout); give two or more, e.g. old=main new=.; "
+                         "the others are compared with the first")
     ap.add_argument("--data", default=None, help="dataset folder (default: data/demo, built by `grouplora data build`)")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="GROUPLORA_BASE_MODEL (tiny for a smoke run)")
     ap.add_argument("--cold", action="store_true", help="`make demo` in a fresh clone with an empty cache")
@@ -247,10 +248,11 @@ def main() -> None:
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
            "versions": versions, "all_rounds": {k: [strip(r) for r in v] for k, v in results.items()}}
-    if len(versions) == 2:
-        (a, va), (b, vb) = versions.items()
-        out["ratios"] = {f"{b}/{a}": ratios(va, vb)}
-        out["results_comparison"] = {f"{b} vs {a}": compare_results(va.get("results", {}), vb.get("results", {}))}
+    if len(versions) >= 2:  # every other version against the first
+        (a, va), *others = versions.items()
+        out["ratios"] = {f"{b}/{a}": ratios(va, vb) for b, vb in others}
+        out["results_comparison"] = {f"{b} vs {a}": compare_results(va.get("results", {}), vb.get("results", {}))
+                                     for b, vb in others}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: {"wall_s": v["wall_s"], **v["stages_s"]} for k, v in versions.items()}, indent=2))

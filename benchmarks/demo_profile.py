@@ -282,7 +282,16 @@ def ratios(old: dict, new: dict) -> dict:
         x = v["stages_s" if kind == "stage" else "assets_s"].get(name)
         return x["s"] if isinstance(x, dict) else x
 
-    return {k: round(get(new, k) / get(old, k), 3) for k in keys if get(old, k) and get(new, k) is not None}
+    out = {k: round(get(new, k) / get(old, k), 3) for k in keys if get(old, k) and get(new, k) is not None}
+    for step, parts in MERGED_STEPS.items():  # one new step that does what several old ones did
+        if step in new["assets_s"] and step not in old["assets_s"] and all(p in old["assets_s"] for p in parts):
+            out[f"asset:{step}/({'+'.join(parts)})"] = round(
+                new["assets_s"][step]["s"] / sum(old["assets_s"][p]["s"] for p in parts), 3)
+    return out
+
+
+# theta0_pass materializes zero_shot_scores and gradient_features from one pass (assets/features.py)
+MERGED_STEPS = {"theta0_pass": ["zero_shot_scores", "gradient_features"]}
 
 
 if __name__ == "__main__":

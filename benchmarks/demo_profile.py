@@ -137,6 +137,15 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def children_cpu() -> float:
+    """CPU seconds (user + system) of every finished child process so far: a version's chain's CPU time is the
+    difference around it, less sensitive than wall time to other load on a shared machine."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_version(label: str, ref: str, args, workdir: Path) -> dict:
     log = workdir / f"{label}.log"
     folder = checkout(label, ref, workdir, args.cold, log)
@@ -148,6 +157,7 @@ def run_version(label: str, ref: str, args, workdir: Path) -> dict:
                                                          cwd=ROOT, capture_output=True, text=True).stdout.strip())
     extra = shlex.split(args.run_args.get(label, ""))
     res["run_args"] = extra
+    cpu0 = children_cpu()
     if args.cold:  # everything a new user waits for: install, downloads, model conversion, the chain
         home = folder / "var"
         env |= {"GROUPLORA_CACHE": str(folder / ".cold-cache")}  # `make demo` builds and runs data/demo
@@ -163,9 +173,11 @@ def run_version(label: str, ref: str, args, workdir: Path) -> dict:
         if home.exists():
             shutil.rmtree(home)
         env |= {"GROUPLORA_HOME": str(home), "DAGSTER_HOME": str(home / "dagster_home")}
+        cpu0 = children_cpu()  # the chain's alone, not the install check's
         wall = sh([str(folder / ".venv" / "bin" / "grouplora"), "run", "--datasets", str(Path(args.data).resolve()),
                    *extra], folder, env, log)
     res["load_after"] = load()
+    res["cpu_s"] = round(children_cpu() - cpu0, 1)  # the chain's processes (and, with --cold, the install's)
     dagster_home = home / "dagster_home"
     out = subprocess.run([str(folder / ".venv" / "bin" / "python"), str(Path(__file__).resolve()), "--collect",
                           str(dagster_home)], capture_output=True, text=True, env=env, check=True)
@@ -273,11 +285,11 @@ def strip(r: dict) -> dict:
 
 
 def ratios(old: dict, new: dict) -> dict:
-    keys = ["wall_s"] + [f"stage:{k}" for k in old["stages_s"]] + [f"asset:{k}" for k in old["assets_s"]]
+    keys = ["wall_s", "cpu_s"] + [f"stage:{k}" for k in old["stages_s"]] + [f"asset:{k}" for k in old["assets_s"]]
 
     def get(v: dict, k: str):
-        if k == "wall_s":
-            return v["wall_s"]
+        if k in ("wall_s", "cpu_s"):
+            return v.get(k)
         kind, name = k.split(":", 1)
         x = v["stages_s" if kind == "stage" else "assets_s"].get(name)
         return x["s"] if isinstance(x, dict) else x

@@ -14,7 +14,8 @@ turns (--rounds), so a drifting load on the shared machine hits both alike.
 
 `.` is this checkout as it is (its own .venv). Writes benchmarks/results/demo_profile.json (--out): per version the
 wall time, seconds per stage (dataset partitions, suite, adapters, ensemble, and the time outside Dagster runs) and
-per asset (summed over partitions), every run, the machine's load, and the ratios new / old; plus the command.
+per asset (summed over partitions), every run, the machine's load, the results table, and the ratios new / old and
+the two results tables compared (per method mean and per dataset); plus the command.
 
 `--collect DAGSTER_HOME` (used internally, run with a version's own python) prints that instance's runs as JSON.
 """
@@ -136,6 +137,15 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def children_cpu() -> float:
+    """CPU seconds (user + system) of every finished child process so far: a version's chain's CPU time is the
+    difference around it, less sensitive than wall time to other load on a shared machine."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_version(label: str, ref: str, args, workdir: Path) -> dict:
     log = workdir / f"{label}.log"
     folder = checkout(label, ref, workdir, args.cold, log)
@@ -147,6 +157,7 @@ def run_version(label: str, ref: str, args, workdir: Path) -> dict:
                                                          cwd=ROOT, capture_output=True, text=True).stdout.strip())
     extra = shlex.split(args.run_args.get(label, ""))
     res["run_args"] = extra
+    cpu0 = children_cpu()
     if args.cold:  # everything a new user waits for: install, downloads, model conversion, the chain
         home = folder / "var"
         env |= {"GROUPLORA_CACHE": str(folder / ".cold-cache")}  # `make demo` builds and runs data/demo
@@ -162,20 +173,54 @@ def run_version(label: str, ref: str, args, workdir: Path) -> dict:
         if home.exists():
             shutil.rmtree(home)
         env |= {"GROUPLORA_HOME": str(home), "DAGSTER_HOME": str(home / "dagster_home")}
+        cpu0 = children_cpu()  # the chain's alone, not the install check's
         wall = sh([str(folder / ".venv" / "bin" / "grouplora"), "run", "--datasets", str(Path(args.data).resolve()),
                    *extra], folder, env, log)
     res["load_after"] = load()
+    res["cpu_s"] = round(children_cpu() - cpu0, 1)  # the chain's processes (and, with --cold, the install's)
     dagster_home = home / "dagster_home"
     out = subprocess.run([str(folder / ".venv" / "bin" / "python"), str(Path(__file__).resolve()), "--collect",
                           str(dagster_home)], capture_output=True, text=True, env=env, check=True)
     runs = json.loads(out.stdout)
-    return res | summarize(runs, wall) | {"run_list": runs}
+    return res | summarize(runs, wall) | {"results": results_table(home)} | {"run_list": runs}
+
+
+METHODS = ["zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble"]
+
+
+def results_table(home: Path) -> dict:
+    """The run's test accuracy table (storage/ensemble/results.parquet): {dataset: {method: accuracy}} with a
+    MEAN row, over the methods both versions report."""
+    import pandas as pd
+
+    path = home / "storage" / "ensemble" / "results.parquet"
+    if not path.exists():
+        return {}
+    table = pd.read_parquet(path).set_index("dataset")
+    table = table[[m for m in METHODS if m in table.columns]]
+    table.loc["MEAN"] = table.mean()
+    return {d: {m: round(float(v), 4) for m, v in row.items()} for d, row in table.iterrows()}
+
+
+def compare_results(old: dict, new: dict, tolerance: float = 0.0) -> dict:
+    """Per method: the mean test accuracy of both versions and new − old; per dataset the differences; and
+    whether the new table is no worse (every method's mean ≥ old's − tolerance)."""
+    if not old or not new:
+        return {"missing": [k for k, v in (("old", old), ("new", new)) if not v]}
+    methods = [m for m in old["MEAN"] if m in new["MEAN"]]
+    means = {m: {"old": old["MEAN"][m], "new": new["MEAN"][m], "diff": round(new["MEAN"][m] - old["MEAN"][m], 4)}
+             for m in methods}
+    per_dataset = {d: {m: round(new[d][m] - old[d][m], 4) for m in methods}
+                   for d in old if d != "MEAN" and d in new}
+    return {"mean": means, "diff_per_dataset": per_dataset, "tolerance": tolerance,
+            "no_worse": all(v["diff"] >= -tolerance for v in means.values())}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ref", action="append", default=[], metavar="LABEL=REF",
-                    help="a version to time (git ref, or '.' = this checkout); give two, e.g. old=main new=.")
+                    help="a version to time (git ref, or '.' = this checkout); give two or more, e.g. old=main new=.; "
+                         "the others are compared with the first")
     ap.add_argument("--data", default=None, help="dataset folder (default: data/demo, built by `grouplora data build`)")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="GROUPLORA_BASE_MODEL (tiny for a smoke run)")
     ap.add_argument("--cold", action="store_true", help="`make demo` in a fresh clone with an empty cache")
@@ -215,14 +260,18 @@ def main() -> None:
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
            "versions": versions, "all_rounds": {k: [strip(r) for r in v] for k, v in results.items()}}
-    if len(versions) == 2:
-        (a, va), (b, vb) = versions.items()
-        out["ratios"] = {f"{b}/{a}": ratios(va, vb)}
+    if len(versions) >= 2:  # every other version against the first
+        (a, va), *others = versions.items()
+        out["ratios"] = {f"{b}/{a}": ratios(va, vb) for b, vb in others}
+        out["results_comparison"] = {f"{b} vs {a}": compare_results(va.get("results", {}), vb.get("results", {}))
+                                     for b, vb in others}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: {"wall_s": v["wall_s"], **v["stages_s"]} for k, v in versions.items()}, indent=2))
     if "ratios" in out:
         print(json.dumps(out["ratios"], indent=2))
+        print(json.dumps({k: v.get("mean", v) | {"no_worse": v.get("no_worse")}
+                          for k, v in out["results_comparison"].items()}, indent=2))
     print(f"-> {args.out}")
 
 
@@ -236,16 +285,25 @@ def strip(r: dict) -> dict:
 
 
 def ratios(old: dict, new: dict) -> dict:
-    keys = ["wall_s"] + [f"stage:{k}" for k in old["stages_s"]] + [f"asset:{k}" for k in old["assets_s"]]
+    keys = ["wall_s", "cpu_s"] + [f"stage:{k}" for k in old["stages_s"]] + [f"asset:{k}" for k in old["assets_s"]]
 
     def get(v: dict, k: str):
-        if k == "wall_s":
-            return v["wall_s"]
+        if k in ("wall_s", "cpu_s"):
+            return v.get(k)
         kind, name = k.split(":", 1)
         x = v["stages_s" if kind == "stage" else "assets_s"].get(name)
         return x["s"] if isinstance(x, dict) else x
 
-    return {k: round(get(new, k) / get(old, k), 3) for k in keys if get(old, k) and get(new, k) is not None}
+    out = {k: round(get(new, k) / get(old, k), 3) for k in keys if get(old, k) and get(new, k) is not None}
+    for step, parts in MERGED_STEPS.items():  # one new step that does what several old ones did
+        if step in new["assets_s"] and step not in old["assets_s"] and all(p in old["assets_s"] for p in parts):
+            out[f"asset:{step}/({'+'.join(parts)})"] = round(
+                new["assets_s"][step]["s"] / sum(old["assets_s"][p]["s"] for p in parts), 3)
+    return out
+
+
+# theta0_pass materializes zero_shot_scores and gradient_features from one pass (assets/features.py)
+MERGED_STEPS = {"theta0_pass": ["zero_shot_scores", "gradient_features"]}
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from scipy.special import log_softmax
 from grouplora.ml.atomic import write_json
 from grouplora.ml.boosting import boosted_logits, step_list
 from grouplora.ml.model import label_token_ids, model_fingerprint
-from grouplora.ml.scoring import predict_logprobs
+from grouplora.ml.scoring import batching, model_device, predict_logprobs
 
 # ----------------------------------------------------------------------------------------- weights
 
@@ -287,13 +287,15 @@ def release(model: torch.nn.Module) -> None:
 
 
 def adapter_logprobs(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str, prompts: list[str],
-                     names: Sequence[str], *, batch_size: int = 16, max_length: int = 256,
-                     progress: bool = False, one_pass: bool = True) -> np.ndarray:
+                     names: Sequence[str], *, batch_size: int | None = None, max_length: int = 256,
+                     max_tokens: int | None = None, progress: bool = False, one_pass: bool = True) -> np.ndarray:
     """(K, N, C) label log-probs of each named adapter on prompts (the input fit_weights wants); for a boosting
     round (AdapterSpec.reference) its log-probs minus its reference's.
 
     one_pass: all the adapters needed in one forward per batch of prompts (ml.inference.mixed_logprobs);
-    False: one adapter after the other (set_adapter), the reference it must equal."""
+    False: one adapter after the other (set_adapter), the reference it must equal. Batches by length
+    (scoring.batching): at most max_tokens padded tokens per forward (None = the device's budget) and
+    batch_size prompts (None = no cap)."""
     from grouplora.ml.inference import mixed_logprobs
 
     spec = ensemble.datasets[dataset]
@@ -302,7 +304,7 @@ def adapter_logprobs(ensemble: Ensemble, model: torch.nn.Module, tokenizer, data
     needed = list(dict.fromkeys([*names, *sorted(refs)]))
     adapters = [n for n in needed if n != BASE]
     pm = loaded_model(model, {n: ensemble.adapter_path(n) for n in adapters})
-    kw = dict(batch_size=batch_size, max_length=max_length, progress=progress)
+    kw = dict(max_length=max_length, progress=progress, **batching(model_device(model), batch_size, max_tokens))
     raw: dict[str, np.ndarray] = {}
     if one_pass and len(adapters) > 1:
         keys = [_peft_name(n, ensemble.adapter_path(n)) for n in adapters]

@@ -66,17 +66,19 @@ def adapter_rows(pm: torch.nn.Module, names: Sequence[str]) -> Iterator[None]:
 
 @torch.no_grad()
 def mixed_logprobs(pm: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                   label_ids: Sequence[int], adapters: Sequence[str], *, batch_size: int = 16,
-                   max_length: int = 256, progress: bool = False) -> np.ndarray:
+                   label_ids: Sequence[int], adapters: Sequence[str], *, batch_size: int | None = 16,
+                   max_length: int = 256, max_tokens: int | None = None, progress: bool = False) -> np.ndarray:
     """(K, N, C) label log-probs of each loaded peft adapter on prompts, ONE forward per batch of prompts.
 
-    A forward holds K·batch_size rows (batch_size prompts × K adapters)."""
+    A forward holds K·B rows (B prompts × K adapters): B ≤ batch_size prompts of similar length, and
+    K·B·(their padded length) ≤ max_tokens (the budget is for the whole forward)."""
     K, dev = len(adapters), model_device(pm)
     lab = torch.as_tensor(list(label_ids), device=dev)
     out = np.zeros((K, len(prompts), len(lab)), dtype=np.float32)
     if K == 0 or not prompts:
         return out
-    batches = length_batches(prompt_lengths(tokenizer, prompts, max_length), batch_size)
+    budget = max(1, max_tokens // K) if max_tokens else None
+    batches = length_batches(prompt_lengths(tokenizer, prompts, max_length), batch_size, max_tokens=budget)
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc=f"scoring {K} adapters in one pass", unit="batch")

@@ -128,6 +128,13 @@ def default_max_tokens(device: str | torch.device) -> int:
     return MAX_TOKENS.get(torch.device(device).type, MAX_TOKENS["cpu"])
 
 
+def batching(device: str | torch.device, batch_size: int | None = None, max_tokens: int | None = None
+             ) -> dict[str, int | None]:
+    """{batch_size, max_tokens} for length_batches: at most max_tokens padded tokens per batch (0 or None = the
+    device's budget, default_max_tokens) and at most batch_size examples (0 or None = no cap)."""
+    return {"batch_size": batch_size or None, "max_tokens": max_tokens or default_max_tokens(device)}
+
+
 def shuffled_length_batches(lengths: list[int], batch_size: int, seed: int | list[int], *,
                             window: int = 8) -> list[list[int]]:
     """One training epoch's batches of `batch_size` examples with little padding and still random: a seeded

@@ -9,14 +9,13 @@ from grouplora.assets.calibration import lam_calibration, meta_lam_calibration
 from grouplora.assets.datasets import dataset, dataset_class_balance, dataset_schema
 from grouplora.assets.ensemble import ensemble
 from grouplora.assets.estimates import subset_estimates
-from grouplora.assets.features import (approximation_error, approximation_error_within_threshold, gradient_features,
-                                      meta_gradient_features)
+from grouplora.assets.features import (approximation_error, approximation_error_within_threshold,
+                                      meta_gradient_features, theta0_pass)
 from grouplora.assets.meta_init import meta_init_adapter
 from grouplora.assets.partition import task_partition
 from grouplora.assets.registry import champion, champion_gate, registered_ensemble
 from grouplora.assets.selection import target_selection
 from grouplora.assets.sql_models import build_sql_assets
-from grouplora.assets.zero_shot import zero_shot_scores
 from grouplora.orchestration.automation import automation_sensor, with_automation
 from grouplora.orchestration.jobs import adapter_job, dataset_job, ensemble_job, report_job, selection_job, suite_job
 from grouplora.orchestration.resources import make_resources
@@ -29,8 +28,7 @@ def build_definitions(executor: dg.ExecutorDefinition = dg.multi_or_in_process_e
     cluster; a run may ask for in_process; orchestration.run.ray_job passes the Ray executor)."""
     return dg.Definitions(
         # Automation conditions (orchestration/automation.py) make re-materialization incremental.
-        assets=with_automation([dataset, zero_shot_scores, gradient_features, approximation_error, lam_calibration,
-                                subset_estimates,
+        assets=with_automation([dataset, theta0_pass, approximation_error, lam_calibration, subset_estimates,
                                 *build_sql_assets(), task_partition, adapter, ensemble, registered_ensemble, champion,
                                 meta_init_adapter, meta_gradient_features, meta_lam_calibration,
                                 target_selection]),

@@ -121,12 +121,28 @@ class BaseModelResource(dg.ConfigurableResource):
     device: str = "auto"
     load_in_4bit: bool = False
     max_length: int = 256
+    # Scoring batches: prompts of similar length, at most batch_size of them (0 = no cap) and max_tokens padded
+    # tokens (0 = the device's budget, ml.scoring.default_max_tokens). Only float error depends on them.
     batch_size: int = 16
+    max_tokens: int = 0
 
     @pydantic.field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
         return check_device(value)
+
+    @pydantic.field_validator("batch_size", "max_tokens")
+    @classmethod
+    def _check_batching(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"must be >= 0 (0 = not set), got {value}")
+        return value
+
+    def batching(self) -> dict[str, int | None]:
+        """{batch_size, max_tokens} of the scoring batches on this step's device (ml.scoring.batching)."""
+        from grouplora.ml.scoring import batching
+
+        return batching(self.torch_device(), self.batch_size, self.max_tokens)
 
     def model_name(self) -> str:
         return self.name or settings.base_model_name()
@@ -163,6 +179,20 @@ class BaseModelResource(dg.ConfigurableResource):
             return load_adapter(model, init), tokenizer
         s = gradient_settings
         return add_lora(model, r=s.lora_r, alpha=s.lora_alpha, target_modules=s.modules(), seed=s.seed), tokenizer
+
+    @contextmanager
+    def lora(self, gradient_settings: GradientSettings, init_adapter: str | None = None) -> Iterator[tuple[Any, Any]]:
+        """(θ0, tokenizer) for the block: with_lora's model, but LoRA put on the process-wide cached base itself
+        (ml.lora.lora_on: no deep copy) and taken off again afterwards, so the next step in this process finds
+        the base as it was loaded."""
+        from grouplora.ml.lora import lora_on
+
+        model, tokenizer = self.load()
+        init = init_adapter or gradient_settings.init_adapter
+        s = gradient_settings
+        lora = {} if init else dict(r=s.lora_r, alpha=s.lora_alpha, target_modules=s.modules(), seed=s.seed)
+        with lora_on(model, init or None, **lora) as pm:
+            yield pm, tokenizer
 
     def first_token(self, word: str) -> int:
         from grouplora.ml.model import label_token_ids

@@ -86,13 +86,17 @@ class GradientSettings(dg.ConfigurableResource):
     lora_r: int = 8
     lora_alpha: int = 16
     target_modules: str = "q_proj,v_proj"
-    batch_size: int = 8
+    # Batches of the features pass: similar lengths, at most max_tokens padded tokens (0 = the device's budget,
+    # ml.scoring.default_max_tokens) and batch_size examples (0 = no cap). Not in the fingerprint: the features
+    # do not depend on them (up to float error).
+    batch_size: int = 0
+    max_tokens: int = 0
     init_adapter: str = ""  # a meta-initialization adapter folder; empty = fresh LoRA (B = 0)
     approx_max_error: float = 0.05  # the asset check fails when the mean relative error at 1% scale exceeds this
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> "GradientSettings":
-        _check_bounds(self, {"d": 1, "seed": 0, "lora_r": 1, "lora_alpha": 1, "batch_size": 1},
+        _check_bounds(self, {"d": 1, "seed": 0, "lora_r": 1, "lora_alpha": 1, "batch_size": 0, "max_tokens": 0},
                       ("approx_max_error",))
         if not self.modules():
             raise ValueError("GradientSettings: target_modules names no module")

@@ -15,21 +15,20 @@ from pathlib import Path
 import dagster as dg
 
 from grouplora.assets.datasets import dataset
-from grouplora.assets.features import gradient_features
-from grouplora.assets.zero_shot import zero_shot_scores
+from grouplora.assets.features import theta0_pass
 from grouplora.orchestration.devices import log_placement
 from grouplora.orchestration.executors import ray_executor
 from grouplora.orchestration.partitions import dataset_partitions
 from grouplora.orchestration.resources import make_resources
 
 JOB = "chain_job"
-GPU_STEPS = ("zero_shot_scores", "gradient_features")
+GPU_STEPS = ("theta0_pass",)  # zero_shot_scores and gradient_features: one step
 CPU_STEPS = ("dataset",)
 
 
 def chain_job(executor: str = "multiprocess", address: str | None = None) -> dg.JobDefinition:
     executor_def = ray_executor(address) if executor == "ray" else dg.multiprocess_executor
-    assets = [dataset, zero_shot_scores, gradient_features]
+    assets = [dataset, theta0_pass]
     job = dg.define_asset_job(JOB, selection=dg.AssetSelection.assets(*assets), partitions_def=dataset_partitions,
                               executor_def=executor_def, hooks={log_placement})
     return dg.Definitions(assets=assets, jobs=[job], resources=make_resources()).resolve_job_def(JOB)

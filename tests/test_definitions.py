@@ -3,6 +3,7 @@
 
 import duckdb
 import dagster as dg
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -92,27 +93,46 @@ def _resources(tmp_path, folder):
             "base_model": BaseModelResource(name="tiny")}
 
 
-def test_dataset_and_zero_shot_materialize_directly(tmp_path, make_folder):
+def test_dataset_and_the_theta0_pass_materialize_directly(tmp_path, make_folder):
+    """dataset, then theta0_pass: zero_shot_scores and gradient_features from one features pass (+ test scored
+    alone). The zero-shot scores equal a separate zero-shot forward of the bare base on every split, and the
+    process-wide cached base is left without LoRA layers (the next step in this process reuses it)."""
     from grouplora.assets.datasets import dataset, dataset_class_balance, dataset_schema
-    from grouplora.assets.zero_shot import zero_shot_scores
+    from grouplora.assets.features import theta0_pass
+    from grouplora.ml.model import label_token_ids
+    from grouplora.ml.scoring import predict_logprobs
 
     folder = make_folder(tmp_path / "datasets")
-    resources = _resources(tmp_path, folder)
+    resources = _resources(tmp_path, folder) | {"gradient_settings": GradientSettings(d=16, max_tokens=40)}
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(dataset_partitions.name, ["reviews"])
-        result = dg.materialize([dataset, zero_shot_scores, dataset_schema, dataset_class_balance],
+        result = dg.materialize([dataset, theta0_pass, dataset_schema, dataset_class_balance],
                                 partition_key="reviews", resources=resources, instance=instance)
         assert result.success
         checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
         assert checks == {"dataset_schema": True, "dataset_class_balance": True}
         version = instance.get_latest_data_version_record(dg.AssetKey("dataset"), partition_key="reviews")
         assert version is not None
+        done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+        assert done == {"dataset", "zero_shot_scores", "gradient_features"}
+        assert len([e for e in result.all_events if e.is_step_success]) == 4  # dataset, 2 checks, ONE pass
     store = resources["store"]
     assert len(store.rows("reviews")) == 24 and store.card("reviews")["classes"] == ["pos", "neg"]  # the yaml's order
     scores = store.zero_shot("reviews")
     assert len(scores) == 24 and set(scores["split"]) == {"train", "validation", "test"}
+    model, tok = resources["base_model"].load()
+    assert not any("lora" in n for n, _ in model.named_modules())  # the pass took its LoRA layers off again
+    rows = store.rows("reviews")
+    want = predict_logprobs(model, tok, rows["prompt"].tolist(),
+                            label_token_ids(tok, store.card("reviews")["label_words"]), batch_size=1)
+    assert list(scores["example_id"]) == list(rows["example_id"])
+    np.testing.assert_allclose(np.stack(scores["logprobs"].to_numpy()), want, atol=1e-4)
+    n_pass = int(rows["split"].isin(["train", "validation"]).sum())
+    frame, X, side = store.read_features(["reviews"])
+    assert X.shape == (n_pass, 16) and set(frame["split"]) == {"train", "validation"} and np.isfinite(X).all()
     with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM zero_shot_scores").fetchone()[0] == 24
+        assert con.execute("SELECT count(*) FROM gradient_features").fetchone()[0] == n_pass
 
 
 def _partition_of_an_in_memory_affinity(tmp_path, make_folder, base_model: BaseModelResource) -> tuple[dict, set, dict]:

@@ -92,8 +92,9 @@ def test_the_cpu_dataset_step_loads_the_tokenizer_and_no_weights(tmp_path, make_
 
 @pytest.mark.slow
 def test_gpu_pool_limits_concurrent_gpu_steps_on_the_multiprocess_executor(plain_project):
-    """One partition's run: zero-shot scoring and gradient features both become ready after the dataset step;
-    with the GPU pool's limit at 1 the second one waits (Dagster says so) and the two never run at once."""
+    """Two partitions' runs at once, each with one GPU step (theta0_pass: zero-shot scores and gradient features
+    from one pass) ready after its dataset step; with the GPU pool's limit at 1 (the pool is instance-wide) one
+    waits for the other (Dagster says so) and the two never run at once."""
     import dagster as dg
 
     from grouplora.orchestration.devices import read_placements
@@ -103,21 +104,29 @@ def test_gpu_pool_limits_concurrent_gpu_steps_on_the_multiprocess_executor(plain
     dagster_home = Path(os.environ["DAGSTER_HOME"])
     dagster_home.mkdir(parents=True, exist_ok=True)
     (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    keys = ["reviews", "parity"]
     with dg.DagsterInstance.get() as instance:
-        instance.add_dynamic_partitions("datasets", ["reviews"])
+        instance.add_dynamic_partitions("datasets", keys)
         set_gpu_pool_limit(instance, 1)
         with pytest.raises(ValueError):
             set_gpu_pool_limit(instance, 0)
-    proc = subprocess.run([sys.executable, str(TESTS / "pipeline_jobs.py"), "reviews", "multiprocess"],
-                          capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["success"], proc.stderr[-4000:]
+    procs = [subprocess.Popen([sys.executable, str(TESTS / "pipeline_jobs.py"), key, "multiprocess"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for key in keys]
+    outs = [p.communicate(timeout=540) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert all(r["success"] for r in results), [err[-4000:] for _, err in outs]
+    blocked, spans = [], []
     with dg.DagsterInstance.get() as instance:
-        logs = instance.all_logs(result["run_id"])
-        blocked = [r.step_key for r in logs if f"blocked by limit for pool {GPU_POOL}" in (r.user_message or "")]
-        placements = read_placements(instance, result["run_id"])
+        for r in results:
+            logs = instance.all_logs(r["run_id"])
+            blocked += [e.step_key for e in logs if f"blocked by limit for pool {GPU_POOL}" in (e.user_message or "")]
+            placements = read_placements(instance, r["run_id"])
+            assert all(placements[s]["ray_step_key"] is None for s in GPU_STEPS)  # multiprocess, not Ray
+            # the step's own start and success events: the pool slot is taken before the one and freed after the
+            # other (the placement hook runs after success, when the slot may already be the other run's)
+            spans += [(st.start_time, st.end_time) for st in instance.get_run_step_stats(r["run_id"])
+                      if st.step_key in GPU_STEPS]
     assert set(blocked) <= set(GPU_STEPS) and blocked  # one GPU step had to wait for the other's slot
-    spans = [(placements[s]["process_start"], placements[s]["finished"]) for s in GPU_STEPS]
-    assert all(not (a[0] < b[1] and b[0] < a[1]) for a, b in combinations(spans, 2))
-    assert all(placements[s]["ray_step_key"] is None for s in GPU_STEPS)  # multiprocess, not Ray
+    assert len(spans) == 2 and all(not (a[0] < b[1] and b[0] < a[1]) for a, b in combinations(spans, 2))

@@ -86,6 +86,25 @@ def test_one_pass_equals_the_loop_in_one_forward_per_batch(tiny, ens):
     assert not any(m._forward_pre_hooks for m in loaded_model(model, {}).modules())  # no hook left behind
 
 
+def test_one_pass_token_budget_covers_all_adapters_rows(tiny, ens):
+    """max_tokens bounds a whole forward: K adapters' copies of the batch's prompts x their padded length."""
+    model, tok = tiny
+    names = ["a0", "a1", "a2"]
+    loop = adapter_logprobs(ens, model, tok, "d", PROMPTS, names, batch_size=1, one_pass=False)
+    shapes: list[tuple[int, int]] = []
+    h = model.get_decoder().register_forward_hook(
+        lambda m, args, kw, out: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    longest = max(len(r) for r in tok(PROMPTS)["input_ids"])
+    budget = 3 * 3 * longest  # room for 3 of the longest prompts under 3 adapters
+    try:
+        one = adapter_logprobs(ens, model, tok, "d", PROMPTS, names, max_tokens=budget)
+    finally:
+        h.remove()
+    np.testing.assert_allclose(one, loop, atol=1e-5)
+    assert all(r * t <= budget for r, t in shapes), shapes
+    assert sum(r for r, _ in shapes) == 3 * len(PROMPTS) and len(shapes) < len(PROMPTS)  # batched, each once
+
+
 def test_adapter_rows_checks_names_and_cleans_up(tiny, ens):
     model, tok = tiny
     pm = loaded_model(model, {n: ens.adapter_path(n) for n in ("a0", "a1")})

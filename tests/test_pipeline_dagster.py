@@ -28,6 +28,8 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
     # One dataset through the multiprocess executor (every step in its own process, as on a cluster), the
     # others in process (faster): both must give the same kind of artifacts.
     assert run.run_datasets(["facts"], versions, executor="multiprocess") == (["facts"], {})
+    from grouplora.orchestration.resources import _load_model
+    _load_model.cache_clear()
     assert run.run_datasets(versions, versions, executor="in_process") == (["parity", "reviews"], {})
     run.run_suite(executor="in_process")
     # λ is calibrated in the chain (real fine-tunes from the features' θ0), and the estimates use it
@@ -43,6 +45,10 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
     assert "mean_relative_error_loss" in cal_md["error_table"].value
     est_md = instance.get_latest_materialization_event(dg.AssetKey("subset_estimates")).asset_materialization.metadata
     assert est_md["lam"].value == cal["lam"] and est_md["lam_source"].value == "calibrated"
+    # two partition runs and the suite in this process: the model was loaded once, and every step took its LoRA
+    # layers off the shared base again
+    assert (_load_model.cache_info().misses, _load_model.cache_info().currsize) == (1, 1)
+    assert not any("lora" in n for n, _ in make_resources()["base_model"].load()[0].named_modules())
 
     db = project / "var" / "warehouse.duckdb"
     with duckdb.connect(str(db), read_only=True) as con:
@@ -83,6 +89,8 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
         assert 1 <= res["best_epoch"] <= res["epochs"] and len(res["val_losses"]) == res["epochs"] and res["steps"] > 0
         assert res["best_epoch"] == 1 + min(range(res["epochs"]), key=lambda e: res["val_losses"][e])
     run.run_ensemble(executor="in_process")
+    assert _load_model.cache_info().misses == 1  # adapters and ensemble too: still the one load
+    assert not any("lora" in n for n, _ in make_resources()["base_model"].load()[0].named_modules())
     results = pd.read_parquet(project / "var" / "storage" / "ensemble" / "results.parquet")
     assert sorted(results["dataset"]) == sorted(counts)
     for method in ("zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble", "ensemble_merged",

@@ -58,7 +58,8 @@ def test_a_settings_file_sets_every_concern_and_the_flags_win_over_it(tmp_path, 
     assert set(config) == {key for key, _ in SETTINGS_SECTIONS.values()}
     assert config["gradient_settings"]["config"]["d"] == 7 and config["gradient_settings"]["config"]["seed"] == 0
     assert config["base_model"]["config"] == {"name": "", "dtype": "float16", "device": "cuda:1",
-                                              "load_in_4bit": False, "max_length": 256, "batch_size": 16}
+                                              "load_in_4bit": False, "max_length": 256, "batch_size": 16,
+                                              "max_tokens": 0}
 
 
 @pytest.mark.parametrize("text, problem", [
@@ -69,6 +70,8 @@ def test_a_settings_file_sets_every_concern_and_the_flags_win_over_it(tmp_path, 
     ("partition: {method: kmeans}\n", "partition.method: Input should be 'sdp' or 'spectral'"),
     ("model: {device: gpu}\n", "model.device: device 'gpu' is not one of auto, cpu, cuda, cuda:N"),
     ("model: {dtype: float64}\n", "model.dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
+    ("model: {max_tokens: -1}\n", "model.max_tokens: must be >= 0 (0 = not set), got -1"),
+    ("gradient: {max_tokens: -5}\n", "gradient: GradientSettings: max_tokens must be >= 0, got -5"),
     ("training: 3\n", "training must be a mapping of setting to value, got 3"),
     ("- gradient\n", "expected a mapping of sections"),
     ("gradient: {d: 7\n", "not valid YAML"),

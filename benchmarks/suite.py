@@ -198,6 +198,13 @@ def stage_affinity(r: Runner, feats: FeatureSet, lam: float) -> dict:
     return record
 
 
+def _labels_by_name(rec: dict, names: list[str]) -> list[int]:
+    """rec's group labels in the order of `names`; a dataset no drawn subset contains (few subsets) is a group of
+    its own, so it counts against the agreement."""
+    got = dict(zip(rec["names"], rec["labels"]))
+    return [got[n] if n in got else rec["m"] + i for i, n in enumerate(names)]
+
+
 def stage_stability(r: Runner, feats: FeatureSet, committed: dict) -> dict:
     """The partition's stability (issue 13): the affinity stage's path (chain.affinity_stage) on B bootstrap draws
     of its random subsets, each partition compared with the committed one by the adjusted Rand index, with m
@@ -211,7 +218,8 @@ def stage_stability(r: Runner, feats: FeatureSet, committed: dict) -> dict:
         row = {"draw": b}
         for label, m in (("rechosen", 0), ("fixed", m0)):
             rec, _, _ = affinity_stage(feats, **kw, m=m, resample=1000 + b)
-            row[label] = {"ari": adjusted_rand_index(ref, rec["labels"]), "m": rec["m"], "groups": rec["groups"]}
+            row[label] = {"ari": adjusted_rand_index(ref, _labels_by_name(rec, committed["names"])), "m": rec["m"],
+                          "groups": rec["groups"], "missing": sorted(set(committed["names"]) - set(rec["names"]))}
         draws.append(row)
         print(f"  [{b + 1}/{a.n_bootstrap}] ARI m re-chosen {row['rechosen']['ari']:.3f} (m = {row['rechosen']['m']}),"
               f" m = {m0} fixed {row['fixed']['ari']:.3f}", flush=True)
@@ -233,6 +241,7 @@ def stage_stability(r: Runner, feats: FeatureSet, committed: dict) -> dict:
             "reproduces_committed": adjusted_rand_index(ref, again["labels"]) > 1 - 1e-9,
             "ari_rechosen": summary["rechosen"], "ari_fixed_m": summary["fixed"],
             "m_counts": {str(k): ms.count(k) for k in sorted(set(ms))},
+            "draws_missing_datasets": sum(bool(d["rechosen"]["missing"]) for d in draws),
             "together_fixed_m": (together / max(len(draws), 1)).tolist(), "names": names, "draws": draws,
             "device": a.device, "machine": machine(a.device)}
 

@@ -136,6 +136,13 @@ def asset_figures(home: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ run
 
 
+def old_peak(path: Path, key: str, resume: bool) -> float:
+    """A resumed run's peak so far (0 when not resuming)."""
+    if not (resume and path.exists()):
+        return 0.0
+    return float(json.loads(path.read_text()).get(key) or 0.0)
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -155,11 +162,15 @@ def main() -> None:
     ap.add_argument("--executor", default="in_process")
     ap.add_argument("--timeout", type=float, default=0, help="stop the run after this many seconds (0: never)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--resume", action="store_true", help="keep --home: `grouplora run` resumes what a call cut "
+                    "short (wall time adds up over the calls)")
     a = ap.parse_args()
 
-    if a.home.exists():
+    path = a.out / f"pipeline_{a.device.split(':')[0]}.json"
+    before = json.loads(path.read_text()).get("wall_s", 0.0) if a.resume and path.exists() else 0.0
+    if a.home.exists() and not a.resume:
         shutil.rmtree(a.home)
-    a.home.mkdir(parents=True)
+    a.home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "GROUPLORA_HOME": str(a.home), "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("DAGSTER_HOME", None)
     if a.model:
@@ -178,7 +189,7 @@ def main() -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         rc = "timeout"
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t0 + before
     sampler.stop.set()
     sampler.join()
 
@@ -194,8 +205,10 @@ def main() -> None:
         "wall_s": round(wall, 1), "stage_seconds": summary["stages_s"], "stage_names": STAGE_NAMES,
         "asset_seconds": summary["assets_s"], "runs": summary["runs"], "failed_runs": summary["failed_runs"],
         "run_overhead_s": summary["run_overhead_s"],
-        "peak_host_rss_mb": round(sampler.peak_rss / 2**20, 1),
-        "peak_gpu_memory_mb": sampler.peak_gpu_mb if sampler.gpu else None,
+        "peak_host_rss_mb": max(round(sampler.peak_rss / 2**20, 1), old_peak(path, "peak_host_rss_mb", a.resume)),
+        "peak_gpu_memory_mb": max(sampler.peak_gpu_mb, old_peak(path, "peak_gpu_memory_mb", a.resume))
+        if sampler.gpu else None, "calls": 1 + (json.loads(path.read_text()).get("calls", 1) if a.resume
+                                                and path.exists() else 0),
         "gpu_memory_idle_mb": sampler.gpu_idle_mb,
         **asset_figures(home),
     }
@@ -203,7 +216,6 @@ def main() -> None:
         import torch
         res["device_name"] = torch.cuda.get_device_name()
     a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"pipeline_{a.device.split(':')[0]}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     path.write_text(json.dumps(old | res, indent=2, default=str) + "\n")
     print(json.dumps({k: res[k] for k in ("exit", "n_datasets", "wall_s", "stage_seconds", "peak_host_rss_mb",

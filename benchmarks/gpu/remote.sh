@@ -79,6 +79,7 @@ run|py|pc|pipe|suite3)
                 --max-examples 40 --budgets 8192,16384,32768 --floor-batches 32,64,128,256 --repeats 2 --warmup 1 \
                 --out $OUT 2>&1 | grep -v Warning || echo "features bench stopped (rc $?)"
         fi
+        [ -n "$NO_RUN" ] && { ls -la $OUT; exit 0; }  # NO_RUN=1: the features bench alone (a call of its own)
         timeout "${LIMIT:-480}" python3 benchmarks/pipeline_gpu.py --data /root/scale --home /root/plhome \
             --device cuda --dtype bfloat16 --settings benchmarks/gpu/scale.yaml --out $OUT "$@" 2>&1 \
             | grep -v Warning | tail -150 || echo "pipeline stopped (rc $?)"

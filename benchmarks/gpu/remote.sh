@@ -77,15 +77,17 @@ run|py|pc|pipe|suite3)
         if [ -z "$NO_BENCH" ]; then  # NO_BENCH=1: a second call that only resumes the run
             timeout 240 python3 benchmarks/gradient_features.py --pipeline --device cuda --data /root/scale \
                 --max-examples 40 --budgets 8192,16384,32768 --floor-batches 32,64,128,256 --repeats 2 --warmup 1 \
-                --out $OUT 2>&1 | grep -v Warning || echo "features bench stopped (rc $?)"
+                --out /root/plout 2>&1 | grep -v Warning || echo "features bench stopped (rc $?)"
         fi
-        [ -n "$NO_RUN" ] && { ls -la $OUT; exit 0; }  # NO_RUN=1: the features bench alone (a call of its own)
+        mkdir -p /root/plout
+        [ -n "$NO_RUN" ] && { cp /root/plout/*.json $OUT/ 2>/dev/null; ls -la $OUT; exit 0; }  # NO_RUN=1: the features bench alone (a call of its own)
         timeout "${LIMIT:-480}" python3 benchmarks/pipeline_gpu.py --data /root/scale --home /root/plhome \
-            --device cuda --dtype bfloat16 --settings benchmarks/gpu/scale.yaml --out $OUT "$@" 2>&1 \
+            --device cuda --dtype bfloat16 --settings benchmarks/gpu/scale.yaml --out /root/plout \
+            --timeout $(( ${LIMIT:-480} - 45 )) "$@" 2>&1 \
             | grep -v Warning | tail -150 || echo "pipeline stopped (rc $?)"
         tar czf $OUT/plhome.tgz -C /root plhome --exclude='*.safetensors' --exclude='*.parquet' \
             --exclude='*.npy' --exclude='checkpoints' 2>/dev/null || true
-        ls -la $OUT; exit 0
+        cp /root/plout/*.json $OUT/ 2>/dev/null; ls -la $OUT; exit 0
     fi
     if [ "$mode" = suite3 ]; then  # issue 13: the suite's seeds in parallel processes over one work folder (the
         # shared stages are done and parked in suite_work.tgz), the fidelity + approx + stability stages in a fourth

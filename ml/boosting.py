@@ -178,6 +178,7 @@ class BoostSettings:
     line_search: bool = True  # ρ_r = argmin of the train loss of F + ρ h_r (else ρ_r = 1)
     linear_tol: float = 0.3  # ridge: shrink w (×1/4) until the real Δf on train is within this of Gw
     max_shrinks: int = 6
+    check_examples: int = 64  # ridge: train examples the trust-region check scores per try (0: all of them)
     ridge_lam: float = 0.1  # ridge: λ relative to the mean eigenvalue of GᵀG (trace(GᵀG)/d)
     train_epochs: int = 1  # trained: epochs of each round's adapter
     train_max_steps: int | None = None  # trained: cap on its optimizer steps (FLOPs budget)
@@ -352,15 +353,20 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
             # θ0 + Pw leaves the linear regime fast: P's columns are random directions, so ‖Pw‖ is ~√(D/d)
             # times the step that would move f by Gw. Shrink w until the real change of the gold log-odds at θ0
             # on these examples matches Gw (a trust region for the linearization); ρ then scales the function.
-            f_ref = np.concatenate([gold_margins(ref_tr[n], y_tr[n]) for n in names])
-            for _ in range(settings.max_shrinks + 1):
+            # The check scores the first rows of each member (a few dozen examples), not all of train: each try
+            # is a forward pass, and only the accepted w needs its full h on train (below).
+            k = _head_counts({n: len(train[n]) for n in names}, settings.check_examples)
+            sub = {n: train[n][:k[n]] for n in names}
+            f_ref = np.concatenate([gold_margins(ref_tr[n][:k[n]], y_tr[n][:k[n]]) for n in names])
+            G_sub = np.concatenate([np.asarray(ridge.train_features[n])[:k[n]] for n in names]).astype(np.float64)
+            for attempt in range(settings.max_shrinks + 1):
                 boost_adapter_from_w(ridge.theta0_dir, ridge.projection, w * scale, rdir, r=ridge.r)
-                h_tr = _minus(logprobs_by_dataset(model, tokenizer, rdir, train, **kw), ref_tr)
-                real = np.concatenate([gold_margins(ref_tr[n] + h_tr[n], y_tr[n]) for n in names]) - f_ref
-                pred = G.astype(np.float64) @ (w * scale)
+                h_sub = logprobs_by_dataset(model, tokenizer, rdir, sub, **kw)
+                real = np.concatenate([gold_margins(h_sub[n], y_tr[n][:k[n]]) for n in names]) - f_ref
+                pred = G_sub @ (w * scale)
                 lin_err = float(np.linalg.norm(real - pred) / max(np.linalg.norm(pred), 1e-12))
-                if lin_err <= settings.linear_tol:
-                    break
+                if lin_err <= settings.linear_tol or attempt == settings.max_shrinks:
+                    break  # (the adapter on disk is w * scale either way)
                 scale *= 0.25
             w_norm = float(np.linalg.norm(w * scale))
         else:
@@ -398,6 +404,14 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
     else:
         res.stop = f"{settings.rounds} rounds"
     return res
+
+
+def _head_counts(sizes: Mapping[str, int], total: int) -> dict[str, int]:
+    """How many leading rows of each member make about `total` rows in all, spread evenly (0: every row)."""
+    if total <= 0 or sum(sizes.values()) <= total:
+        return dict(sizes)
+    per = max(1, -(-total // len(sizes)))
+    return {n: min(m, per) for n, m in sizes.items()}
 
 
 def round_logits(model, tokenizer, result: BoostResult, examples: Mapping[str, Sequence], *,

@@ -321,6 +321,14 @@ def test_line_search_finds_the_loss_minimizing_multiplier():
     assert boosted_logits(np.zeros((1, 2)), [np.ones((1, 2)), np.ones((1, 2))], [0.5, 2.0]).tolist() == [[2.5, 2.5]]
 
 
+def test_the_trust_region_check_scores_a_few_leading_rows_of_every_member():
+    from grouplora.ml.boosting import _head_counts
+    assert _head_counts({"a": 100, "b": 30}, 64) == {"a": 32, "b": 30}  # spread evenly, none over its size
+    assert _head_counts({"a": 10, "b": 20}, 64) == {"a": 10, "b": 20}  # fewer rows than asked: all of them
+    assert _head_counts({"a": 100, "b": 100}, 0) == {"a": 100, "b": 100}  # 0 = every row
+    assert all(v >= 1 for v in _head_counts({f"d{i}": 5 for i in range(100)}, 64).values())
+
+
 def test_gold_margins_and_pooled_loss():
     z = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
     y = np.array([0, 2])

@@ -355,14 +355,14 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
             # on these examples matches Gw (a trust region for the linearization); ρ then scales the function.
             # The check scores the first rows of each member (a few dozen examples), not all of train: each try
             # is a forward pass, and only the accepted w needs its full h on train (below).
-            k = _head_counts({n: len(train[n]) for n in names}, settings.check_examples)
-            sub = {n: train[n][:k[n]] for n in names}
-            f_ref = np.concatenate([gold_margins(ref_tr[n][:k[n]], y_tr[n][:k[n]]) for n in names])
-            G_sub = np.concatenate([np.asarray(ridge.train_features[n])[:k[n]] for n in names]).astype(np.float64)
+            head = _head_counts({n: len(train[n]) for n in names}, settings.check_examples)
+            sub = {n: train[n][:head[n]] for n in names}
+            f_ref = np.concatenate([gold_margins(ref_tr[n][:head[n]], y_tr[n][:head[n]]) for n in names])
+            G_sub = np.concatenate([np.asarray(ridge.train_features[n])[:head[n]] for n in names]).astype(np.float64)
             for attempt in range(settings.max_shrinks + 1):
                 boost_adapter_from_w(ridge.theta0_dir, ridge.projection, w * scale, rdir, r=ridge.r)
                 h_sub = logprobs_by_dataset(model, tokenizer, rdir, sub, **kw)
-                real = np.concatenate([gold_margins(h_sub[n], y_tr[n][:k[n]]) for n in names]) - f_ref
+                real = np.concatenate([gold_margins(h_sub[n], y_tr[n][:head[n]]) for n in names]) - f_ref
                 pred = G_sub @ (w * scale)
                 lin_err = float(np.linalg.norm(real - pred) / max(np.linalg.norm(pred), 1e-12))
                 if lin_err <= settings.linear_tol or attempt == settings.max_shrinks:

@@ -391,6 +391,8 @@ def test_boosting_rounds_are_judged_on_the_selection_fold_only(tiny, tmp_path):
         else:
             assert r is res.rounds[-1] and r.loss_after >= r.loss_before  # the first rejection ends it
     assert len(res.rounds) <= 3 and res.step_sizes == [0.5 * r.rho for r in res.kept]
+    assert [r.index for r in res.rounds] == list(range(1, len(res.rounds) + 1))  # rounds numbered 1..R, in order
+    assert all(Path(r.adapter_dir).name == f"round_{r.index}" for r in res.rounds)
     assert all(r.rho >= 0 for r in res.rounds)
     # each ridge round's step was shrunk into the linear regime: its real Δf on train is within tolerance of Gw
     assert all(r.linearity_error <= st.linear_tol for r in res.rounds)

@@ -5,7 +5,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from grouplora.ml.estimation import FeatureSet, estimate_subsets
+from grouplora.ml.estimation import estimate_subsets
 from grouplora.ml.forward_mode import forward_scores
 from grouplora.ml.model import label_token_ids
 from grouplora.ml.projection import Projection
@@ -13,16 +13,17 @@ from grouplora.ml.subsets import Subset, estimation_subsets
 from grouplora.orchestration.devices import GPU_OP_TAGS, GPU_POOL
 from grouplora.orchestration.resources import BaseModelResource, WarehouseResource
 from grouplora.orchestration.settings import EstimationSettings, GradientSettings
-from grouplora.orchestration.store import ArtifactStore
+from grouplora.orchestration.store import FEATURES, FOLD_SELECT, ArtifactStore
 
 
 @dg.asset(
-    deps=[dg.AssetKey("gradient_features")],
+    deps=[dg.AssetKey("gradient_features"), dg.AssetKey("lam_calibration")],
     group_name="estimates",
     kinds={"numpy", "parquet", "duckdb"},
     code_version="1",
     description="Estimated validation loss/accuracy of every dataset after fine-tuning on each sampled subset "
-                "(all singletons, all pairs, seeded random subsets), by logistic regression on gradient features.",
+                "(all singletons, all pairs, seeded random subsets), by logistic regression on gradient features "
+                "at the λ of lam_calibration; validation = its selection fold.",
     op_tags=GPU_OP_TAGS,  # loads the model
     pool=GPU_POOL,
 )
@@ -32,12 +33,13 @@ def subset_estimates(context: dg.AssetExecutionContext, store: ArtifactStore, wa
     names = store.current_datasets(context)
     if len(names) < 2:
         raise dg.Failure(f"need gradient features for at least two datasets, have {names}")
-    frame, X, feature_settings = store.read_features(names)
-    features = FeatureSet.from_frame(frame, X)
+    features, feature_settings = store.read_feature_set(names)  # validation: the selection fold
     s = estimation_settings
+    calibration = store.calibration(FEATURES, names, feature_settings, s.lam)
+    lam = float(calibration["lam"])
     subsets = estimation_subsets(names, n_random=s.n_random, size=s.size, seed=s.seed)
     start = time.perf_counter()
-    table, fit = estimate_subsets(features, subsets, lam=s.lam)
+    table, fit = estimate_subsets(features, subsets, lam=lam)
     seconds = time.perf_counter() - start
     singles = [(k, x) for k, x in enumerate(subsets) if x.kind == "singleton"][: s.verify_subsets]
     if singles:
@@ -53,7 +55,8 @@ def subset_estimates(context: dg.AssetExecutionContext, store: ArtifactStore, wa
         "dagster/row_count": len(table), "n_subsets": len(subsets), "subsets_by_kind": kinds,
         "n_datasets": len(names), "d": feature_settings["d"], "seconds": round(seconds, 3),
         "ms_per_subset": round(1000 * seconds / len(subsets), 3), "converged": float(fit.converged.mean()),
-        "lam": s.lam, "projection_checksum": feature_settings["projection_checksum"]})
+        "lam": lam, "lam_source": calibration["source"], "theta0": calibration["theta0"],
+        "projection_checksum": feature_settings["projection_checksum"]})
 
 
 def verify_forward(store: ArtifactStore, base_model: BaseModelResource, settings: GradientSettings,
@@ -66,7 +69,7 @@ def verify_forward(store: ArtifactStore, base_model: BaseModelResource, settings
     rows = []
     for k, subset in subsets:
         for name in subset.members:
-            df = store.rows(name, "validation")
+            df = store.rows(name, FOLD_SELECT)  # the rows the estimates were scored on
             card = store.card(name)
             out = forward_scores(model, tokenizer, projection, W[k], df["prompt"].tolist(), df["label_id"].tolist(),
                                  label_token_ids(tokenizer, card["label_words"]), batch_size=base_model.batch_size,

@@ -48,8 +48,10 @@ def task_partition(context: dg.AssetExecutionContext, store: ArtifactStore, ware
     start = time.perf_counter()
     T, names = affinity_matrix(warehouse)
     ps = partition_settings
+    start_clustering = time.perf_counter()
     part = partition_datasets(T, names, m=ps.m, max_m=ps.max_m, method=ps.method, normalize=ps.normalize,
                               seed=ps.seed)
+    clustering_seconds = time.perf_counter() - start_clustering
     m, scores = part.m, part.m_scores
     relaxed = float(part.sdp.objective) if part.sdp is not None else float("nan")
     files = sources.files()
@@ -79,6 +81,11 @@ def task_partition(context: dg.AssetExecutionContext, store: ArtifactStore, ware
     metadata = {"m": int(m), "method": ps.method, "groups": dg.MetadataValue.md(table.to_markdown(index=False)),
                 "objective": float(spec["objective"]), "new_adapter_keys": new, "heatmap": png_markdown(png),
                 "heatmap_path": dg.MetadataValue.path(str(png)), "seconds": round(time.perf_counter() - start, 3)}
+    metadata |= {"n_datasets": len(names), "clustering_seconds": round(clustering_seconds, 3)}
+    if part.sdp is not None:  # the certificate: no partition into m groups beats ours by more than the gap
+        metadata |= {"sdp_upper_bound": float(part.sdp.upper_bound), "sdp_certified_gap": float(part.sdp.certified_gap),
+                     "sdp_relative_gap": float(part.sdp.certified_gap / max(abs(part.sdp.upper_bound), 1e-12)),
+                     "sdp_iterations": int(part.sdp.iterations), "sdp_converged": bool(part.sdp.converged)}
     if scores is not None:
         metadata["m_selection"] = dg.MetadataValue.md(scores.to_markdown(index=False))
     return dg.MaterializeResult(metadata=metadata)

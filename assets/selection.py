@@ -15,7 +15,6 @@ import dagster as dg
 import numpy as np
 
 from grouplora.ml.data_format import validate_name
-from grouplora.ml.estimation import FeatureSet
 from grouplora.ml.model import model_fingerprint
 from grouplora.ml.plots import bar_chart
 from grouplora.ml.selection import Selection, mean_hidden_state, select_auxiliaries
@@ -68,7 +67,8 @@ def selection_chart(selection: Selection, path: Path) -> Path:
 @dg.asset(
     partitions_def=dataset_partitions,
     # The partition key is the target; every target reads every dataset's meta features.
-    deps=[dg.AssetDep(dg.AssetKey("meta_gradient_features"), partition_mapping=dg.AllPartitionMapping())],
+    deps=[dg.AssetDep(dg.AssetKey("meta_gradient_features"), partition_mapping=dg.AllPartitionMapping()),
+          dg.AssetKey("meta_lam_calibration")],
     group_name="selection",
     kinds={"numpy", "parquet", "duckdb", "mlflow"},
     code_version="1",
@@ -89,19 +89,22 @@ def target_selection(context: dg.AssetExecutionContext, store: ArtifactStore, wa
     if len(names) < 2:
         raise dg.Failure(f"no auxiliary datasets besides {target!r}: need meta features of at least two datasets")
     meta = store.meta_init()
-    frame, X, feature_settings = store.read_features(names, META_FEATURES)
+    features, feature_settings = store.read_feature_set(names, META_FEATURES)  # validation: the selection fold
     if feature_settings.get("theta0_fingerprint") != meta["fingerprint"]:
         raise dg.Failure(f"meta_gradient_features were taken at meta-init adapter "
                          f"{feature_settings.get('theta0_fingerprint')!r}, the current one is {meta['fingerprint']!r}: "
                          "re-materialize meta_gradient_features for all datasets")
-    features = FeatureSet.from_frame(frame, X)
+    calibration = store.calibration(META_FEATURES, names, feature_settings, s.lam)
+    if calibration["theta0_fingerprint"] != meta["fingerprint"]:
+        raise dg.Failure("λ was calibrated at another meta-init adapter: re-materialize meta_lam_calibration")
+    lam = float(calibration["lam"])
     start = time.perf_counter()
     hidden, computed = dataset_hidden_states(store, base_model, names, s.hidden_max_examples)
     hidden_seconds = time.perf_counter() - start
     start = time.perf_counter()
     try:
         selection = select_auxiliaries(features, target, hidden=hidden if target in hidden else None, top_k=s.top_k,
-                                       n_subsets=s.n_subsets, size=s.size or None, lam=s.lam, min_gain=s.min_gain,
+                                       n_subsets=s.n_subsets, size=s.size or None, lam=lam, min_gain=s.min_gain,
                                        seed=s.seed)
     except ValueError as e:  # e.g. a target without validation rows
         raise dg.Failure(f"target_selection for {target!r}: {e}") from e
@@ -113,7 +116,8 @@ def target_selection(context: dg.AssetExecutionContext, store: ArtifactStore, wa
     parquet, record = store.write_selection(target, table, {
         "target": target, "datasets": names, "chosen": selection.chosen,
         "methods": methods.to_dict(orient="records"), "forward_path": selection.forward_path.to_dict(orient="records"),
-        "settings": selection.settings, "meta_init_fingerprint": meta["fingerprint"],
+        "settings": selection.settings, "lam": lam, "lam_source": calibration["source"],
+        "meta_init_fingerprint": meta["fingerprint"],
         "projection_checksum": feature_settings["projection_checksum"]})
     warehouse.register_parquet("target_selection", store.parquet_glob("selection"))
     png = selection_chart(selection, store.png_path("selection", target))
@@ -139,6 +143,7 @@ def target_selection(context: dg.AssetExecutionContext, store: ArtifactStore, wa
         "scores": dg.MetadataValue.md(table.drop(columns=["target"]).round(4).to_markdown(index=False)),
         "forward_path": dg.MetadataValue.md(selection.forward_path.round(4).to_markdown(index=False)),
         "chart": png_markdown(png), "chart_path": dg.MetadataValue.path(str(png)),
-        "hidden_states_computed": computed, "seconds": round(seconds, 3), "hidden_seconds": round(hidden_seconds, 2),
+        "lam": lam, "lam_source": calibration["source"], "hidden_states_computed": computed,
+        "seconds": round(seconds, 3), "hidden_seconds": round(hidden_seconds, 2),
         "meta_init_fingerprint": meta["fingerprint"], "path": dg.MetadataValue.path(str(parquet)),
         "mlflow_run_id": run.info.run_id})

@@ -4,7 +4,8 @@ same ml/ functions and SQL models the assets call, so an experiment measures wha
   affinity_stage   estimates of the pipeline's subsets (ml.subsets.estimation_subsets, ml.estimation
                    .estimate_subsets: the subset_estimates asset) → the SQL models subset_affinity and
                    pairwise_affinity in DuckDB (the sql assets) → T → symmetrized, number of groups, SDP partition
-                   (ml.clustering.partition_datasets: the task_partition asset)
+                   (ml.clustering.partition_datasets: the task_partition asset); with `resample`, on a bootstrap
+                   draw of the random subsets (suite.py's stability stage)
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 
 from grouplora.ml.clustering import Partition, affinity_matrix_from, partition_datasets
 from grouplora.ml.estimation import FeatureSet, estimate_subsets
-from grouplora.ml.subsets import estimation_subsets
+from grouplora.ml.subsets import Subset, estimation_subsets
 
 from estimation_fidelity import _jsonable
 
@@ -68,18 +70,30 @@ def sql_models(estimates: pd.DataFrame, models: tuple[str, ...]) -> dict[str, pd
         con.close()
 
 
-def affinity_stage(feats: FeatureSet, *, lam: float, n_random: int, size: int, seed: int, max_m: int,
-                   ) -> tuple[dict, Partition, pd.DataFrame]:
+def bootstrap_subsets(subsets: list[Subset], seed: int) -> list[Subset]:
+    """The singletons and pairs, and a draw with replacement of as many random subsets as there are: what
+    subset_affinity averages over, resampled (a subset drawn k times counts k times in its averages)."""
+    fixed = [x for x in subsets if x.kind != "random"]
+    rand = [x for x in subsets if x.kind == "random"]
+    idx = np.random.default_rng(seed).integers(0, len(rand), len(rand))
+    return fixed + [rand[i] for i in idx]
+
+
+def affinity_stage(feats: FeatureSet, *, lam: float, n_random: int, size: int, seed: int, max_m: int, m: int = 0,
+                   resample: int | None = None) -> tuple[dict, Partition, pd.DataFrame]:
     """Estimation → affinity → partition. Returns (a JSON-able record, the Partition, the pairwise_affinity
-    table)."""
+    table). m > 0 fixes the number of groups (else chosen over 2..max_m); resample = a seed: the random subsets
+    are a bootstrap draw of the pipeline's (bootstrap_subsets), for the partition's stability."""
     subsets = estimation_subsets(list(feats.names), n_random=n_random, size=size, seed=seed)
+    if resample is not None:
+        subsets = bootstrap_subsets(subsets, resample)
     t = time.perf_counter()
     est, fit = estimate_subsets(feats, subsets, lam=lam)
     est_s = time.perf_counter() - t
     tables = sql_models(est, ("subset_affinity", "pairwise_affinity"))
     T, names = affinity_matrix_from(tables["subset_affinity"].rename(columns={"affinity_neg_loss": "value"})
                                     [["target", "source", "value"]])
-    part = partition_datasets(T, names, max_m=max_m, seed=seed)
+    part = partition_datasets(T, names, m=m, max_m=max_m, seed=seed)
     print("  groups: " + " | ".join(", ".join(g) for g in part.groups), flush=True)
     record = {"names": names, "T": T, "A": part.A, "labels": part.labels, "m": part.m, "groups": part.groups,
               "m_scores": None if part.m_scores is None else part.m_scores.to_dict(orient="records"),

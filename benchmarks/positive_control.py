@@ -42,9 +42,9 @@ from chain import Work, affinity_stage  # noqa: E402
 from estimation_fidelity import ROOT, Data, _jsonable, load_data, machine  # noqa: E402
 
 from grouplora.ml.boosting import BoostResult, BoostSettings, RidgeBase, boost_group, logprobs_by_dataset, round_logits  # noqa: E402
-from grouplora.ml.calibration import LAM_GRID, Calibration, calibrate, calibration_subsets, finetune_subset  # noqa: E402
+from grouplora.ml.calibration import LAM_GRID, calibrate_by_finetuning  # noqa: E402
 from grouplora.ml.datapack import TWIN_SUFFIX, write_twin_pack  # noqa: E402
-from grouplora.ml.ensemble import score_dataset  # noqa: E402
+from grouplora.ml.ensemble import method_costs, score_dataset  # noqa: E402
 from grouplora.ml.estimation import FeatureSet  # noqa: E402
 from grouplora.ml.features import compute_features  # noqa: E402
 from grouplora.ml.flops import forward_flops, lora_training_flops  # noqa: E402
@@ -204,17 +204,14 @@ class Chain:
 
     def calibration(self, seed: int, feats: FeatureSet) -> dict:
         a = self.a
-        subsets = calibration_subsets(self.s.names, a.n_calibration, size=a.subset_size, seed=1000 + seed)
-        truth, runs = {}, {}
-        for s in subsets:
-            r = finetune_subset(self.model, self.tok, s, self.s.train, self.s.select, self.config(seed),
-                                self.path("calibration", f"s{seed}", s.id), init_adapter=self.theta0(seed),
-                                eval_batch_size=a.eval_batch_size)
-            truth[s.id], runs[s.id] = r["true"], {k: v for k, v in r.items() if k != "true"}
-            print(f"  calibration {','.join(s.members)}: {r['steps']} steps, true loss "
-                  f"{ {m: round(v['loss'], 3) for m, v in r['true'].items()} }", flush=True)
-        cal = calibrate(feats, subsets, truth, theta0=a.theta0, grid=a.lam_grid, pinned_lam=a.lam)
+        cal, runs = calibrate_by_finetuning(self.model, self.tok, feats, self.s.train, self.s.select, self.config(seed),
+                                            self.path("calibration", f"s{seed}"), theta0=a.theta0,
+                                            init_adapter=self.theta0(seed), n_subsets=a.n_calibration,
+                                            size=a.subset_size, seed=1000 + seed, grid=a.lam_grid, pinned_lam=a.lam,
+                                            eval_batch_size=a.eval_batch_size,
+                                            log=lambda m: print(f"  {m}", flush=True))
         print(f"  λ = {cal.lam:g} ({cal.source}); at λ: {cal.at_lam()}", flush=True)
+        runs = {k: {x: v for x, v in r.items() if x != "true"} for k, r in runs.items()}
         return {"calibration": cal.to_dict(), "runs": runs, "flops": sum(r["flops"] for r in runs.values()),
                 "steps": sum(r["steps"] for r in runs.values())}
 
@@ -284,26 +281,10 @@ class Chain:
                                 all_adapter={sp: z_all[sp][n] for sp in ("weights", "test")}, include_all=True)
             out["accuracy"]["zero_shot"] = float((z_base["test"][n].argmax(-1) == y["test"]).mean())
             rows.append({"dataset": n, "group": gname, "n_rounds": len(rounds), **out})
-        costs = method_costs(runs, boosts, groups, seed)
+        costs = method_costs([runs[f"g{i}_s{seed}"] for i in range(len(groups))], list(boosts.values()),
+                             runs["all"])
         return {"seed": seed, "rows": rows, "runs": runs, "boosting": {k: v.to_dict() for k, v in boosts.items()},
                 "costs": costs}
-
-
-def method_costs(runs: dict, boosts: dict[str, BoostResult], groups: list[list[str]], seed: int) -> dict:
-    """Training FLOPs and optimizer steps per method (validation passes and features reported apart)."""
-    g = [runs[f"g{i}_s{seed}"] for i in range(len(groups))]
-    grouped = {"flops": sum(r["flops"] for r in g), "steps": sum(r["steps"] for r in g),
-               "eval_flops": sum(r["eval_flops"] for r in g), "adapters": len(g)}
-    boost = {"flops": sum(b.flops for b in boosts.values()), "steps": sum(b.steps for b in boosts.values()),
-             "rounds_kept": sum(len(b.kept) for b in boosts.values())}
-    all_ = {"flops": runs["all"]["flops"], "steps": runs["all"]["steps"], "eval_flops": runs["all"]["eval_flops"],
-            "adapters": 1}
-    ens = {"flops": grouped["flops"] + boost["flops"], "steps": grouped["steps"] + boost["steps"],
-           "adapters": grouped["adapters"] + boost["rounds_kept"]}
-    return {"zero_shot": {"flops": 0, "steps": 0, "adapters": 0}, "one_adapter_all": all_, "grouped": grouped,
-            "grouped_boosted": ens, "ensemble": ens,
-            "ensemble_with_all": {"flops": ens["flops"] + all_["flops"], "steps": ens["steps"] + all_["steps"],
-                                  "adapters": ens["adapters"] + 1}}
 
 
 # ------------------------------------------------------------------------------------------------ main

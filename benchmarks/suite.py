@@ -20,6 +20,8 @@ under <work>, so a rerun — e.g. after a time limit — resumes where it stoppe
   fidelity      (after the first seed) estimates at the calibrated λ vs real fine-tuning from θ* on further
                 random subsets
   approx        first-order approximation error against perturbation scale, at fresh LoRA and at θ*
+  stability     the affinity stage on --n-bootstrap resamples of its random subsets: adjusted Rand index of each
+                partition vs the affinity stage's, with m re-chosen and with m fixed (no training: CPU is enough)
 
 Validation is split once per dataset (ml.folds): the selection fold chooses checkpoints (best epoch), λ, the
 partition and boosting rounds; the weights fold fits the ensemble weights only; test is only reported.
@@ -52,7 +54,9 @@ from estimation_fidelity import (ROOT, Data, _jsonable, change_spearman, data_fo
 
 from grouplora.ml.approx import SCALES, approximation_errors  # noqa: E402
 from grouplora.ml.boosting import BoostResult, BoostSettings, RidgeBase, boost_group, round_logits  # noqa: E402
-from grouplora.ml.calibration import LAM_GRID, calibrate, calibration_subsets, choose_lam, error_table  # noqa: E402
+from grouplora.ml.clustering import adjusted_rand_index  # noqa: E402
+from grouplora.ml.calibration import (LAM_GRID, calibrate_by_finetuning, calibration_subsets, choose_lam,  # noqa: E402
+                                      error_table)
 from grouplora.ml.ensemble import score_dataset  # noqa: E402
 from grouplora.ml.estimation import FeatureSet, Split  # noqa: E402
 from grouplora.ml.lora import add_lora, load_adapter  # noqa: E402
@@ -175,14 +179,12 @@ def load_features(work: Work) -> FeatureSet:
 def stage_calibration(r: Runner, feats: FeatureSet, meta: Path) -> dict:
     """λ against real fine-tunes from θ* of a few random subsets (ml.calibration), or --lam when pinned."""
     a = r.args
-    subsets = calibration_subsets(list(feats.names), a.n_calibration, size=3, seed=1)
-    runs = {}
-    for i, s in enumerate(subsets):
-        runs[s.id] = finetune(r.model, r.tok, r.by_name, s, r.config(0), a, r.work.path("fidelity_adapters"),
-                              init_adapter=meta)
-        print(f"  [{i + 1}/{len(subsets)}] calibration {','.join(s.members)} {runs[s.id]['train_s']:.1f} s", flush=True)
-    cal = calibrate(feats, subsets, {k: v["true"] for k, v in runs.items()}, theta0="meta_init", grid=a.lam_grid,
-                    pinned_lam=a.lam)
+    # truth on the selection fold: the rows the features' validation side was taken on (val_split="select")
+    cal, runs = calibrate_by_finetuning(r.model, r.tok, feats, by_dataset(r.data, "train"),
+                                        by_dataset(r.data, "select"), r.config(0), r.work.path("fidelity_adapters"),
+                                        theta0="meta_init", init_adapter=meta, n_subsets=a.n_calibration, size=3,
+                                        seed=1, grid=a.lam_grid, pinned_lam=a.lam, eval_batch_size=a.eval_batch_size,
+                                        log=lambda m: print(f"  {m}", flush=True))
     print(f"  λ = {cal.lam:g} ({cal.source})", flush=True)
     return {**cal.to_dict(), "runs": runs, "at_lam": cal.at_lam()}
 
@@ -193,6 +195,54 @@ def stage_affinity(r: Runner, feats: FeatureSet, lam: float) -> dict:
     a = r.args
     record, _, _ = affinity_stage(feats, lam=lam, n_random=a.n_random, size=a.subset_size, seed=0, max_m=a.max_m)
     return record
+
+
+def _labels_by_name(rec: dict, names: list[str]) -> list[int]:
+    """rec's group labels in the order of `names`; a dataset no drawn subset contains (few subsets) is a group of
+    its own, so it counts against the agreement."""
+    got = dict(zip(rec["names"], rec["labels"]))
+    return [got[n] if n in got else rec["m"] + i for i, n in enumerate(names)]
+
+
+def stage_stability(r: Runner, feats: FeatureSet, committed: dict) -> dict:
+    """The partition's stability (issue 13): the affinity stage's path (chain.affinity_stage) on B bootstrap draws
+    of its random subsets, each partition compared with the committed one by the adjusted Rand index, with m
+    re-chosen (what a rerun of the pipeline would do) and with m fixed to the committed m (the grouping alone)."""
+    a, lam, m0 = r.args, committed["lam"], committed["m"]
+    ref = np.asarray(committed["labels"])
+    kw = dict(lam=lam, n_random=a.n_random, size=a.subset_size, seed=0, max_m=a.max_m)
+    again, _, _ = affinity_stage(feats, **kw)  # no resampling: does this machine reproduce the committed partition?
+    draws = []
+    for b in range(a.n_bootstrap):
+        row = {"draw": b}
+        for label, m in (("rechosen", 0), ("fixed", m0)):
+            rec, _, _ = affinity_stage(feats, **kw, m=m, resample=1000 + b)
+            row[label] = {"ari": adjusted_rand_index(ref, _labels_by_name(rec, committed["names"])), "m": rec["m"],
+                          "groups": rec["groups"], "missing": sorted(set(committed["names"]) - set(rec["names"]))}
+        draws.append(row)
+        print(f"  [{b + 1}/{a.n_bootstrap}] ARI m re-chosen {row['rechosen']['ari']:.3f} (m = {row['rechosen']['m']}),"
+              f" m = {m0} fixed {row['fixed']['ari']:.3f}", flush=True)
+    names = committed["names"]
+    together = np.zeros((len(names), len(names)))  # how often each pair shares a group (m fixed)
+    for d in draws:
+        for g in d["fixed"]["groups"]:
+            i = [names.index(x) for x in g]
+            together[np.ix_(i, i)] += 1
+    summary = {}
+    for label in ("rechosen", "fixed"):
+        x = np.array([d[label]["ari"] for d in draws])
+        summary[label] = {"mean": float(x.mean()), "std": float(x.std(ddof=1)) if len(x) > 1 else 0.0,
+                          "min": float(x.min()), "median": float(np.median(x)),
+                          "share_identical": float((x > 1 - 1e-9).mean())}
+    ms = [d["rechosen"]["m"] for d in draws]
+    return {"n_bootstrap": a.n_bootstrap, "lam": lam, "m": m0, "n_random": a.n_random, "seed": 0,
+            "resample_seeds": [1000 + b for b in range(a.n_bootstrap)],
+            "reproduces_committed": adjusted_rand_index(ref, again["labels"]) > 1 - 1e-9,
+            "ari_rechosen": summary["rechosen"], "ari_fixed_m": summary["fixed"],
+            "m_counts": {str(k): ms.count(k) for k in sorted(set(ms))},
+            "draws_missing_datasets": sum(bool(d["rechosen"]["missing"]) for d in draws),
+            "together_fixed_m": (together / max(len(draws), 1)).tolist(), "names": names, "draws": draws,
+            "device": a.device, "machine": machine(a.device)}
 
 
 def stage_fidelity(r: Runner, feats: FeatureSet, meta: Path, cal: dict) -> dict:
@@ -387,12 +437,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden-examples", type=int, default=64)
     p.add_argument("--approx-datasets", type=int, default=4)
     p.add_argument("--approx-examples", type=int, default=4)
+    p.add_argument("--n-bootstrap", type=int, default=50, help="bootstrap draws of the subsets for stability")
     p.add_argument("--budget-s", type=float, default=None, help="start no new stage after this many seconds")
     p.add_argument("--seed", type=int, default=0, help="data sampling seed")
+    p.add_argument("--only", nargs="+", choices=PER_RUN_STAGES, default=list(PER_RUN_STAGES),
+                   help="after the shared stages, run only these (seeds in parallel processes over one --work: give "
+                        "each process its --seeds and `all methods`, and one process `fidelity approx`)")
     a = p.parse_args(argv)
     if a.lam is None and a.n_calibration < 1:
         p.error("--n-calibration must be >= 1 unless --lam pins λ")
     return a
+
+
+PER_RUN_STAGES = ("all", "methods", "selection", "fidelity", "approx", "stability")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -430,15 +487,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
         res["affinity"] = work.stage("affinity", lambda: stage_affinity(r, feats, lam))
         groups = res["affinity"]["groups"]
         choice = res["choice"] = work.stage("choice", lambda: stage_choose(r, feats, targets, lam))
+        only = set(args.only)
         for s in args.seeds:  # seed by seed, so a cut-short run still has whole seeds of everything
-            if s != 0:
+            if s != 0 and "all" in only:
                 res[f"all_s{s}"] = work.stage(f"all_s{s}", lambda s=s: stage_all(r, s))
-            res[f"methods_s{s}"] = work.stage(f"methods_s{s}", lambda s=s: stage_methods(r, s, groups, meta, feats))
-            res[f"selection_s{s}"] = work.stage(f"selection_s{s}", lambda s=s: stage_selection(r, choice, s))
-            if s == args.seeds[0]:
+            if "methods" in only:
+                res[f"methods_s{s}"] = work.stage(f"methods_s{s}",
+                                                  lambda s=s: stage_methods(r, s, groups, meta, feats))
+            if "selection" in only:
+                res[f"selection_s{s}"] = work.stage(f"selection_s{s}", lambda s=s: stage_selection(r, choice, s))
+            if s == args.seeds[0] and "fidelity" in only:
                 res["fidelity"] = work.stage("fidelity", lambda: stage_fidelity(r, feats, meta, res["calibration"]))
-        res["approx"] = work.stage("approx", lambda: stage_approx(r, meta))
-        res["complete"] = True
+        if "approx" in only:
+            res["approx"] = work.stage("approx", lambda: stage_approx(r, meta))
+        if "stability" in only:
+            res["stability"] = work.stage("stability", lambda: stage_stability(r, feats, res["affinity"]))
+        res["complete"] = only == set(PER_RUN_STAGES)
     except TimeoutError as e:
         print(str(e), flush=True)
         res["complete"] = False

@@ -367,7 +367,8 @@ def _run_suite_onwards(resources, instance, versions: dict[str, str], executor: 
     if freshness.suite_is_current(instance, versions, _stored_partition(store), PER_DATASET_ASSETS, config):
         click.echo("== suite-wide assets: current")
     else:
-        click.echo("== suite-wide assets: approximation error, subset estimates, affinity tables, partition")
+        click.echo("== suite-wide assets: approximation error, λ calibration, subset estimates, affinity tables, "
+                   "partition")
         run.run_suite(executor)
     _print_results(resources["warehouse"])
 
@@ -410,8 +411,9 @@ def progress_for(bar):
 
 def _print_ensemble(store) -> None:
     table = store.ensemble_results().set_index("dataset")
-    cols = ["zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble"]
-    table = table[cols]
+    cols = ["zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble", "ensemble_merged",
+            "ensemble_with_all"]
+    table = table[[c for c in cols if c in table.columns]]  # a results file of an earlier version has fewer
     table.loc["MEAN"] = table.mean()
     click.echo("\nTest accuracy (demo scale: a few dozen test examples per dataset):")
     click.echo(table.round(3).to_markdown())

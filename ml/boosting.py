@@ -21,8 +21,6 @@ starts from: h_r = z(θ_r) − z(θ_ref).
 * trained: a fresh LoRA trained on the group's train examples with the current prediction as a fixed logit
   offset, i.e. on the loss CE(F(x) + h(x), y): the adapter learns the residual (examples the ensemble already
   gets right carry almost no gradient); θ_ref = the bare base model. Its training FLOPs count.
-
-Legacy (the current ensemble asset, until it is ported): train_boost_adapter, a loss-weighted adapter.
 """
 
 from __future__ import annotations
@@ -160,22 +158,6 @@ def boost_adapter_from_w(base_adapter_dir: Path | None, projection: Projection, 
 # ---------------------------------------------------------------------------------------- trained
 
 
-def loss_weights(per_example_loss: np.ndarray, floor: float = 0.0) -> np.ndarray:
-    """Sample weights ∝ current per-example loss (+ floor), scaled to mean 1."""
-    l = np.clip(np.asarray(per_example_loss, dtype=np.float64), 0.0, None) + floor
-    if l.size == 0 or not np.all(np.isfinite(l)) or l.sum() <= 0:
-        raise ValueError("per-example losses must be finite with a positive sum")
-    return l / l.mean()
-
-
-def train_boost_adapter(base_name_or_model: Any, examples: Sequence, current_loss: np.ndarray, config,
-                        out_dir: Path, **kwargs):
-    """train_adapter on a group's examples reweighted by their current (ensemble) loss."""
-    from grouplora.ml.training import train_adapter
-    return train_adapter(base_name_or_model, examples, config, out_dir,
-                         sample_weights=loss_weights(current_loss), **kwargs)
-
-
 def keep_round(val_loss_before: float, val_loss_after: float, min_gain: float = 0.0) -> bool:
     """Keep a boosting round only if validation loss drops by more than min_gain (NaN after = reject)."""
     if not np.isfinite(val_loss_after):
@@ -196,6 +178,7 @@ class BoostSettings:
     line_search: bool = True  # ρ_r = argmin of the train loss of F + ρ h_r (else ρ_r = 1)
     linear_tol: float = 0.3  # ridge: shrink w (×1/4) until the real Δf on train is within this of Gw
     max_shrinks: int = 6
+    check_examples: int = 64  # ridge: train examples the trust-region check scores per try (0: all of them)
     ridge_lam: float = 0.1  # ridge: λ relative to the mean eigenvalue of GᵀG (trace(GᵀG)/d)
     train_epochs: int = 1  # trained: epochs of each round's adapter
     train_max_steps: int | None = None  # trained: cap on its optimizer steps (FLOPs budget)
@@ -370,15 +353,20 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
             # θ0 + Pw leaves the linear regime fast: P's columns are random directions, so ‖Pw‖ is ~√(D/d)
             # times the step that would move f by Gw. Shrink w until the real change of the gold log-odds at θ0
             # on these examples matches Gw (a trust region for the linearization); ρ then scales the function.
-            f_ref = np.concatenate([gold_margins(ref_tr[n], y_tr[n]) for n in names])
-            for _ in range(settings.max_shrinks + 1):
+            # The check scores the first rows of each member (a few dozen examples), not all of train: each try
+            # is a forward pass, and only the accepted w needs its full h on train (below).
+            head = _head_counts({n: len(train[n]) for n in names}, settings.check_examples)
+            sub = {n: train[n][:head[n]] for n in names}
+            f_ref = np.concatenate([gold_margins(ref_tr[n][:head[n]], y_tr[n][:head[n]]) for n in names])
+            G_sub = np.concatenate([np.asarray(ridge.train_features[n])[:head[n]] for n in names]).astype(np.float64)
+            for attempt in range(settings.max_shrinks + 1):
                 boost_adapter_from_w(ridge.theta0_dir, ridge.projection, w * scale, rdir, r=ridge.r)
-                h_tr = _minus(logprobs_by_dataset(model, tokenizer, rdir, train, **kw), ref_tr)
-                real = np.concatenate([gold_margins(ref_tr[n] + h_tr[n], y_tr[n]) for n in names]) - f_ref
-                pred = G.astype(np.float64) @ (w * scale)
+                h_sub = logprobs_by_dataset(model, tokenizer, rdir, sub, **kw)
+                real = np.concatenate([gold_margins(h_sub[n], y_tr[n][:head[n]]) for n in names]) - f_ref
+                pred = G_sub @ (w * scale)
                 lin_err = float(np.linalg.norm(real - pred) / max(np.linalg.norm(pred), 1e-12))
-                if lin_err <= settings.linear_tol:
-                    break
+                if lin_err <= settings.linear_tol or attempt == settings.max_shrinks:
+                    break  # (the adapter on disk is w * scale either way)
                 scale *= 0.25
             w_norm = float(np.linalg.norm(w * scale))
         else:
@@ -416,6 +404,14 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
     else:
         res.stop = f"{settings.rounds} rounds"
     return res
+
+
+def _head_counts(sizes: Mapping[str, int], total: int) -> dict[str, int]:
+    """How many leading rows of each member make about `total` rows in all, spread evenly (0: every row)."""
+    if total <= 0 or sum(sizes.values()) <= total:
+        return dict(sizes)
+    per = max(1, -(-total // len(sizes)))
+    return {n: min(m, per) for n, m in sizes.items()}
 
 
 def round_logits(model, tokenizer, result: BoostResult, examples: Mapping[str, Sequence], *,

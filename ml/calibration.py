@@ -220,3 +220,29 @@ def calibrate(features: FeatureSet, subsets: Sequence[Subset], truth: Truth, *, 
     return Calibration(lam=lam, theta0=theta0, source=source, grid=grid, table=table,
                        subsets=[list(s.members) for s in subsets], n_pairs=sum(len(s) for s in subsets),
                        at_grid_edge=source == "calibrated" and len(grid) > 1 and lam in (grid[0], grid[-1]))
+
+
+def calibrate_by_finetuning(model, tokenizer, features: FeatureSet, train: Mapping[str, Sequence[TrainExample]],
+                            val: Mapping[str, Sequence[TrainExample]], config: TrainConfig, work_dir: Path, *,
+                            theta0: str, init_adapter: Path | None, n_subsets: int, size: int = 3, seed: int = 1,
+                            grid: Sequence[float] = LAM_GRID, pinned_lam: float | None = None,
+                            eval_batch_size: int = 32, log=print) -> tuple[Calibration, dict[str, dict]]:
+    """The calibration step, as the pipeline and the benchmarks run it: `n_subsets` random subsets of `size`
+    datasets really fine-tuned from θ0 (`init_adapter`; work_dir/<subset id>), then `calibrate`. A `pinned_lam`
+    is used as given (source "pinned"); with n_subsets = 0 too nothing is fine-tuned (no error table).
+
+    train / val: {dataset: examples}; val must be the examples the features' validation rows are (the estimator
+    predicts the loss on exactly those). Returns (Calibration, {subset id: the run's cost and true losses})."""
+    if pinned_lam is not None and n_subsets < 1:
+        return calibrate(features, [], {}, theta0=theta0, grid=grid, pinned_lam=pinned_lam), {}
+    if n_subsets < 1:
+        raise ValueError("calibration needs at least one subset to fine-tune, or a pinned λ")
+    subsets = calibration_subsets(list(features.names), n_subsets, size=size, seed=seed)
+    truth, runs = {}, {}
+    for i, s in enumerate(subsets):
+        r = finetune_subset(model, tokenizer, s, train, val, config, Path(work_dir) / s.id, init_adapter=init_adapter,
+                            eval_batch_size=eval_batch_size)
+        truth[s.id], runs[s.id] = r["true"], {"members": list(s.members), **r}
+        log(f"calibration [{i + 1}/{len(subsets)}] {', '.join(s.members)}: {r['steps']} steps in "
+            f"{r['train_s']:.1f}s, true loss " + ", ".join(f"{m} {v['loss']:.3f}" for m, v in r["true"].items()))
+    return calibrate(features, subsets, truth, theta0=theta0, grid=grid, pinned_lam=pinned_lam), runs

@@ -591,6 +591,26 @@ def choose_m(
     return best, table
 
 
+def adjusted_rand_index(a: Iterable[int], b: Iterable[int]) -> float:
+    """Hubert–Arabie adjusted Rand index of two labelings of the same items: 1 for the same partition (any
+    label names), about 0 for independent ones, negative below chance. Two trivial partitions that agree (all in
+    one group, or all apart) give 1."""
+    x, y = np.asarray(list(a)), np.asarray(list(b))
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"labelings must be 1-D and of the same length, got shapes {x.shape} and {y.shape}")
+    if x.size < 2:
+        raise ValueError("the adjusted Rand index needs at least 2 items")
+    _, xi = np.unique(x, return_inverse=True)
+    _, yi = np.unique(y, return_inverse=True)
+    C = np.zeros((xi.max() + 1, yi.max() + 1))
+    np.add.at(C, (xi, yi), 1)
+    pairs = lambda v: float((v * (v - 1) / 2).sum())  # noqa: E731  # Σ C(v, 2)
+    both, sa, sb = pairs(C), pairs(C.sum(1)), pairs(C.sum(0))
+    expected = sa * sb / (x.size * (x.size - 1) / 2)
+    top = (sa + sb) / 2
+    return 1.0 if top == expected else float((both - expected) / (top - expected))
+
+
 @dataclass
 class Partition:
     """Datasets grouped from a task-affinity matrix T (target i, source j): what `partition_datasets` returns."""
@@ -635,6 +655,7 @@ def partition_datasets(T: np.ndarray, names: list[str], *, m: int = 0, max_m: in
 __all__ = [
     "Partition",
     "SdpResult",
+    "adjusted_rand_index",
     "brute_force_partition",
     "canonical_labels",
     "choose_m",

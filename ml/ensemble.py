@@ -27,7 +27,7 @@ from scipy.optimize import minimize
 from scipy.special import log_softmax
 
 from grouplora.ml.atomic import write_json
-from grouplora.ml.boosting import boosted_logits, keep_round, step_list
+from grouplora.ml.boosting import boosted_logits, step_list
 from grouplora.ml.model import label_token_ids, model_fingerprint
 from grouplora.ml.scoring import batching, model_device, predict_logprobs
 
@@ -104,8 +104,8 @@ def score_dataset(group: Mapping[str, np.ndarray], rounds: Sequence[Mapping[str,
 
     Returns {"accuracy": test accuracy per method, "weights_fold_accuracy": the same on the weights fold,
     "weights": α over [group, rounds...], "fallback": bool, and with include_all "weights_with_all",
-    "fallback_with_all"}. Methods: grouped (z_g), grouped_boosted (z_g + Σ η ρ_r h_r), ensemble (α fit on the weights
-    fold), one_adapter_all and ensemble_with_all when all_adapter is given."""
+    "fallback_with_all"}. Methods: grouped (z_g), grouped_boosted (z_g + Σ η ρ_r h_r), ensemble (α fit on the
+    weights fold), one_adapter_all and ensemble_with_all when all_adapter is given."""
     def acc(z: np.ndarray, y: np.ndarray) -> float:
         return float((np.asarray(z).argmax(-1) == y).mean()) if len(y) else float("nan")
 
@@ -132,33 +132,30 @@ def score_dataset(group: Mapping[str, np.ndarray], rounds: Sequence[Mapping[str,
     return out
 
 
-def dataset_methods(zv: np.ndarray, yv: np.ndarray, zt: np.ndarray, yt: np.ndarray, *, boosted: bool,
-                    min_gain: float = 0.0) -> tuple[dict[str, float], np.ndarray, bool | None]:
-    """LEGACY (the current ensemble asset's call, until it is ported to score_dataset; it fits the weights on
-    the same validation examples that judge the boosting round). One dataset's test accuracy under each method,
-    from its adapters' logits in the order
-    [group, one-on-all, (group's boosting adapter)]: zv (K, N_val, C), zt (K, N_test, C).
+def method_costs(groups: Sequence[Mapping[str, Any]], boosts: Sequence[Any], all_run: Mapping[str, Any]
+                 ) -> dict[str, dict[str, Any]]:
+    """Training cost behind each method: FLOPs and optimizer steps (training only; the per-epoch validation
+    passes are eval_flops), adapters trained or served, peak training memory. groups / all_run: TrainResult
+    dicts of the group adapters and the all-datasets adapter; boosts: the groups' ml.boosting.BoostResult
+    (ridge rounds train nothing: 0 FLOPs; rejected rounds were paid for too)."""
+    def peak(runs: Sequence[Mapping[str, Any]]) -> int:
+        return int(max((r.get("peak_memory_bytes", 0) for r in runs), default=0))
 
-    grouped_boosted = group + boosting adapter with weights fit on validation, kept only if validation loss
-    drops (keep_round); the ensemble weights every adapter kept. Returns (accuracies incl. ensemble_val,
-    ensemble weights over the first len(weights) adapters, boosting round kept or None)."""
-    def acc(z: np.ndarray, y: np.ndarray) -> float:
-        return float((np.asarray(z).argmax(-1) == y).mean())
-
-    row = {"one_adapter_all": acc(zt[1], yt), "grouped": acc(zt[0], yt)}
-    kept = None
-    if boosted:
-        a = fit_weights(zv[[0, 2]], yv)
-        kept = keep_round(ensemble_loss(zv[[0]], yv, np.ones(1)), ensemble_loss(zv[[0, 2]], yv, a), min_gain)
-        row["grouped_boosted"] = acc(combine(zt[[0, 2]], a), yt) if kept else row["grouped"]
-        if not kept:
-            zv, zt = zv[:2], zt[:2]
-    else:
-        row["grouped_boosted"] = row["grouped"]
-    alpha = fit_weights(zv, yv)
-    row["ensemble"] = acc(combine(zt, alpha), yt)
-    row["ensemble_val"] = acc(combine(zv, alpha), yv)
-    return row, alpha, kept
+    grouped = {"flops": int(sum(r["flops"] for r in groups)), "steps": int(sum(r["steps"] for r in groups)),
+               "eval_flops": int(sum(r.get("eval_flops", 0) for r in groups)), "adapters": len(groups),
+               "peak_memory_bytes": peak(groups)}
+    b_flops, b_steps = int(sum(b.flops for b in boosts)), int(sum(b.steps for b in boosts))
+    kept = int(sum(len(b.kept) for b in boosts))
+    all_ = {"flops": int(all_run["flops"]), "steps": int(all_run["steps"]),
+            "eval_flops": int(all_run.get("eval_flops", 0)), "adapters": 1, "peak_memory_bytes": peak([all_run])}
+    ens = {**grouped, "flops": grouped["flops"] + b_flops, "steps": grouped["steps"] + b_steps,
+           "adapters": grouped["adapters"] + kept, "boost_flops": b_flops, "boost_steps": b_steps, "rounds_kept": kept}
+    with_all = {**ens, "flops": ens["flops"] + all_["flops"], "steps": ens["steps"] + all_["steps"],
+                "eval_flops": ens["eval_flops"] + all_["eval_flops"], "adapters": ens["adapters"] + 1,
+                "peak_memory_bytes": max(ens["peak_memory_bytes"], all_["peak_memory_bytes"])}
+    return {"zero_shot": {"flops": 0, "steps": 0, "eval_flops": 0, "adapters": 0, "peak_memory_bytes": 0},
+            "one_adapter_all": all_, "grouped": grouped, "grouped_boosted": ens, "ensemble": ens,
+            "ensemble_merged": {**ens, "adapters": 1}, "ensemble_with_all": with_all}
 
 
 # ------------------------------------------------------------------------------------------ Ensemble
@@ -342,20 +339,44 @@ def _served_weights(ensemble: Ensemble, model: torch.nn.Module, dataset: str, ch
     return w
 
 
+def merge_weights(ensemble: Ensemble, weights: Mapping[str, float]) -> tuple[dict[str, float], float]:
+    """({adapter: merge weight ŵ}, temperature T) such that T · z(θ0 + Σ ŵ_k Δ_k) equals the ensemble's
+    Σ α_k z_k to first order in the Δ (ml.inference's module doc).
+
+    Without boosting rounds: ŵ = α/Σα, T = Σα. A round (AdapterSpec.reference) contributes z(θ_r) − z(θ_ref),
+    which carries no base logits: the anchors (adapters without a reference) set T = Σ α_anchor, every adapter
+    gets ŵ = α/T and a round's reference adapter −α_r/T (the bare base has no Δ). When only rounds have α > 0
+    there is no first-order match; the plain α/Σα merge is served then (an approximation)."""
+    w = {n: float(a) for n, a in weights.items() if a > 0}
+    if not w:
+        raise ValueError("every adapter weight is 0")
+    anchor = sum(a for n, a in w.items() if ensemble.adapter(n).reference is None)
+    rounds = [n for n in w if ensemble.adapter(n).reference is not None]
+    if not rounds or anchor <= 0:
+        total = sum(w.values())
+        return {n: a / total for n, a in w.items()}, total
+    out = {n: a / anchor for n, a in w.items()}
+    for n in rounds:
+        ref = ensemble.adapter(n).reference
+        if ref != BASE:
+            out[ref] = out.get(ref, 0.0) - w[n] / anchor
+    return {n: a for n, a in out.items() if a != 0}, anchor
+
+
 def merged_logprobs(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str, prompts: list[str], *,
                     weights: Mapping[str, float] | None = None, combination_type: str = "cat",
                     batch_size: int = 16, max_length: int = 256, progress: bool = False) -> np.ndarray:
     """(N, C) label log-probs of the dataset's ensemble served as ONE merged adapter (ml.inference.merge_adapters):
-    θ0 + Σ ŵ_k Δ_k with ŵ = α/Σα, logits scaled by Σα. weights: {adapter: α}, default the ensemble's for dataset
-    (pass them to score a weighting before it is stored in the ensemble)."""
+    T · z(θ0 + Σ ŵ_k Δ_k) with merge_weights' ŵ and T. weights: {adapter: α}, default the ensemble's for
+    dataset (pass them to score a weighting before it is stored in the ensemble)."""
     from grouplora.ml.inference import merge_adapters
 
     spec = ensemble.datasets[dataset]
     label_ids = spec.label_ids or label_token_ids(tokenizer, spec.label_words)
-    w = {n: float(a) for n, a in (ensemble.weights[dataset] if weights is None else weights).items() if a > 0}
-    pm = loaded_model(model, {n: ensemble.adapter_path(n) for n in w})
-    key, temperature = merge_adapters(pm, {_peft_name(n, ensemble.adapter_path(n)): a for n, a in w.items()},
-                                      combination_type=combination_type)
+    mw, temperature = merge_weights(ensemble, ensemble.weights[dataset] if weights is None else weights)
+    pm = loaded_model(model, {n: ensemble.adapter_path(n) for n in mw})
+    key, _ = merge_adapters(pm, {_peft_name(n, ensemble.adapter_path(n)): a for n, a in mw.items()},
+                            combination_type=combination_type, normalize=False)
     pm.set_adapter(key)
     lp = predict_logprobs(pm, tokenizer, prompts, label_ids, batch_size=batch_size, max_length=max_length,
                           progress=progress)

@@ -98,21 +98,24 @@ def merged_name(weights: Mapping[str, float], combination_type: str) -> str:
     return "merged_" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-def merge_adapters(pm, weights: Mapping[str, float], *, combination_type: str = "cat") -> tuple[str, float]:
+def merge_adapters(pm, weights: Mapping[str, float], *, combination_type: str = "cat",
+                   normalize: bool = True) -> tuple[str, float]:
     """(name of ONE loaded adapter ≈ the α-weighted ensemble of the named loaded adapters, temperature Σα).
 
     Adds the adapter θ0 + Σ ŵ_k Δ_k (ŵ = α/Σα, see the module docstring) to `pm` unless it is there already;
-    a single adapter with α > 0 is used as it is. Serve it with temperature·logits."""
+    a single adapter with α > 0 is used as it is. Serve it with temperature·logits.
+    normalize=False: the weights are the ŵ_k themselves (any sign, e.g. −ŵ for a boosting round's reference;
+    ml.ensemble.merge_weights) and the temperature returned is 1."""
     if combination_type not in MERGE_TYPES:
         raise ValueError(f"combination_type {combination_type!r}: use one of {MERGE_TYPES}")
-    w = {k: float(a) for k, a in weights.items() if a > 0}
-    if not w or not all(np.isfinite(list(w.values()))):
+    w = {k: float(a) for k, a in weights.items() if (a > 0 if normalize else a != 0)}
+    if not any(a > 0 for a in w.values()) or not all(np.isfinite(list(w.values()))):
         raise ValueError(f"need at least one finite weight > 0, got {dict(weights)}")
     unknown = sorted(set(w) - set(pm.peft_config))
     if unknown:
         raise ValueError(f"no adapter(s) {unknown} loaded; loaded: {sorted(pm.peft_config)}")
-    total = sum(w.values())
-    if len(w) == 1:
+    total = sum(w.values()) if normalize else 1.0
+    if len(w) == 1 and (normalize or next(iter(w.values())) == 1.0):
         return next(iter(w)), total
     if any(getattr(pm.peft_config[k], "use_rslora", False) for k in w):
         # add_weighted_adapter gives the merged adapter lora_alpha = r, i.e. scaling 1 only without rsLoRA

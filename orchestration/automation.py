@@ -5,8 +5,9 @@
 
 - per-dataset assets (`zero_shot_scores`, `gradient_features`): eager, partition by partition, when their
   `dataset` partition updates (the sensor re-materializes a dataset when its file's content hash changes);
-- suite assets (`approximation_error`, `subset_estimates`, the SQL models, `task_partition`): eager after any
-  upstream update, never while an upstream is in progress, and not while per-dataset work is still pending;
+- suite assets (`approximation_error`, `lam_calibration`, `subset_estimates`, the SQL models, `task_partition`):
+  eager after any upstream update, never while an upstream is in progress, and not while per-dataset work is
+  still pending;
 - `adapter`: a partition runs when it is missing (a new key that `task_partition` registered). Keys are content
   hashes of members + data versions + training settings, so an unchanged group keeps its key and is not retrained;
 - `ensemble`: after adapter partitions update (and all of them exist); `registered_ensemble`: after the ensemble;
@@ -23,7 +24,7 @@ import dagster as dg
 AC = dg.AutomationCondition
 
 PER_DATASET = {"zero_shot_scores", "gradient_features"}
-SUITE = {"approximation_error", "subset_estimates", "task_partition"}  # + every asset of group "sql"
+SUITE = {"approximation_error", "lam_calibration", "subset_estimates", "task_partition"}  # + every asset of group "sql"
 
 
 def _dataset_work_pending() -> AC:

@@ -5,6 +5,7 @@ imports the asset modules."""
 import dagster as dg
 
 from grouplora.assets.adapters import adapter
+from grouplora.assets.calibration import lam_calibration, meta_lam_calibration
 from grouplora.assets.datasets import dataset, dataset_class_balance, dataset_schema
 from grouplora.assets.ensemble import ensemble
 from grouplora.assets.estimates import subset_estimates
@@ -27,9 +28,10 @@ def build_definitions(executor: dg.ExecutorDefinition = dg.multi_or_in_process_e
     cluster; a run may ask for in_process; orchestration.run.ray_job passes the Ray executor)."""
     return dg.Definitions(
         # Automation conditions (orchestration/automation.py) make re-materialization incremental.
-        assets=with_automation([dataset, theta0_pass, approximation_error, subset_estimates,
+        assets=with_automation([dataset, theta0_pass, approximation_error, lam_calibration, subset_estimates,
                                 *build_sql_assets(), task_partition, adapter, ensemble, registered_ensemble, champion,
-                                meta_init_adapter, meta_gradient_features, target_selection]),
+                                meta_init_adapter, meta_gradient_features, meta_lam_calibration,
+                                target_selection]),
         asset_checks=[dataset_schema, dataset_class_balance, approximation_error_within_threshold, champion_gate],
         jobs=[dataset_job, suite_job, report_job, adapter_job, ensemble_job, selection_job],
         sensors=[dataset_files_sensor, automation_sensor, stale_runs_sensor],

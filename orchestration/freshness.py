@@ -89,6 +89,16 @@ def meta_features_are_current(instance: dg.DagsterInstance, name: str,
                  latest_materialization(instance, "dataset", name)) and holds(record, expected)
 
 
+def calibration_is_current(instance: dg.DagsterInstance, asset: str, upstream: list[str | tuple[str, str]],
+                           expected: dict[str, Any] | None = None) -> bool:
+    """A calibration asset was materialized after every upstream (asset, or (asset, partition)) and recorded the
+    `expected` metadata (e.g. its λ source)."""
+    record = latest_materialization(instance, asset, None)
+    ups = [latest_materialization(instance, *u) if isinstance(u, tuple) else latest_materialization(instance, u, None)
+           for u in upstream]
+    return newer(record, *ups) and all(u is not None for u in ups) and holds(record, expected)
+
+
 def job_succeeded_after(instance: dg.DagsterInstance, job_name: str, records: list[dg.EventLogRecord | None],
                         resources: dict[str, Any] | None = None) -> bool:
     """The job's latest successful run started after every one of `records` was stored (None entries, never

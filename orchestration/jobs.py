@@ -19,9 +19,10 @@ dataset_job = dg.define_asset_job(
 
 suite_job = dg.define_asset_job(
     "suite_job",
-    selection=(dg.AssetSelection.assets("approximation_error", "subset_estimates", "task_partition")
+    selection=(dg.AssetSelection.assets("approximation_error", "lam_calibration", "subset_estimates", "task_partition")
                | dg.AssetSelection.groups("sql")) - dg.AssetSelection.assets("ensemble").downstream(),
-    description="Suite-wide assets: approximation error, subset estimates, SQL affinity tables, the partition.",
+    description="Suite-wide assets: approximation error, λ calibration, subset estimates, SQL affinity tables, the "
+                "partition.",
 )
 
 adapter_job = dg.define_asset_job(
@@ -39,13 +40,15 @@ ensemble_job = dg.define_asset_job(
 )
 
 # Partitioned by dataset = the target for target_selection; the runner (orchestration/run.py: run_selection) runs
-# it step by step with an asset selection: the meta-init adapter once, meta features per dataset, then the target.
+# it step by step with an asset selection: the meta-init adapter once, meta features per dataset, λ at the
+# meta-init once, then the target.
 selection_job = dg.define_asset_job(
     "selection_job",
-    selection=dg.AssetSelection.assets("meta_init_adapter", "meta_gradient_features", "target_selection"),
+    selection=dg.AssetSelection.assets("meta_init_adapter", "meta_gradient_features", "meta_lam_calibration",
+                                       "target_selection"),
     partitions_def=dataset_partitions,
     description="Choose auxiliary datasets for a target: the meta-init adapter, meta-init gradient features, "
-                "target_selection for the partition's target.",
+                "λ calibrated at the meta-init, target_selection for the partition's target.",
 )
 
 report_job = dg.define_asset_job("report_job", selection=dg.AssetSelection.groups("sql"),

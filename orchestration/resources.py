@@ -237,7 +237,7 @@ class MlflowResource(dg.ConfigurableResource):
 
     def train_logged(self, context: dg.AssetExecutionContext, training_settings: TrainingSettings, base_model: str,
                      model_and_tokenizer: tuple[Any, Any], examples: list, out_dir: Path, *, run_name: str,
-                     tags: dict[str, str], members: list[str]) -> tuple[Any, str]:
+                     tags: dict[str, str], members: list[str], **train_kwargs: Any) -> tuple[Any, str]:
         """ml.training.train_adapter inside an MLflow run (params, per-step metrics, final metrics, the peft
         files as artifacts). Returns (TrainResult, MLflow run id). Every asset that trains an adapter uses it."""
         from grouplora.ml.training import train_adapter
@@ -254,7 +254,7 @@ class MlflowResource(dg.ConfigurableResource):
                 if "epoch_loss" in metrics:
                     context.log.info(f"{run_name}: epoch {metrics.get('epoch')} loss {metrics['epoch_loss']:.4f}")
 
-            result = train_adapter(model_and_tokenizer, examples, config, out_dir, on_step=on_step)
+            result = train_adapter(model_and_tokenizer, examples, config, out_dir, on_step=on_step, **train_kwargs)
             mlflow.log_metrics({"final_loss": result.final_loss, "train_flops": float(result.flops),
                                 "peak_memory_bytes": float(result.peak_memory_bytes), "seconds": result.seconds})
             for path in sorted(Path(out_dir).glob("adapter_*")):  # the peft files, not the epoch checkpoints

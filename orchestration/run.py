@@ -288,9 +288,10 @@ def run_selection(target: str, names: Iterable[str], versions: dict[str, str], *
     """Choose auxiliary datasets for `target`: materialize what target_selection needs that is missing or stale,
     then target_selection itself (always: it is cheap and reads the current settings). In order: each `dataset`
     partition not at its file's version; meta_init_adapter unless it was trained on these datasets after their
-    last update; each dataset's meta_gradient_features unless taken after both the adapter and its dataset.
+    last update; each dataset's meta_gradient_features unless taken after both the adapter and its dataset;
+    meta_lam_calibration unless it ran after all of those under the same λ setting.
     Returns the steps that ran ("dataset:<name>", "meta_init_adapter", "meta_gradient_features:<name>",
-    "target_selection:<target>")."""
+    "meta_lam_calibration", "target_selection:<target>")."""
     names = sorted(names)
     if target not in names:
         raise ValueError(f"unknown target {target!r}; known datasets: {', '.join(names) or '(none)'}")
@@ -322,5 +323,12 @@ def run_selection(target: str, names: Iterable[str], versions: dict[str, str], *
     for n in names:
         step(f"meta_gradient_features:{n}", selection_job, n, "meta_gradient_features",
              freshness.meta_features_are_current(instance, n, expected["meta_gradient_features"]))
+    from grouplora.orchestration.resources import project_settings
+
+    lam = project_settings()["selection_settings"].lam
+    step("meta_lam_calibration", selection_job, target, "meta_lam_calibration",
+         not any(r.startswith("meta_") for r in ran) and freshness.calibration_is_current(
+             instance, "meta_lam_calibration", ["meta_init_adapter", *(("meta_gradient_features", n) for n in names)],
+             {"source": "pinned", "lam": lam} if lam is not None else {"source": "calibrated"}))
     step(f"target_selection:{target}", selection_job, target, "target_selection", False)
     return ran

@@ -18,6 +18,7 @@ import dagster as dg
 import pydantic
 
 from grouplora.ml.data_format import ConfigError, read_yaml
+from grouplora.ml.boosting import BoostSettings
 from grouplora.ml.training import TrainConfig
 
 # ------------------------------------------------------------------------------------------ environment
@@ -110,17 +111,28 @@ class GradientSettings(dg.ConfigurableResource):
 
 
 class EstimationSettings(dg.ConfigurableResource):
-    """Which subsets to estimate and how: all singletons and pairs, plus n_random seeded subsets of `size`."""
+    """Which subsets to estimate and how: all singletons and pairs, plus n_random seeded subsets of `size`; and how
+    the estimator's λ is chosen (lam_calibration): against real fine-tunes of `calibration_subsets` random subsets
+    of `calibration_size` datasets from the features' θ0, or pinned by `lam`."""
 
     n_random: int = 200
     size: int = 3
     seed: int = 0
-    lam: float = 1e-3
+    lam: float | None = None  # None: calibrated in the pipeline (lam_calibration); a number pins λ (no fine-tunes)
+    calibration_subsets: int = 2  # subsets really fine-tuned to choose λ
+    calibration_size: int = 2  # datasets per calibration subset
+    # cap on each calibration fine-tune's optimizer steps (its schedule is fitted to the cap): 12 = one epoch of a
+    # demo-sized pair (2 × 48 examples, batch 8), keeping the CPU demo fast; 0 = the adapters' full recipe
+    calibration_max_steps: int = 12
     verify_subsets: int = 3  # subsets re-scored in 'forward' mode (the real model at θ0 + Pw) for comparison
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> "EstimationSettings":
-        _check_bounds(self, {"n_random": 0, "size": 1, "seed": 0, "verify_subsets": 0}, ("lam",))
+        _check_bounds(self, {"n_random": 0, "size": 1, "seed": 0, "verify_subsets": 0, "calibration_subsets": 0,
+                             "calibration_size": 1, "calibration_max_steps": 0},
+                      ("lam",) if self.lam is not None else ())
+        if self.lam is None and self.calibration_subsets < 1:
+            raise ValueError("EstimationSettings: calibration_subsets must be >= 1 unless lam pins λ")
         return self
 
 
@@ -182,35 +194,46 @@ class SelectionSettings(dg.ConfigurableResource):
     top_k: int = 3  # at most this many auxiliaries per method (random ensemble, forward selection, cosines)
     n_subsets: int = 200  # random auxiliary sets for the random-ensemble score
     size: int = 0  # auxiliaries per random set; 0 = a third of them
-    lam: float = 1e-3  # the estimator's L2 penalty
+    lam: float | None = None  # the estimator's λ; None: calibrated at the meta-initialization (meta_lam_calibration)
     min_gain: float = 0.0  # forward selection stops when no addition lowers the estimated loss by more
     seed: int = 0
     hidden_max_examples: int = 64  # train prompts per dataset for the mean hidden state (hidden_cosine)
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> "SelectionSettings":
-        _check_bounds(self, {"top_k": 1, "n_subsets": 1, "size": 0, "seed": 0, "hidden_max_examples": 1}, ("lam",))
+        _check_bounds(self, {"top_k": 1, "n_subsets": 1, "size": 0, "seed": 0, "hidden_max_examples": 1},
+                      ("lam",) if self.lam is not None else ())
         if not 0 <= self.min_gain < float("inf"):
             raise ValueError(f"SelectionSettings: min_gain must be finite and >= 0, got {self.min_gain}")
         return self
 
 
 class EnsembleSettings(dg.ConfigurableResource):
-    """Boosting and the registry: boost a group when its train error stays above `boost_threshold`."""
+    """The ACL ensemble (assets/ensemble.py): boosting rounds per group (ml.boosting.BoostSettings) while the
+    group's selection-fold loss stays above `boost_threshold`, weights per dataset on the weights fold (ml.folds),
+    and what the registry serves."""
 
-    boost_threshold: float = 0.2  # mean train cross-entropy of a group's adapter above which it gets boosted
-    # ridge: no training (features + projection); trained: a loss-weighted adapter
-    boost_mode: Literal["ridge", "trained"] = "ridge"
-    boost_lam: float = 1.0
-    boost_rounds: int = 1  # 0 disables boosting; one round per group is what is implemented
+    boost_mode: Literal["ridge", "trained"] = "ridge"  # ridge: no training (features + projection); trained: LoRA
+    boost_rounds: int = 3  # R: at most this many rounds per group; 0 disables boosting
+    boost_eta: float = 0.5  # step size η
+    boost_threshold: float = 0.2  # boost while the group's selection-fold mean cross-entropy stays above this
+    boost_min_gain: float = 1e-3  # keep a round only if that loss drops by more than this
+    ridge_lam: float = 0.1  # ridge rounds: λ relative to the mean eigenvalue of GᵀG
+    boost_epochs: int = 1  # trained rounds: epochs of each round's adapter
+    boost_max_steps: int = 0  # trained rounds: cap on each round's optimizer steps; 0 = none
+    include_all: bool = False  # serve `ensemble_with_all` (the all-datasets adapter as a candidate) instead
     registered_name: str = "grouplora-ensemble"
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> "EnsembleSettings":
-        _check_bounds(self, {"boost_threshold": 0.0, "boost_rounds": 0}, ("boost_lam",))
-        if self.boost_rounds > 1:
-            raise ValueError(f"EnsembleSettings: boost_rounds is 0 or 1 (one round is implemented), got {self.boost_rounds}")
+        _check_bounds(self, {"boost_threshold": 0.0, "boost_rounds": 0, "boost_min_gain": 0.0, "boost_epochs": 1,
+                             "boost_max_steps": 0}, ("boost_eta", "ridge_lam"))
         return self
+
+    def boost(self) -> BoostSettings:
+        return BoostSettings(mode=self.boost_mode, rounds=self.boost_rounds, eta=self.boost_eta,
+                             threshold=self.boost_threshold, min_gain=self.boost_min_gain, ridge_lam=self.ridge_lam,
+                             train_epochs=self.boost_epochs, train_max_steps=self.boost_max_steps or None)
 
 
 def settings_resources() -> dict[str, dg.ConfigurableResource]:

@@ -8,6 +8,7 @@ the ensemble's results); only this module knows the layout under the storage roo
     features/<name>.parquet, .json       gradient features at a fresh LoRA, + sidecar naming θ0 and the projection
     features_meta/<name>.parquet, .json  the same at the meta-initialization adapter
     hidden_states/<name>.npz             cached mean hidden state (target_selection)
+    calibration/<theta0>.json, .csv      the estimator's λ at θ0 (fresh_lora | meta_init) and its error table
     estimates/subset_estimates.parquet   + subset_weights.npy, subset_order.parquet
     partition/task_partition.json        + affinity_heatmap.png
     adapters/<key>.json, <key>/, <key>.result.json   adapter spec, peft folder, training result
@@ -17,11 +18,16 @@ the ensemble's results); only this module knows the layout under the storage roo
     ensemble/current/, current.json, results.parquet, results.png
     reports/<name>.png, .csv
 
+Validation is split into two folds (ml.folds, the same split in every process): "select" (checkpoints, λ, the
+partition, boosting rounds) and "weights" (the ensemble weights only); `rows`, `examples` and `read_feature_set`
+take either as a split.
+
 Every name that reaches a path is validated (ml.data_format.validate_name); every write is atomic.
 The root is read from GROUPLORA_HOME when used (not when Definitions load), so one process can serve projects.
 """
 
 import base64
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -36,9 +42,13 @@ import pyarrow.parquet as pq
 
 from grouplora.ml.atomic import atomic_dir, atomic_path, write_json, write_parquet
 from grouplora.ml.data_format import validate_name
+from grouplora.ml.folds import SELECT, WEIGHTS, weights_fold_mask
 from grouplora.ml.hashing import sha256_file
 from grouplora.orchestration import settings
 from grouplora.orchestration.partitions import dataset_partitions
+
+FOLD_SELECT, FOLD_WEIGHTS = SELECT, WEIGHTS  # the validation folds (ml.folds), usable as a split
+FOLDS = (FOLD_SELECT, FOLD_WEIGHTS)
 
 # Artifact kinds of one partition per dataset.
 DATASETS = "datasets"
@@ -100,7 +110,12 @@ class ArtifactStore(dg.ConfigurableResource):
 
     def rows(self, name: str, split: str | tuple[str, ...] | None = None,
              columns: list[str] | None = None) -> pd.DataFrame:
-        """One dataset's rows; only those of `split` (one or several, index reset) when given."""
+        """One dataset's rows; only those of `split` (one or several, index reset) when given. A split may be a
+        validation fold, FOLD_SELECT or FOLD_WEIGHTS (ml.folds)."""
+        if isinstance(split, str) and split in FOLDS:
+            df = self.rows(name, "validation", None if columns is None else list(dict.fromkeys([*columns, "label_id"])))
+            fold = df[weights_fold_mask(df["label_id"].to_numpy()) == (split == FOLD_WEIGHTS)]
+            return fold.reset_index(drop=True)[columns if columns is not None else fold.columns]
         cols = None if columns is None else list(dict.fromkeys([*columns, *(["split"] if split else [])]))
         df = pd.read_parquet(self._path(DATASETS, name), columns=cols)
         if split is not None:
@@ -112,15 +127,19 @@ class ArtifactStore(dg.ConfigurableResource):
         return json.loads(self._path(DATASETS, name, ".json").read_text())
 
     def examples(self, tokenizer: Any, members: list[str], split: str = "train") -> list:
-        """Every member dataset's examples of one split, each with its own dataset's label tokens."""
+        """Every member dataset's examples of one split (or validation fold), pooled."""
+        return [e for ex in self.examples_by_dataset(tokenizer, members, split).values() for e in ex]
+
+    def examples_by_dataset(self, tokenizer: Any, members: list[str], split: str = "train") -> dict[str, list]:
+        """{member: its examples of one split (or validation fold)}, each with its own dataset's label tokens."""
         from grouplora.ml.model import label_token_ids
         from grouplora.ml.training import TrainExample
 
-        out = []
+        out = {}
         for name in members:
             df = self.rows(name, split, ["prompt", "label_id"])
             ids = label_token_ids(tokenizer, self.card(name)["label_words"])
-            out += [TrainExample(p, int(y), ids) for p, y in zip(df["prompt"], df["label_id"])]
+            out[name] = [TrainExample(p, int(y), ids) for p, y in zip(df["prompt"], df["label_id"])]
         return out
 
     # ------------------------------------------------------------------------------------------ zero-shot
@@ -159,6 +178,19 @@ class ArtifactStore(dg.ConfigurableResource):
                              f"re-materialize {asset} for all datasets")
         return pd.concat(frames, ignore_index=True), np.concatenate(blocks), next(iter(sidecars.values()))
 
+    def read_feature_set(self, names: list[str], kind: str = FEATURES) -> tuple[Any, dict]:
+        """(ml.estimation.FeatureSet, sidecar) of the datasets' features with validation cut to the selection fold:
+        the estimates, λ and the partition never see the weights fold. Rows are in the stored order, which is
+        `rows(name, "validation")`'s, so the fold is the one `rows(name, FOLD_SELECT)` gives."""
+        from grouplora.ml.estimation import FeatureSet
+
+        frame, X, sidecar = self.read_features(names, kind)
+        keep = np.ones(len(frame), dtype=bool)
+        for name in names:
+            rows = np.flatnonzero((frame["dataset"] == name).to_numpy() & (frame["split"] == "validation").to_numpy())
+            keep[rows[weights_fold_mask(frame["label_id"].to_numpy()[rows])]] = False
+        return FeatureSet.from_frame(frame[keep].reset_index(drop=True), X[keep]), sidecar
+
     def hidden_state(self, name: str, key: str) -> np.ndarray | None:
         """The cached mean hidden state of a dataset if it was computed under `key`, else None."""
         path = self._path(HIDDEN, name, ".npz")
@@ -180,6 +212,62 @@ class ArtifactStore(dg.ConfigurableResource):
             np.save(f, weights)
         write_parquet(pd.DataFrame({"subset_id": subset_ids}), self._path("estimates", "subset_order"))
         return path
+
+    # ------------------------------------------------------------------------------------------ calibration
+
+    def write_calibration(self, record: dict, table: pd.DataFrame, work: Path | None = None) -> Path:
+        """The estimator's λ for the features of kind record["kind"] (FEATURES or META_FEATURES) and its error
+        table as CSV; then drop the earlier calibrations' fine-tune folders (`work` is this one's)."""
+        kind = validate_name(record["kind"], "artifact kind")
+        with atomic_path(self._path("calibration", kind, ".csv")) as tmp:
+            table.to_csv(tmp, index=False)
+        path = write_json(record, self._path("calibration", kind, ".json"))
+        for old in self._folder("training").glob(f"calibration_{kind}_*"):
+            if old.is_dir() and (work is None or old.name != Path(work).name):
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def calibration_csv(self, kind: str) -> Path:
+        return self._path("calibration", kind, ".csv")
+
+    def calibration(self, kind: str, names: list[str], sidecar: dict, pinned: float | None) -> dict:
+        """The stored λ calibration for the features of `kind`; Failure unless it was made for these datasets'
+        features (`sidecar`: read_features') and the setting (`pinned`: a pinned λ, or None for calibrated)."""
+        asset = "meta_lam_calibration" if kind == META_FEATURES else "lam_calibration"
+        path = self._path("calibration", kind, ".json")
+        if not path.exists():
+            raise dg.Failure(f"no λ calibration for {kind} ({path}): materialize {asset} first")
+        rec = json.loads(path.read_text())
+        if rec["datasets"] != names or rec["projection_checksum"] != sidecar["projection_checksum"] \
+                or rec["feature_settings"] != sidecar["settings"]:
+            raise dg.Failure(f"λ was calibrated on other features (datasets {rec['datasets']}, "
+                             f"{rec['feature_settings']}) than these ({names}, {sidecar['settings']}): "
+                             f"re-materialize {asset}")
+        if pinned is not None and not (rec["source"] == "pinned" and rec["lam"] == pinned):
+            raise dg.Failure(f"the settings pin λ = {pinned:g} but the stored λ is {rec['lam']:g} ({rec['source']}): "
+                             f"re-materialize {asset}")
+        if pinned is None and rec["source"] != "calibrated":
+            raise dg.Failure(f"the stored λ = {rec['lam']:g} was pinned, the settings ask for a calibrated one: "
+                             f"re-materialize {asset}")
+        return rec
+
+    def features_theta0(self, base_model: Any, gradient_settings: Any) -> tuple[Path, str]:
+        """(adapter folder, "fresh_lora" | "meta_init") of the θ0 gradient_features are taken at: the gradient
+        settings' init_adapter, or their fresh LoRA (B = 0), saved here once (atomically) under a key of what
+        determines it. The start of λ-calibration fine-tunes and of ridge boosting rounds (θ0 + Pw)."""
+        from grouplora.ml.lora import lora_on
+
+        gs = gradient_settings
+        if gs.init_adapter:
+            return Path(gs.init_adapter), "meta_init"
+        identity = f"{gs.fingerprint()}|{base_model.model_name()}|{base_model.numerics()}"
+        folder = self.adapter_dir("theta0_" + hashlib.sha256(identity.encode()).hexdigest()[:12])
+        if not all((folder / f).exists() for f in ADAPTER_FILES):
+            model, _ = base_model.load()
+            with atomic_dir(folder) as tmp, lora_on(model, r=gs.lora_r, alpha=gs.lora_alpha,
+                                                    target_modules=gs.modules(), seed=gs.seed) as pm:
+                pm.save_pretrained(str(tmp))
+        return folder, "fresh_lora"
 
     # ------------------------------------------------------------------------------------------ partition, adapters
 

@@ -1,6 +1,8 @@
 """Shared fixtures. Tests get helpers as fixtures (`make_folder`, `tick_sensor`), never by importing conftest."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -92,3 +94,22 @@ def plain_project(tmp_path, monkeypatch):
 def news_project(tmp_path, monkeypatch):
     """The same with `news` as a fourth dataset: three are left after one is removed (the partition needs three)."""
     return _project(tmp_path, monkeypatch, news=True)
+
+
+def _concurrent_partition_runs(keys: list[str], *args: str) -> list[dict]:
+    """One partition run per key, all at once, each in its own process (tests/pipeline_jobs.py KEY EXECUTOR ...);
+    every process must succeed; returns their result records."""
+    script = Path(__file__).parent / "pipeline_jobs.py"
+    procs = [subprocess.Popen([sys.executable, str(script), key, *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for key in keys]
+    outs = [p.communicate(timeout=540) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert all(r["success"] for r in results), [err[-4000:] for _, err in outs]
+    return results
+
+
+@pytest.fixture()
+def concurrent_partition_runs():
+    return _concurrent_partition_runs

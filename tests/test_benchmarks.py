@@ -31,7 +31,7 @@ def test_suite_runs_every_stage_and_resumes(tmp_path, capsys, make_folder):
             "--out", str(tmp_path / "suite.json"), "--max-train", "8", "--max-val", "4", "--max-test", "6",
             "--seeds", "0", "1", "--n-random", "4", "--n-fidelity", "8", "--n-calibration", "1", "--epochs", "1",
             "--targets", "reviews", "missing_target", "--n-select", "4", "--approx-datasets", "1",
-            "--approx-examples", "1", "--hidden-examples", "4", "--max-m", "2"]
+            "--approx-examples", "1", "--hidden-examples", "4", "--max-m", "2", "--n-bootstrap", "3"]
     res = suite.main(args)
     assert res["complete"]
     names = sorted(res["sizes"])
@@ -54,6 +54,11 @@ def test_suite_runs_every_stage_and_resumes(tmp_path, capsys, make_folder):
     assert choice["reviews"]["chosen"]["none"] == [] and len(choice["reviews"]["chosen"]["all"]) == 4
     assert set(res["selection_s1"]["accuracy"]["reviews"]) == set(choice["reviews"]["chosen"])
     assert {r["scale"] for r in res["approx"]["meta_init"]} == {0.001, 0.005, 0.01, 0.02}
+    # stability: the affinity stage re-run unresampled gives the committed partition; m fixed keeps it fixed
+    st = res["stability"]
+    assert st["reproduces_committed"] and st["n_bootstrap"] == len(st["draws"]) == 3
+    assert all(d["fixed"]["m"] == res["affinity"]["m"] and -1 <= d["rechosen"]["ari"] <= 1 for d in st["draws"])
+    assert st["ari_fixed_m"]["min"] <= st["ari_fixed_m"]["mean"] <= 1
     # a rerun resumes from the stage files: nothing is trained again
     capsys.readouterr()
     again = suite.main(args)

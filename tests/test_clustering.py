@@ -11,6 +11,7 @@ import pytest
 
 from grouplora.ml.clustering import (
     _partitions,
+    adjusted_rand_index,
     brute_force_partition,
     canonical_labels,
     choose_m,
@@ -273,3 +274,24 @@ def test_partition_datasets_finds_planted_blocks_and_names_them():
     assert fixed.m == 3 and fixed.m_scores is None
     with pytest.raises(ValueError, match="names"):
         partition_datasets(T, names[:5])
+
+
+# ---------------------------------------------------------------- adjusted Rand index
+
+
+def test_adjusted_rand_index_known_values_and_chance() -> None:
+    from itertools import permutations
+    # hand-computed: Σ C(n_ij, 2) = 1, row pairs 2, column pairs 1, C(4, 2) = 6 → (1 − 1/3) / (3/2 − 1/3) = 4/7
+    assert adjusted_rand_index([0, 0, 1, 1], [0, 0, 1, 2]) == pytest.approx(4 / 7)
+    assert adjusted_rand_index([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(-0.5)  # every pair disagrees
+    # the same partition under other label names, in either order
+    a = [2, 2, 0, 1, 1, 0, 2]
+    assert adjusted_rand_index(a, [5, 5, 7, 9, 9, 7, 5]) == pytest.approx(1.0)
+    assert adjusted_rand_index(a, [0, 1, 0, 1, 0, 1, 0]) == pytest.approx(adjusted_rand_index([0, 1, 0, 1, 0, 1, 0], a))
+    assert adjusted_rand_index([0] * 5, [3] * 5) == 1.0 and adjusted_rand_index(range(5), range(5, 10)) == 1.0
+    # "adjusted": averaged over every relabeling of the items (fixed group sizes) it is exactly 0
+    b = [0, 0, 0, 1, 1, 2]
+    mean = np.mean([adjusted_rand_index(a[:6], p) for p in permutations(b)])
+    assert abs(mean) < 1e-12
+    with pytest.raises(ValueError, match="same length"):
+        adjusted_rand_index([0, 1], [0, 1, 1])

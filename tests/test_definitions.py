@@ -22,7 +22,11 @@ def test_definitions_load_with_every_resource_their_assets_need():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert {"dataset", "zero_shot_scores", "gradient_features", "task_partition", "adapter", "ensemble",
-            "registered_ensemble", "champion", "meta_init_adapter", "target_selection", "accuracy_report"} <= keys
+            "registered_ensemble", "champion", "meta_init_adapter", "target_selection", "accuracy_report",
+            "lam_calibration", "meta_lam_calibration"} <= keys
+    # λ is calibrated in the chain: the estimates and the selection read it (lineage shows it)
+    assert dg.AssetKey("lam_calibration") in graph.get(dg.AssetKey("subset_estimates")).parent_keys
+    assert dg.AssetKey("meta_lam_calibration") in graph.get(dg.AssetKey("target_selection")).parent_keys
     # promotion is its own step, downstream of the registration; the gate is a check on it
     assert dg.AssetKey("registered_ensemble") in graph.get(dg.AssetKey("champion")).parent_keys
     checks = {c.name for c in graph.asset_check_keys}

@@ -14,8 +14,7 @@ from scipy.special import log_softmax, softmax
 
 from grouplora.ml.boosting import (BoostResult, BoostSettings, RidgeBase, boost_adapter_from_w, boost_group,
                                    boosted_logits, gold_margins, keep_round, line_search, logprobs_by_dataset,
-                                   loss_weights, negative_gradient,
-                                   pooled_loss, ridge_boost, round_logits, train_boost_adapter)
+                                   negative_gradient, pooled_loss, ridge_boost, round_logits)
 from grouplora.ml.ensemble import (AdapterSpec, DatasetSpec, Ensemble, combine, ensemble_loss, fit_all,
                                    fit_dataset_weights, fit_weights, loaded_model, predict, release, score_dataset,
                                    weights_for)
@@ -129,15 +128,11 @@ def test_ridge_boost_recovers_a_planted_w():
     np.testing.assert_allclose(ridge_boost(G, r, 2.0, sample_weight=s), ridge_boost(*rep, 2.0), atol=1e-10)
 
 
-def test_negative_gradient_and_loss_weights():
+def test_negative_gradient():
     m = np.array([-3.0, 0.0, 2.0])
     eps = 1e-6
     num = -(np.log1p(np.exp(-(m + eps))) - np.log1p(np.exp(-(m - eps)))) / (2 * eps)
     np.testing.assert_allclose(negative_gradient(m), num, atol=1e-6)
-    w = loss_weights(np.array([0.1, 0.3, 0.6, 0.0]))
-    np.testing.assert_allclose(w, [0.4, 1.2, 2.4, 0.0])
-    with pytest.raises(ValueError):
-        loss_weights(np.zeros(3))
 
 
 def test_keep_round():
@@ -209,16 +204,6 @@ def test_boost_from_fresh_lora_moves_only_b(tiny, tmp_path):
             torch.testing.assert_close(s1[k], s0[k] + delta[canon])
             assert s1[k].abs().sum() > 0
     assert json.loads((a / "adapter_config.json").read_text()) == json.loads((fresh / "adapter_config.json").read_text())
-
-
-def test_train_boost_adapter_runs_on_weighted_examples(tiny, tmp_path):
-    model, tok = tiny
-    lab = label_token_ids(tok, [" yes", " no"])
-    ex = [TrainExample(f"Question: is it {w}? Answer:", i % 2, lab) for i, w in enumerate(["blue", "cold"] * 3)]
-    res = train_boost_adapter((model, tok), ex, np.linspace(0.1, 2.0, len(ex)),
-                              TrainConfig(max_steps=2, batch_size=3, lr=1e-2), tmp_path / "tb")
-    assert res.steps == 2 and (tmp_path / "tb" / "adapter_model.safetensors").exists()
-    assert not has_lora(model)
 
 
 # ------------------------------------------------------------------------------------------- predict
@@ -336,6 +321,14 @@ def test_line_search_finds_the_loss_minimizing_multiplier():
     assert boosted_logits(np.zeros((1, 2)), [np.ones((1, 2)), np.ones((1, 2))], [0.5, 2.0]).tolist() == [[2.5, 2.5]]
 
 
+def test_the_trust_region_check_scores_a_few_leading_rows_of_every_member():
+    from grouplora.ml.boosting import _head_counts
+    assert _head_counts({"a": 100, "b": 30}, 64) == {"a": 32, "b": 30}  # spread evenly, none over its size
+    assert _head_counts({"a": 10, "b": 20}, 64) == {"a": 10, "b": 20}  # fewer rows than asked: all of them
+    assert _head_counts({"a": 100, "b": 100}, 0) == {"a": 100, "b": 100}  # 0 = every row
+    assert all(v >= 1 for v in _head_counts({f"d{i}": 5 for i in range(100)}, 64).values())
+
+
 def test_gold_margins_and_pooled_loss():
     z = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
     y = np.array([0, 2])
@@ -398,6 +391,8 @@ def test_boosting_rounds_are_judged_on_the_selection_fold_only(tiny, tmp_path):
         else:
             assert r is res.rounds[-1] and r.loss_after >= r.loss_before  # the first rejection ends it
     assert len(res.rounds) <= 3 and res.step_sizes == [0.5 * r.rho for r in res.kept]
+    assert [r.index for r in res.rounds] == list(range(1, len(res.rounds) + 1))  # rounds numbered 1..R, in order
+    assert all(Path(r.adapter_dir).name == f"round_{r.index}" for r in res.rounds)
     assert all(r.rho >= 0 for r in res.rounds)
     # each ridge round's step was shrunk into the linear regime: its real Δf on train is within tolerance of Gw
     assert all(r.linearity_error <= st.linear_tol for r in res.rounds)
@@ -465,3 +460,45 @@ def test_predict_takes_boosting_rounds_against_their_reference(tiny, tmp_path):
     with pytest.raises(ValueError, match="reference"):
         Ensemble.from_dict({**ens.to_dict(), "adapters": [{"name": "x", "path": "p", "reference": "nope"}],
                             "weights": {}})
+
+
+def test_merged_ensemble_with_rounds_matches_it_to_first_order(tiny, tmp_path):
+    """Served as one merged adapter, an ensemble with a boosting round must carry the round's Δ minus its
+    reference's and the anchors' temperature (ml.ensemble.merge_weights); the plain α/Σα merge over-weights the
+    base logits by the rounds' α."""
+    from grouplora.ml.ensemble import _peft_name, merge_weights, merged_logprobs
+    from grouplora.ml.inference import merge_adapters
+
+    model, tok = tiny
+    root = tmp_path / "adapters"
+    fresh = save_fresh_adapter((model, tok), TrainConfig(r=4, alpha=8, seed=11), root / "fresh")
+    pm = load_adapter(model, fresh)
+    proj = Projection.for_model(pm, d=16, seed=0)
+    pm.unload()
+    rng = np.random.default_rng(7)
+    g = boost_adapter_from_w(fresh, proj, 0.02 * rng.normal(size=16), root / "g")
+    t = boost_adapter_from_w(fresh, proj, 0.02 * rng.normal(size=16), root / "t")  # a reference with B ≠ 0
+    r = boost_adapter_from_w(t, proj, 0.02 * rng.normal(size=16), root / "r")  # a round started at t
+    words = [" positive", " negative"]
+    alpha = {"g": 1.2, "r": 0.9}
+    ens = Ensemble(base_model="tiny", base_fingerprint="",
+                   adapters=[AdapterSpec("g", str(g)), AdapterSpec("r", str(r), reference="t"),
+                             AdapterSpec("t", str(t))],
+                   weights={"senti": alpha}, datasets={"senti": DatasetSpec(words)})
+    mw, temp = merge_weights(ens, alpha)
+    assert temp == pytest.approx(1.2) and mw == pytest.approx({"g": 1.0, "r": 0.75, "t": -0.75})
+    prompts = [f"Review: {x}. Sentiment:" for x in ("it was wonderful", "a boring film", "fine, I guess", "awful")]
+    try:
+        _, exact = predict(ens, model, tok, "senti", prompts)
+        merged = np.exp(merged_logprobs(ens, model, tok, "senti", prompts))
+        pm = loaded_model(model, {n: ens.adapter_path(n) for n in alpha})
+        key, total = merge_adapters(pm, {_peft_name(n, ens.adapter_path(n)): a for n, a in alpha.items()})
+        pm.set_adapter(key)
+        naive = softmax(total * predict_logprobs(pm, tok, prompts, label_token_ids(tok, words)), axis=-1)
+    finally:
+        release(model)
+    # small deltas (the first-order regime; the tiny random model is far from linear at larger ones): the error
+    # of the merge is second order (measured 0.007 in log-odds), the plain merge's first order (0.27)
+    log_odds = lambda p: np.log(p[:, 0] / p[:, 1])  # noqa: E731
+    err, naive_err = (np.abs(log_odds(m) - log_odds(exact)).max() for m in (merged, naive))
+    assert err < 0.1 * naive_err, (err, naive_err)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from itertools import combinations
 from pathlib import Path
 
@@ -14,8 +12,6 @@ import pytest
 
 from grouplora.orchestration.devices import GPU_OP_TAGS, GPU_POOL, RAY_CONFIG_TAG, resolve_device, visible_gpus
 from grouplora.orchestration.executors import ray_executor
-
-TESTS = Path(__file__).parent
 
 
 def test_device_follows_the_gpus_a_step_was_given(monkeypatch):
@@ -48,7 +44,8 @@ def test_gpu_tags_ask_ray_for_one_gpu_and_an_own_runtime_env(monkeypatch):
 # Every asset that loads the model's weights: a GPU step. The dataset step needs only the tokenizer, and
 # task_partition only the base model's settings (its numerics, for the adapter keys).
 GPU_ASSETS = {"zero_shot_scores", "gradient_features", "meta_gradient_features", "approximation_error", "adapter",
-              "meta_init_adapter", "ensemble", "subset_estimates", "target_selection"}
+              "meta_init_adapter", "ensemble", "subset_estimates", "target_selection", "lam_calibration",
+              "meta_lam_calibration"}
 
 
 def test_the_steps_that_load_the_model_ask_for_one_gpu_and_no_other_step_does():
@@ -90,7 +87,7 @@ def test_the_cpu_dataset_step_loads_the_tokenizer_and_no_weights(tmp_path, make_
 
 
 @pytest.mark.slow
-def test_gpu_pool_limits_concurrent_gpu_steps_on_the_multiprocess_executor(plain_project):
+def test_gpu_pool_limits_concurrent_gpu_steps_on_the_multiprocess_executor(plain_project, concurrent_partition_runs):
     """Two partitions' runs at once, each with one GPU step (theta0_pass: zero-shot scores and gradient features
     from one pass) ready after its dataset step; with the GPU pool's limit at 1 (the pool is instance-wide) one
     waits for the other (Dagster says so) and the two never run at once."""
@@ -109,13 +106,7 @@ def test_gpu_pool_limits_concurrent_gpu_steps_on_the_multiprocess_executor(plain
         set_gpu_pool_limit(instance, 1)
         with pytest.raises(ValueError):
             set_gpu_pool_limit(instance, 0)
-    procs = [subprocess.Popen([sys.executable, str(TESTS / "pipeline_jobs.py"), key, "multiprocess"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for key in keys]
-    outs = [p.communicate(timeout=540) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-4000:]
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
-    assert all(r["success"] for r in results), [err[-4000:] for _, err in outs]
+    results = concurrent_partition_runs(keys, "multiprocess")
     blocked, spans = [], []
     with dg.DagsterInstance.get() as instance:
         for r in results:

@@ -9,8 +9,8 @@ import pytest
 
 from grouplora.orchestration.partitions import dataset_partitions
 
-SUITE = {"approximation_error", "subset_estimates", "zero_shot_report", "subset_affinity", "pairwise_affinity",
-         "affinity_report", "estimate_verification", "task_partition"}
+SUITE = {"approximation_error", "lam_calibration", "subset_estimates", "zero_shot_report", "subset_affinity",
+         "pairwise_affinity", "affinity_report", "estimate_verification", "task_partition"}
 
 
 @pytest.fixture()

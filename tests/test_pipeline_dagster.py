@@ -2,6 +2,7 @@
 multiprocess runs, a real DuckDB file; then the sensor's view of added, changed and removed files."""
 
 import json
+import os
 import re
 
 import dagster as dg
@@ -31,6 +32,19 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
     _load_model.cache_clear()
     assert run.run_datasets(versions, versions, executor="in_process") == (["parity", "reviews"], {})
     run.run_suite(executor="in_process")
+    # λ is calibrated in the chain (real fine-tunes from the features' θ0), and the estimates use it
+    instance = run.get_instance()
+    cal = json.loads((project / "var" / "storage" / "calibration" / "features.json").read_text())
+    assert cal["source"] == "calibrated" and cal["theta0"] == "fresh_lora" and cal["lam"] in cal["grid"]
+    assert len(cal["runs"]) == 2 and all(r["steps"] > 0 for r in cal["runs"].values())
+    best = min((r for r in cal["table"] if "calibration" in r),
+               key=lambda r: r["calibration"]["mean_relative_error_loss"])
+    assert best["lam"] == cal["lam"]
+    cal_md = instance.get_latest_materialization_event(dg.AssetKey("lam_calibration")).asset_materialization.metadata
+    assert cal_md["lam"].value == cal["lam"] and cal_md["source"].value == "calibrated"
+    assert "mean_relative_error_loss" in cal_md["error_table"].value
+    est_md = instance.get_latest_materialization_event(dg.AssetKey("subset_estimates")).asset_materialization.metadata
+    assert est_md["lam"].value == cal["lam"] and est_md["lam_source"].value == "calibrated"
     # two partition runs and the suite in this process: the model was loaded once, and every step took its LoRA
     # layers off the shared base again
     assert (_load_model.cache_info().misses, _load_model.cache_info().currsize) == (1, 1)
@@ -70,35 +84,40 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
     for key in keys:
         folder = project / "var" / "storage" / "adapters" / key
         assert (folder / "adapter_config.json").exists() and (folder / "adapter_model.safetensors").exists()
+    for key in keys:  # each adapter kept its best epoch on the selection fold of its members' validation
+        res = json.loads((project / "var" / "storage" / "adapters" / f"{key}.result.json").read_text())
+        assert 1 <= res["best_epoch"] <= res["epochs"] and len(res["val_losses"]) == res["epochs"] and res["steps"] > 0
+        assert res["best_epoch"] == 1 + min(range(res["epochs"]), key=lambda e: res["val_losses"][e])
     run.run_ensemble(executor="in_process")
     assert _load_model.cache_info().misses == 1  # adapters and ensemble too: still the one load
     assert not any("lora" in n for n, _ in make_resources()["base_model"].load()[0].named_modules())
     results = pd.read_parquet(project / "var" / "storage" / "ensemble" / "results.parquet")
     assert sorted(results["dataset"]) == sorted(counts)
-    for method in ("zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble"):
+    for method in ("zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble", "ensemble_merged",
+                   "ensemble_with_all"):
         assert results[method].between(0, 1).all()
     with duckdb.connect(str(db), read_only=True) as con:
-        report = con.execute("SELECT dataset, ensemble FROM accuracy_report").fetchall()
-    assert [d for d, _ in report] == sorted(counts) + ["MEAN"]
+        report = con.execute("SELECT dataset, ensemble, ensemble_merged, ensemble_with_all "
+                             "FROM accuracy_report").fetchall()
+    assert [d for d, *_ in report] == sorted(counts) + ["MEAN"]
     assert abs(report[-1][1] - results["ensemble"].mean()) < 1e-9
     from grouplora.ml.ensemble import Ensemble
     ens = Ensemble.load(project / "var" / "storage" / "ensemble" / "current" / "ensemble.json")
     assert set(ens.weights) == set(counts) and all((ens.root / a.path).is_dir() for a in ens.adapters)
-
-    # both boosting modes write a peft adapter for a group: ridge (no training) ran above when a group's loss
-    # stayed high; the trained mode (a loss-weighted adapter) is checked here on the same state
-    import logging
-    from grouplora.assets.ensemble import boost_group
-    from grouplora.orchestration.settings import EnsembleSettings, TrainingSettings
-    resources = make_resources()
-    model, tok = resources["base_model"].load()
-    group = spec["groups"][0]
-    name = boost_group(resources["store"], resources["base_model"], resources["gradient_settings"],
-                       EnsembleSettings(boost_mode="trained"), TrainingSettings(epochs=1), group,
-                       Ensemble.load(project / "var" / "storage" / "ensemble" / "current" / "ensemble.json"),
-                       model, tok, logging.getLogger("test"))
-    boost_dir = project / "var" / "storage" / "adapters" / name
-    assert (boost_dir / "adapter_model.safetensors").exists() and json.loads((boost_dir / "adapter_config.json").read_text())
+    # the served ensemble: the group adapters and their kept rounds (+ θ0, the ridge rounds' reference), never the
+    # all-datasets adapter unless EnsembleSettings.include_all; every dataset has a weight > 0 on its own group
+    assert spec["baseline"]["key"] not in {a.name for a in ens.adapters}
+    group_of = {m: g["key"] for g in spec["groups"] for m in g["members"]}
+    served = {a.name for a in ens.adapters}
+    assert all(any(a > 0 for a in w.values()) and all(k in served and k.startswith(group_of[d]) for k in w)
+               for d, w in ens.weights.items())
+    info = json.loads((project / "var" / "storage" / "ensemble" / "current.json").read_text())
+    costs = info["method_costs"]
+    adapters = project / "var" / "storage" / "adapters"
+    group_flops = sum(json.loads((adapters / f"{g['key']}.result.json").read_text())["flops"] for g in spec["groups"])
+    assert costs["ensemble"]["flops"] == group_flops + sum(r["flops"] for b in info["boosting"].values()
+                                                           for r in b["rounds"])
+    assert costs["ensemble_with_all"]["flops"] > costs["ensemble"]["flops"] and costs["zero_shot"]["steps"] == 0
 
     # registered in MLflow: the first version is the challenger and, with no champion before it, the champion
     from mlflow import MlflowClient
@@ -106,12 +125,24 @@ def test_pipeline_materializes_through_dagster_into_duckdb(project):
     assert str(client.get_model_version_by_alias("grouplora-ensemble", "challenger").version) == "1"
     assert str(client.get_model_version_by_alias("grouplora-ensemble", "champion").version) == "1"
 
-    instance = run.get_instance()
     checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(
         [dg.AssetCheckKey(dg.AssetKey("dataset"), "dataset_schema")])
     assert checks, "the schema check ran"
     # A rerun with nothing changed resumes: no partition runs again.
     assert run.run_datasets(versions, versions) == ([], {})
+
+    # A pinned λ (settings file) skips the fine-tunes; the estimates use it
+    settings_file = project / "settings.yaml"
+    settings_file.write_text("estimation: {lam: 0.03}\n")
+    os.environ["GROUPLORA_SETTINGS"] = str(settings_file)
+    try:
+        run.run_suite(executor="in_process")
+    finally:
+        del os.environ["GROUPLORA_SETTINGS"]
+    cal = json.loads((project / "var" / "storage" / "calibration" / "features.json").read_text())
+    assert cal["source"] == "pinned" and cal["lam"] == 0.03 and cal["runs"] == {} and cal["table"] == []
+    est_md = instance.get_latest_materialization_event(dg.AssetKey("subset_estimates")).asset_materialization.metadata
+    assert est_md["lam"].value == 0.03 and est_md["lam_source"].value == "pinned"
 
     # A bad new version fails with the file, row and problem, and leaves the previous good artifact in place.
     stored = project / "var" / "storage" / "datasets" / "reviews.parquet"

@@ -25,8 +25,6 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-TESTS = Path(__file__).parent
-
 
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
@@ -110,7 +108,7 @@ def _max_concurrency(intervals: list[tuple[float, float]]) -> int:
     return best
 
 
-def test_ray_executor_runs_each_step_as_a_ray_job_on_its_own_gpu(plain_project, ray_head):
+def test_ray_executor_runs_each_step_as_a_ray_job_on_its_own_gpu(plain_project, ray_head, concurrent_partition_runs):
     import dagster as dg
     from ray.job_submission import JobStatus
 
@@ -125,13 +123,7 @@ def test_ray_executor_runs_each_step_as_a_ray_job_on_its_own_gpu(plain_project, 
     with dg.DagsterInstance.get() as instance:
         instance.add_dynamic_partitions("datasets", keys)
     # three partitions' runs at once: 3 GPU steps (one theta0_pass each) want 2 GPUs
-    procs = [subprocess.Popen([sys.executable, str(TESTS / "pipeline_jobs.py"), key, "ray", ray_head],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for key in keys]
-    outs = [p.communicate(timeout=540) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-4000:]
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
-    assert all(r["success"] for r in results), [err[-4000:] for _, err in outs]
+    results = concurrent_partition_runs(keys, "ray", ray_head)
 
     ray_jobs = _finished_ray_jobs(ray_head)
     gpu_runs = []

@@ -134,8 +134,9 @@ def test_selection_settings_are_validated():
     from grouplora.orchestration.settings import SelectionSettings
 
     s = SelectionSettings()
-    assert (s.top_k, s.n_subsets, s.size, s.lam, s.min_gain, s.seed, s.hidden_max_examples) == (3, 200, 0, 1e-3, 0.0,
+    assert (s.top_k, s.n_subsets, s.size, s.lam, s.min_gain, s.seed, s.hidden_max_examples) == (3, 200, 0, None, 0.0,
                                                                                                0, 64)
+    assert SelectionSettings(lam=1e-3).lam == 1e-3  # pinned
     for bad, field in [({"top_k": 0}, "top_k"), ({"n_subsets": 0}, "n_subsets"), ({"size": -1}, "size"),
                        ({"lam": 0.0}, "lam"), ({"lam": float("nan")}, "lam"), ({"min_gain": -0.1}, "min_gain"),
                        ({"hidden_max_examples": 0}, "hidden_max_examples")]:
@@ -168,7 +169,7 @@ def test_selection_through_dagster_and_the_cli(project, monkeypatch):
     assert names == ["facts", "news", "parity", "reviews"]
     ran = run.run_selection("reviews", names, versions, executor="in_process")
     assert ran == [*(f"dataset:{n}" for n in names), "meta_init_adapter",
-                   *(f"meta_gradient_features:{n}" for n in names), "target_selection:reviews"]
+                   *(f"meta_gradient_features:{n}" for n in names), "meta_lam_calibration", "target_selection:reviews"]
     storage = project / "var" / "storage"
 
     # the meta-init adapter: peft files, trained (B != 0), on every dataset
@@ -189,6 +190,13 @@ def test_selection_through_dagster_and_the_cli(project, monkeypatch):
     assert side["matrices"] == 2 * len(fresh.names)
     assert side["projection_checksum"] != fresh.checksum()
     assert not (storage / "features").exists()  # the base features were not needed
+
+    # λ calibrated at the meta-initialization (real fine-tunes from it), and the selection used it
+    cal = json.loads((storage / "calibration" / "features_meta.json").read_text())
+    assert cal["theta0"] == "meta_init" and cal["source"] == "calibrated" and cal["runs"]
+    assert cal["theta0_fingerprint"] == record["fingerprint"]
+    chosen = json.loads((storage / "selection" / "reviews.json").read_text())
+    assert chosen["lam"] == cal["lam"] and chosen["settings"]["lam"] == cal["lam"]
 
     # the scores table: one row per auxiliary, a chosen_<method> column per method
     table = pd.read_parquet(storage / "selection" / "reviews.parquet")
@@ -215,7 +223,7 @@ def test_selection_through_dagster_and_the_cli(project, monkeypatch):
     out = cli.invoke(main, ["select", "--target", "parity"])
     assert out.exit_code == 0, out.output
     assert "meta_init_adapter: current" in out.output and "target_selection:parity: ran" in out.output
-    assert "meta_gradient_features:news: current" in out.output
+    assert "meta_gradient_features:news: current" in out.output and "meta_lam_calibration: current" in out.output
     for method in METHODS:
         assert f"  {method} " in out.output
     assert "| aux" in out.output and "chosen_by" in out.output and "reviews" in out.output

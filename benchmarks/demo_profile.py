@@ -185,7 +185,8 @@ def run_version(label: str, ref: str, args, workdir: Path) -> dict:
     return res | summarize(runs, wall) | {"results": results_table(home)} | {"run_list": runs}
 
 
-METHODS = ["zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble"]
+METHODS = ["zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble", "ensemble_merged",
+           "ensemble_with_all"]  # those a version reports; two versions are compared on the ones both report
 
 
 def results_table(home: Path) -> dict:

@@ -185,7 +185,8 @@ def run_version(label: str, ref: str, args, workdir: Path) -> dict:
     return res | summarize(runs, wall) | {"results": results_table(home)} | {"run_list": runs}
 
 
-METHODS = ["zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble"]
+METHODS = ["zero_shot", "one_adapter_all", "grouped", "grouped_boosted", "ensemble", "ensemble_merged",
+           "ensemble_with_all"]  # those a version reports; two versions are compared on the ones both report
 
 
 def results_table(home: Path) -> dict:
@@ -249,11 +250,30 @@ def main() -> None:
     for rnd in range(args.rounds):
         for label, ref in refs.items():
             print(f"round {rnd + 1}/{args.rounds}: {label} = {ref} ...", flush=True)
-            r = run_version(label, ref, args, args.workdir)
+            try:
+                r = run_version(label, ref, args, args.workdir)
+            except RuntimeError as e:  # a failed chain: keep what the others measured, say which one failed
+                print(f"  {label}: FAILED: {e}", flush=True)
+                results[label].append({"ref": ref, "failed": str(e)})
+                continue
             print(f"  {label}: {r['wall_s']:.0f}s  " + "  ".join(f"{k} {v:.0f}s" for k, v in r["stages_s"].items()),
                   flush=True)
             results[label].append(r)
-    versions = {k: best(v) for k, v in results.items()}
+            out = report(args, results)  # written after every version: a long session keeps what it measured
+    out = report(args, results)
+    versions = out["versions"]
+    print(json.dumps({k: {"wall_s": v["wall_s"], **v["stages_s"]} for k, v in versions.items()}, indent=2))
+    if "ratios" in out:
+        print(json.dumps(out["ratios"], indent=2))
+        print(json.dumps({k: v.get("mean", v) | {"no_worse": v.get("no_worse")}
+                          for k, v in out["results_comparison"].items()}, indent=2))
+    print(f"-> {args.out}")
+
+
+def report(args, results: dict[str, list[dict]]) -> dict:
+    """The JSON of everything measured so far (the best finished round per version), written to args.out."""
+    done = {k: [r for r in v if "failed" not in r] for k, v in results.items()}
+    versions = {k: best(v) for k, v in done.items() if v}
     out = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
            "mode": "make demo, fresh clone, empty cache" if args.cold else "grouplora run, fresh GROUPLORA_HOME",
            "data": args.data, "model": args.model, "rounds": args.rounds,
@@ -267,12 +287,7 @@ def main() -> None:
                                      for b, vb in others}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps({k: {"wall_s": v["wall_s"], **v["stages_s"]} for k, v in versions.items()}, indent=2))
-    if "ratios" in out:
-        print(json.dumps(out["ratios"], indent=2))
-        print(json.dumps({k: v.get("mean", v) | {"no_worse": v.get("no_worse")}
-                          for k, v in out["results_comparison"].items()}, indent=2))
-    print(f"-> {args.out}")
+    return out
 
 
 def best(rounds: list[dict]) -> dict:

@@ -177,15 +177,16 @@ def test_boost_full_delta_writes_an_equivalent_lora(tiny, tmp_path):
     assert (want - base).abs().max() > 1e-3
 
 
-def boosted_pair(model, tok, root: Path) -> tuple[Path, Path, Path, Projection]:
-    """θ0 (fresh LoRA) and two adapters θ0 + P w_i written by boost_adapter_from_w with the real Projection."""
+def boosted_pair(model, tok, root: Path, *, scale: float = 3.0, seed: int = 4, names: tuple[str, str] = ("a", "b"),
+                 ) -> tuple[Path, Path, Path, Projection]:
+    """θ0 (fresh LoRA) and two adapters θ0 + P w_i (w_i ~ scale · N(0, 1)) written by boost_adapter_from_w with the
+    real Projection."""
     fresh = save_fresh_adapter((model, tok), TrainConfig(r=4, alpha=8, seed=11), root / "fresh")
     pm = load_adapter(model, fresh)
     proj = Projection.for_model(pm, d=16, seed=0)
     pm.unload()
-    rng = np.random.default_rng(4)
-    a = boost_adapter_from_w(fresh, proj, 3 * rng.normal(size=16), root / "a")
-    b = boost_adapter_from_w(fresh, proj, 3 * rng.normal(size=16), root / "b")
+    rng = np.random.default_rng(seed)
+    a, b = (boost_adapter_from_w(fresh, proj, scale * rng.normal(size=16), root / n) for n in names)
     return fresh, a, b, proj
 
 
@@ -471,13 +472,9 @@ def test_merged_ensemble_with_rounds_matches_it_to_first_order(tiny, tmp_path):
 
     model, tok = tiny
     root = tmp_path / "adapters"
-    fresh = save_fresh_adapter((model, tok), TrainConfig(r=4, alpha=8, seed=11), root / "fresh")
-    pm = load_adapter(model, fresh)
-    proj = Projection.for_model(pm, d=16, seed=0)
-    pm.unload()
-    rng = np.random.default_rng(7)
-    g = boost_adapter_from_w(fresh, proj, 0.02 * rng.normal(size=16), root / "g")
-    t = boost_adapter_from_w(fresh, proj, 0.02 * rng.normal(size=16), root / "t")  # a reference with B ≠ 0
+    # g, and t: a reference with B ≠ 0
+    fresh, g, t, proj = boosted_pair(model, tok, root, scale=0.02, seed=7, names=("g", "t"))
+    rng = np.random.default_rng(8)
     r = boost_adapter_from_w(t, proj, 0.02 * rng.normal(size=16), root / "r")  # a round started at t
     words = [" positive", " negative"]
     alpha = {"g": 1.2, "r": 0.9}

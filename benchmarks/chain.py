@@ -10,6 +10,7 @@ same ml/ functions and SQL models the assets call, so an experiment measures wha
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Callable
@@ -58,6 +59,20 @@ class Work:
         tmp.replace(p)
         print(f"== {name} done in {out['stage_seconds']:.1f} s", flush=True)
         return json.loads(p.read_text())  # as a resumed run reads it back
+
+
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """The sizes and the training/feature recipe that suite.py and positive_control.py share."""
+    p.add_argument("--max-train", dest="max_train_per_dataset", type=int, default=300)
+    p.add_argument("--max-val", dest="max_val_per_dataset", type=int, default=100)
+    p.add_argument("--max-test", dest="max_test_per_dataset", type=int, default=300)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=160)
+    p.add_argument("--feature-batch-size", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--d", type=int, default=200)
 
 
 def sql_models(estimates: pd.DataFrame, models: tuple[str, ...]) -> dict[str, pd.DataFrame]:

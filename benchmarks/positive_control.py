@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chain import Work, affinity_stage  # noqa: E402
+from chain import Work, add_recipe_args, affinity_stage  # noqa: E402
 from estimation_fidelity import ROOT, Data, _jsonable, load_data, machine  # noqa: E402
 
 from grouplora.ml.boosting import BoostResult, BoostSettings, RidgeBase, boost_group, logprobs_by_dataset, round_logits  # noqa: E402
@@ -301,17 +301,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--render", action="store_true", help="only draw the heatmap PNG of an existing --out JSON")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--max-train", dest="max_train_per_dataset", type=int, default=300)
-    p.add_argument("--max-val", dest="max_val_per_dataset", type=int, default=100)
-    p.add_argument("--max-test", dest="max_test_per_dataset", type=int, default=300)
+    add_recipe_args(p)
     p.add_argument("--weights-share", type=float, default=0.5, help="share of validation in the weights fold")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=160)
-    p.add_argument("--feature-batch-size", type=int, default=32)
-    p.add_argument("--eval-batch-size", type=int, default=64)
-    p.add_argument("--d", type=int, default=200)
     p.add_argument("--theta0", choices=["fresh_lora", "meta_init"], default="meta_init")
     p.add_argument("--lam", type=float, default=None, help="pin λ (else calibrated on --n-calibration subsets)")
     p.add_argument("--lam-grid", type=lambda s: tuple(float(x) for x in s.split(",")), default=LAM_GRID)

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chain import Work, affinity_stage  # noqa: E402
+from chain import Work, add_recipe_args, affinity_stage  # noqa: E402
 from estimation_fidelity import (ROOT, Data, _jsonable, change_spearman, data_folder, estimates, extract,  # noqa: E402
                                  finetune, load_data, machine, metrics, pair_table, restored_grads, split_folds,
                                  zero_shot)
@@ -405,18 +405,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     src.add_argument("--data", type=Path, default=None)
     p.add_argument("--work", type=Path, default=ROOT / "var" / "suite")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--max-train", dest="max_train_per_dataset", type=int, default=300)
-    p.add_argument("--max-val", dest="max_val_per_dataset", type=int, default=100)
-    p.add_argument("--max-test", dest="max_test_per_dataset", type=int, default=300)
+    add_recipe_args(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--targets", nargs="+", default=["tweet_sentiment", "vitaminc", "presuppositions_nli"])
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=160)
-    p.add_argument("--feature-batch-size", type=int, default=32)
-    p.add_argument("--eval-batch-size", type=int, default=64)
-    p.add_argument("--d", type=int, default=200)
     p.add_argument("--lam", type=float, default=None, help="pin λ (default: calibrated against real fine-tunes)")
     p.add_argument("--lam-grid", type=lambda s: tuple(float(x) for x in s.split(",")), default=LAM_GRID)
     p.add_argument("--n-random", type=int, default=300, help="random subsets of --subset-size for the affinity")

@@ -289,13 +289,18 @@ def test_warm_start_from_a_saved_adapter(tiny, tmp_path):
     assert not has_lora(model)
 
 
+def flipped_labels(examples: list[TrainExample]) -> list[TrainExample]:
+    """The same prompts with the binary labels swapped: validation that contradicts training."""
+    return [TrainExample(e.prompt, 1 - e.label_index if len(e.label_ids) == 2 else e.label_index, e.label_ids)
+            for e in examples]
+
+
 def test_best_validation_epoch_is_the_saved_adapter(tiny, tmp_path):
     """With val_examples every epoch is scored and the saved adapter is the epoch with the lowest val loss: on
     validation examples whose labels contradict training, that is the first epoch, not the last."""
     model, tok = tiny
     ex = toy_examples(tok, 12)
-    flipped = [TrainExample(e.prompt, 1 - e.label_index if len(e.label_ids) == 2 else e.label_index, e.label_ids)
-               for e in ex[:12]]
+    flipped = flipped_labels(ex[:12])
     cfg = TrainConfig(lr=1e-2, epochs=3, batch_size=8, seed=2)
     res = train_adapter((model, tok), ex, cfg, tmp_path / "anti", val_examples=flipped)
     assert res.epochs == 3 and len(res.val_losses) == 3 and res.eval_flops > 0
@@ -316,8 +321,7 @@ def test_best_validation_epoch_is_the_saved_adapter(tiny, tmp_path):
 def test_best_epoch_survives_a_resume(tiny, tmp_path):
     model, tok = tiny
     ex = toy_examples(tok, 12)
-    flipped = [TrainExample(e.prompt, 1 - e.label_index if len(e.label_ids) == 2 else e.label_index, e.label_ids)
-               for e in ex[:12]]
+    flipped = flipped_labels(ex[:12])
     cfg = TrainConfig(lr=1e-2, epochs=3, batch_size=8, seed=2)
     full = train_adapter((model, tok), ex, cfg, tmp_path / "full", val_examples=flipped)
 

@@ -136,13 +136,6 @@ def asset_figures(home: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ run
 
 
-def old_peak(path: Path, key: str, resume: bool) -> float:
-    """A resumed run's peak so far (0 when not resuming)."""
-    if not (resume and path.exists()):
-        return 0.0
-    return float(json.loads(path.read_text()).get(key) or 0.0)
-
-
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -167,7 +160,7 @@ def main() -> None:
     a = ap.parse_args()
 
     path = a.out / f"pipeline_{a.device.split(':')[0]}.json"
-    before = json.loads(path.read_text()).get("wall_s", 0.0) if a.resume and path.exists() else 0.0
+    prev = json.loads(path.read_text()) if a.resume and path.exists() else {}  # what earlier calls measured
     if a.home.exists() and not a.resume:
         shutil.rmtree(a.home)
     a.home.mkdir(parents=True, exist_ok=True)
@@ -189,7 +182,7 @@ def main() -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         rc = "timeout"
-    wall = time.perf_counter() - t0 + before
+    wall = time.perf_counter() - t0 + prev.get("wall_s", 0.0)
     sampler.stop.set()
     sampler.join()
 
@@ -205,19 +198,17 @@ def main() -> None:
         "wall_s": round(wall, 1), "stage_seconds": summary["stages_s"], "stage_names": STAGE_NAMES,
         "asset_seconds": summary["assets_s"], "runs": summary["runs"], "failed_runs": summary["failed_runs"],
         "run_overhead_s": summary["run_overhead_s"],
-        "peak_host_rss_mb": max(round(sampler.peak_rss / 2**20, 1), old_peak(path, "peak_host_rss_mb", a.resume)),
-        "peak_gpu_memory_mb": max(sampler.peak_gpu_mb, old_peak(path, "peak_gpu_memory_mb", a.resume))
-        if sampler.gpu else None, "calls": 1 + (json.loads(path.read_text()).get("calls", 1) if a.resume
-                                                and path.exists() else 0),
-        "gpu_memory_idle_mb": sampler.gpu_idle_mb,
+        "peak_host_rss_mb": max(round(sampler.peak_rss / 2**20, 1), prev.get("peak_host_rss_mb") or 0.0),
+        "peak_gpu_memory_mb": max(sampler.peak_gpu_mb, prev.get("peak_gpu_memory_mb") or 0.0) if sampler.gpu else None,
+        "gpu_memory_idle_mb": sampler.gpu_idle_mb, "calls": prev.get("calls", 0) + 1,
         **asset_figures(home),
     }
     if sampler.gpu:
         import torch
         res["device_name"] = torch.cuda.get_device_name()
     a.out.mkdir(parents=True, exist_ok=True)
-    old = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps(old | res, indent=2, default=str) + "\n")
+    other = json.loads(path.read_text()) if path.exists() else {}  # keys of other writers (the features bench)
+    path.write_text(json.dumps(other | res, indent=2, default=str) + "\n")
     print(json.dumps({k: res[k] for k in ("exit", "n_datasets", "wall_s", "stage_seconds", "peak_host_rss_mb",
                                           "peak_gpu_memory_mb")}, indent=1, default=str))
     print(json.dumps({k: res.get(k) for k in ("partition", "estimator", "features_asset")}, indent=1, default=str))

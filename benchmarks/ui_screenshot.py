@@ -99,7 +99,6 @@ def main() -> None:
                     t0 = time.monotonic()
                     page.goto(url + path, wait_until="domcontentloaded")
                     secs, text, ok = shown(page, needles, a.timeout)
-                    secs += 0  # seconds from navigation until the needles showed
                     shot = a.shots / f"{name}.png"
                     page.screenshot(path=str(shot), full_page=False)
                     res["pages"][name] = {"path": path, "loaded": ok, "seconds": round(time.monotonic() - t0, 2),

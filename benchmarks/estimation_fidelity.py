@@ -163,14 +163,16 @@ def examples_of(ds: Data, split: str) -> list[TrainExample]:
 
 
 def finetune(model, tok, by_name: dict[str, Data], subset: Subset, cfg: TrainConfig, args, tmp: Path,
-             init_adapter: Path | None = None) -> dict:
+             init_adapter: Path | None = None, val_split: str = "val") -> dict:
     """ml.calibration.finetune_subset on a fresh folder (a finished one would be returned as it is): the
-    subset's real fine-tune and its members' real validation loss/accuracy under "true"."""
+    subset's real fine-tune and its members' real loss/accuracy on `val_split` under "true". val_split must be
+    the split the features' validation rows were taken on (extract's val_split): the estimate and the truth are
+    then means over the same examples."""
     members = {m: by_name[m] for m in subset.members}
     sync(args.device)
     t0 = time.perf_counter()
     r = finetune_subset(model, tok, subset, {m: examples_of(d, "train") for m, d in members.items()},
-                        {m: examples_of(d, "val") for m, d in members.items()}, cfg, tmp / subset.id,
+                        {m: examples_of(d, val_split) for m, d in members.items()}, cfg, tmp / subset.id,
                         init_adapter=init_adapter, eval_batch_size=args.eval_batch_size)
     sync(args.device)
     return {**r, "train_wall_s": time.perf_counter() - t0 - r["eval_s"]}

@@ -18,7 +18,8 @@ under <work>, so a rerun — e.g. after a time limit — resumes where it stoppe
                 optimizer steps and peak memory
   selection_s<k> each target + each method's auxiliaries fine-tuned; the target's test accuracy
   fidelity      (after the first seed) estimates at the calibrated λ vs real fine-tuning from θ* on further
-                random subsets
+                random subsets, both on the selection fold (the rows the features' validation side holds); and
+                the truth's own noise: --n-fidelity-repeat of them fine-tuned again with another training seed
   approx        first-order approximation error against perturbation scale, at fresh LoRA and at θ*
   stability     the affinity stage on --n-bootstrap resamples of its random subsets: adjusted Rand index of each
                 partition vs the affinity stage's, with m re-chosen and with m fixed (no training: CPU is enough)
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,7 +66,7 @@ from grouplora.ml.projection import Projection  # noqa: E402
 from grouplora.ml.model import load_base_model  # noqa: E402
 from grouplora.ml.scoring import predict_logprobs  # noqa: E402
 from grouplora.ml.selection import mean_hidden_state, select_auxiliaries  # noqa: E402
-from grouplora.ml.subsets import make_subsets  # noqa: E402
+from grouplora.ml.subsets import Subset, make_subsets  # noqa: E402
 from grouplora.ml.training import TrainConfig, TrainExample, train_adapter  # noqa: E402
 
 
@@ -255,8 +257,9 @@ def stage_fidelity(r: Runner, feats: FeatureSet, meta: Path, cal: dict) -> dict:
           if s.id not in taken][:a.n_fidelity]
     runs = {}
     tmp = r.work.path("fidelity_adapters")
-    for i, s in enumerate(ev):
-        runs[s.id] = finetune(r.model, r.tok, r.by_name, s, r.config(0), a, tmp, init_adapter=meta)
+    for i, s in enumerate(ev):  # truth on the selection fold: the rows the features' validation side holds
+        runs[s.id] = finetune(r.model, r.tok, r.by_name, s, r.config(0), a, tmp, init_adapter=meta,
+                              val_split="select")
         print(f"  [{i + 1}/{len(ev)}] {','.join(s.members)} {runs[s.id]['train_s']:.1f} s", flush=True)
     truth = {**{k: v["true"] for k, v in cal["runs"].items()}, **{k: v["true"] for k, v in runs.items()}}
     lam_table = error_table(feats, truth, sorted(set(cal["grid"])), {"calibration": cal_subsets, "eval": ev})
@@ -270,9 +273,50 @@ def stage_fidelity(r: Runner, feats: FeatureSet, meta: Path, cal: dict) -> dict:
     return {"lam": lam, "lam_source": cal["source"], "lam_table": lam_table,
             "lam_hindsight": choose_lam(lam_table, "eval"), **metrics(pairs),
             "spearman_loss_change": change_spearman(pairs), "zero_shot_baseline": metrics(pairs, "zero_shot"),
-            "pairs": pairs.to_dict(orient="records"), "n_subsets": len(ev), "finetune_s": ft, "extract_s": feat_s,
+            "truth_noise": truth_noise(r, ev[:a.n_fidelity_repeat], runs, meta),
+            "pairs": pairs.to_dict(orient="records"), "truth": truth, "eval_subsets": [list(s.members) for s in ev],
+            "n_subsets": len(ev), "finetune_s": ft, "extract_s": feat_s,
             "estimate_s": est_s, "speedup": ft / (feat_s + est_s), "converged": conv,
             "theta0": "meta-initialization (one adapter on all datasets, seed 0); real fine-tunes start from it"}
+
+
+def truth_noise(r: Runner, subsets: Sequence[Subset], runs: dict, meta: Path) -> dict:
+    """How far the truth itself moves: the same subsets fine-tuned again with training seed 1, scored like the
+    estimates (mean relative loss error of the repeat against the seed-0 truth). No estimator can be judged
+    finer than this."""
+    if not subsets:
+        return {}
+    rows = []
+    for s in subsets:
+        rep = finetune(r.model, r.tok, r.by_name, s, r.config(1), r.args, r.work.path("fidelity_repeat"),
+                       init_adapter=meta, val_split="select")
+        for m in s.members:
+            t, u = runs[s.id]["true"][m], rep["true"][m]
+            rows.append({"subset_id": s.id, "dataset": m, "true_loss": t["loss"], "repeat_loss": u["loss"],
+                         "true_accuracy": t["accuracy"], "repeat_accuracy": u["accuracy"]})
+    pairs = pd.DataFrame(rows)
+    return {"n_subsets": len(subsets), "seeds": [0, 1], **metrics(pairs, "repeat"), "pairs": rows}
+
+
+def stage_feature_dim(r: Runner, meta: Path, cal: dict, fid: dict) -> dict:
+    """Is d the estimator's limit? The fidelity stage's real fine-tunes (calibration + eval subsets) scored again
+    with features of other projection dimensions (--sweep-d) at the same θ*: per d, λ chosen on the calibration
+    subsets and the eval error there. Only reported: the affinity keeps --d."""
+    a = r.args
+    cal_subsets = calibration_subsets(sorted(d.name for d in r.data), a.n_calibration, size=3, seed=1)  # as fidelity
+    ev = [Subset.of(m) for m in fid["eval_subsets"]]
+    out = []
+    for d in a.sweep_d:
+        feats, secs = extract(r.model, r.tok, r.data, r.config(0), argparse.Namespace(**{**vars(a), "d": d}),
+                              init_adapter=meta, val_split="select")
+        table = error_table(feats, fid["truth"], sorted(set(cal["grid"])), {"calibration": cal_subsets, "eval": ev})
+        lam = choose_lam(table)
+        at = next(row for row in table if row["lam"] == lam)
+        out.append({"d": d, "extract_s": secs, "lam": lam, "calibration": at["calibration"], "eval": at["eval"],
+                    "lam_hindsight": choose_lam(table, "eval"), "table": table})
+        print(f"  d = {d}: λ {lam:g}, eval mean relative loss error {at['eval']['mean_relative_error_loss']:.3f}",
+              flush=True)
+    return {"d_affinity": a.d, "sweep": out}
 
 
 def _n_triples(feats: FeatureSet) -> int:
@@ -415,6 +459,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-m", type=int, default=4)
     p.add_argument("--n-fidelity", type=int, default=20, help="random subsets fine-tuned to report estimation error")
     p.add_argument("--n-calibration", type=int, default=3, help="random subsets fine-tuned to choose λ")
+    p.add_argument("--sweep-d", type=int, nargs="*", default=[],
+                   help="after fidelity: the same real fine-tunes scored with features of these dimensions")
+    p.add_argument("--n-fidelity-repeat", type=int, default=5,
+                   help="fidelity subsets fine-tuned again with another training seed: the truth's own noise")
     p.add_argument("--weights-share", type=float, default=0.5, help="share of validation in the weights fold")
     p.add_argument("--boost-mode", choices=["ridge", "trained"], default="ridge")
     p.add_argument("--boost-rounds", type=int, default=3)
@@ -489,6 +537,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 res[f"selection_s{s}"] = work.stage(f"selection_s{s}", lambda s=s: stage_selection(r, choice, s))
             if s == args.seeds[0] and "fidelity" in only:
                 res["fidelity"] = work.stage("fidelity", lambda: stage_fidelity(r, feats, meta, res["calibration"]))
+                if args.sweep_d:
+                    res["feature_dim"] = work.stage("feature_dim", lambda: stage_feature_dim(
+                        r, meta, res["calibration"], res["fidelity"]))
         if "approx" in only:
             res["approx"] = work.stage("approx", lambda: stage_approx(r, meta))
         if "stability" in only:

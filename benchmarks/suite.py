@@ -273,25 +273,24 @@ def stage_fidelity(r: Runner, feats: FeatureSet, meta: Path, cal: dict) -> dict:
     return {"lam": lam, "lam_source": cal["source"], "lam_table": lam_table,
             "lam_hindsight": choose_lam(lam_table, "eval"), **metrics(pairs),
             "spearman_loss_change": change_spearman(pairs), "zero_shot_baseline": metrics(pairs, "zero_shot"),
-            "truth_noise": truth_noise(r, ev[:a.n_fidelity_repeat], runs, meta),
             "pairs": pairs.to_dict(orient="records"), "truth": truth, "eval_subsets": [list(s.members) for s in ev],
             "n_subsets": len(ev), "finetune_s": ft, "extract_s": feat_s,
             "estimate_s": est_s, "speedup": ft / (feat_s + est_s), "converged": conv,
             "theta0": "meta-initialization (one adapter on all datasets, seed 0); real fine-tunes start from it"}
 
 
-def truth_noise(r: Runner, subsets: Sequence[Subset], runs: dict, meta: Path) -> dict:
-    """How far the truth itself moves: the same subsets fine-tuned again with training seed 1, scored like the
-    estimates (mean relative loss error of the repeat against the seed-0 truth). No estimator can be judged
-    finer than this."""
-    if not subsets:
-        return {}
+def stage_truth_noise(r: Runner, meta: Path, fid: dict) -> dict:
+    """How far the truth itself moves: the first --n-fidelity-repeat fidelity subsets fine-tuned again with
+    training seed 1, scored like the estimates (mean relative loss error of the repeat against the seed-0 truth).
+    No estimator can be judged finer than this."""
+    subsets = [Subset.of(m) for m in fid["eval_subsets"][:r.args.n_fidelity_repeat]]
     rows = []
-    for s in subsets:
+    for i, s in enumerate(subsets):
         rep = finetune(r.model, r.tok, r.by_name, s, r.config(1), r.args, r.work.path("fidelity_repeat"),
                        init_adapter=meta, val_split="select")
+        print(f"  [{i + 1}/{len(subsets)}] {','.join(s.members)} again with seed 1: {rep['train_s']:.1f} s", flush=True)
         for m in s.members:
-            t, u = runs[s.id]["true"][m], rep["true"][m]
+            t, u = fid["truth"][s.id][m], rep["true"][m]
             rows.append({"subset_id": s.id, "dataset": m, "true_loss": t["loss"], "repeat_loss": u["loss"],
                          "true_accuracy": t["accuracy"], "repeat_accuracy": u["accuracy"]})
     pairs = pd.DataFrame(rows)
@@ -540,6 +539,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 if args.sweep_d:
                     res["feature_dim"] = work.stage("feature_dim", lambda: stage_feature_dim(
                         r, meta, res["calibration"], res["fidelity"]))
+                if args.n_fidelity_repeat:
+                    res["truth_noise"] = work.stage("truth_noise", lambda: stage_truth_noise(r, meta, res["fidelity"]))
         if "approx" in only:
             res["approx"] = work.stage("approx", lambda: stage_approx(r, meta))
         if "stability" in only:

@@ -387,7 +387,7 @@ Reading: the partition is {verdict} under resampling of the subsets (ARI {r['mea
 re-chosen; {r['share_identical'] * 100:.0f}% of the draws give the same partition); two datasets of one group above
 share a group in {inside * 100:.0f}% of the draws (m fixed). Each pair of datasets is averaged over only
 ≈ {per_pair:.0f} subsets, and the estimated changes rank with the real ones at Spearman
-{s['fidelity']['spearman_loss_change']:.2f} (section 2){', so the differences between the entries of T are largely '
+{s['fidelity']['spearman_loss_change']:.2f} (section 2){': the differences between the entries of T are largely '
 'resampling noise' if r['mean'] < 0.5 else ''}.
 """
 
@@ -854,8 +854,9 @@ must fight itself there, and it does (chance accuracy); the affinity between twi
 'did not separate every twin pair'}, and the ensemble beat the all-datasets adapter by
 **{pc['ensemble_minus_all_adapter'] * 100:+.0f} pt at {pc['flops_ratio']:.2f}× its training FLOPs**. Why the real
 suite differs: its datasets do not interfere much — one adapter on all beats one adapter per dataset by
-{real_gap:.1f} pt, so pooling helps more than separating — and the transfer differences between them are smaller than
-the estimator resolves at θ* (loss-change Spearman {fr['spearman_loss_change']:.2f}){'' if not st else
+{real_gap:.1f} pt, so pooling helps more than separating — and the transfer differences between them are small
+against what the estimator resolves at θ* (loss-change Spearman {fr['spearman_loss_change']:.2f}; two training seeds of
+one fine-tune already differ by {f['truth_noise']['mean_relative_difference_loss'] * 100:.1f}%){'' if not st else
 f"; the partition built on them changes under a bootstrap of the subsets (ARI {st['ari_rechosen']['mean']:.2f})"}.
 A twin's swapped labels flip the sign of its gradient features, a signal far above that noise.
 """
@@ -878,12 +879,14 @@ def reproduce(s: dict) -> str:
 # the GPU run (about {out_minutes(s)} min of stages on one {gpu}), through the device tool after the park calls
 # (benchmarks/README.md, "The GPU run"): the shared stages, then the seeds as parallel processes (+ fidelity, approx,
 # stability in a fourth); suite_cuda.json comes back in the call's files
-LIMIT=540 bash benchmarks/gpu/remote.sh run --only approx
-bash benchmarks/gpu/remote.sh suite3
-# the committed run's stability stage ran later on the CPU, from the work folder suite3 returned (work.tgz), and its
-# record was added to suite_cuda.json under `stability` (every other stage unchanged; the record names its device)
+LIMIT=200 bash benchmarks/gpu/remote.sh run --only approx
+LIMIT=330 bash benchmarks/gpu/remote.sh suite3 --sweep-d 400 800    # and again (LIMIT=470) until every seed is done
+# the truth's noise (20 fidelity subsets again with seed 1) in a later machine session, the work folder parked again
+LIMIT=460 bash benchmarks/gpu/remote.sh run --only fidelity --n-fidelity-repeat 20 --sweep-d 400 800
+# the committed run's stability stage ran on the CPU, from the work folder the calls returned (work.tgz), and its
+# record and truth_noise's were added to suite_cuda.json (every other stage unchanged; records name their device)
 .venv/bin/python benchmarks/suite.py --device cpu --data <full pack> --work <unpacked work.tgz> --seeds 0 1 2 \\
-    --only all methods fidelity approx stability --out /tmp/suite_cpu.json
+    --only all methods fidelity approx stability --sweep-d 400 800 --out /tmp/suite_cpu.json
 # or everything in one process on any GPU machine with network, then render
 .venv/bin/python benchmarks/report.py --run -- --device cuda --data <full pack>
 ```

@@ -52,13 +52,13 @@ def calibration_subsets(names: Sequence[str], n: int, *, size: int = 3, seed: in
 
 def member_losses(model, tokenizer, adapter_dir: Path | None, val: Mapping[str, Sequence[TrainExample]],
                   members: Sequence[str], *, batch_size: int = 32, max_length: int = 256) -> dict[str, dict]:
-    """{member: {loss, accuracy}} of the model with `adapter_dir` applied on each member's validation examples:
-    loss = mean cross-entropy over its label words = mean log(1 + exp(−f)); accuracy = mean(f > 0)."""
+    """{member: {loss, accuracy, n}} of the model with `adapter_dir` applied on each member's validation examples:
+    loss = mean cross-entropy over its label words = mean log(1 + exp(−f)); accuracy = mean(f > 0); n examples."""
     out = {}
     with applied_adapter(model, adapter_dir) as pm:
         for m in members:
             ce, _ = evaluate(pm, tokenizer, val[m], batch_size=batch_size, max_length=max_length)
-            out[m] = {"loss": float(ce.mean()), "accuracy": float((ce < LN2).mean())}
+            out[m] = {"loss": float(ce.mean()), "accuracy": float((ce < LN2).mean()), "n": len(ce)}
     return out
 
 

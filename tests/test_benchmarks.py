@@ -31,7 +31,8 @@ def test_suite_runs_every_stage_and_resumes(tmp_path, capsys, make_folder):
             "--out", str(tmp_path / "suite.json"), "--max-train", "8", "--max-val", "4", "--max-test", "6",
             "--seeds", "0", "1", "--n-random", "4", "--n-fidelity", "8", "--n-calibration", "1", "--epochs", "1",
             "--targets", "reviews", "missing_target", "--n-select", "4", "--approx-datasets", "1",
-            "--approx-examples", "1", "--hidden-examples", "4", "--max-m", "2", "--n-bootstrap", "3"]
+            "--approx-examples", "1", "--hidden-examples", "4", "--max-m", "2", "--n-bootstrap", "3",
+            "--n-fidelity-repeat", "2", "--sweep-d", "16"]
     res = suite.main(args)
     assert res["complete"]
     names = sorted(res["sizes"])
@@ -48,6 +49,16 @@ def test_suite_runs_every_stage_and_resumes(tmp_path, capsys, make_folder):
     groups = res["affinity"]["groups"]
     assert sorted(sum(groups, [])) == names and res["affinity"]["m"] == len(groups) == 2
     assert res["fidelity"]["n_subsets"] == 8 and len(res["fidelity"]["pairs"]) == 8 * 3
+    # the truth is a mean over the examples the estimates score: each member's selection fold (features' val side)
+    truth = res["fidelity"]["truth"]
+    assert all(v["n"] == res["sizes"][m]["select"] for t in truth.values() for m, v in t.items())
+    # the truth's own noise: the first subsets again with another seed, judged like the estimates
+    tn = res["truth_noise"]
+    assert tn["n_subsets"] == 2 and len(tn["pairs"]) == 2 * 3 and tn["mean_relative_error_loss"] >= 0
+    assert {q["subset_id"] for q in tn["pairs"]} <= set(truth)
+    # the same fine-tunes scored with features of another dimension: λ chosen on the calibration subsets only
+    (sweep,) = res["feature_dim"]["sweep"]
+    assert sweep["d"] == 16 and sweep["lam"] in res["calibration"]["grid"]
     # selection: the unknown target is left out; "none" trains on the target alone, "all" on every dataset
     choice = res["choice"]["targets"]
     assert list(choice) == ["reviews"]
@@ -71,6 +82,7 @@ def test_suite_runs_every_stage_and_resumes(tmp_path, capsys, make_folder):
     text = (tmp_path / "report" / "REPORT.md").read_text()
     for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## Where we differ"):
         assert heading in text
+    assert "How fine the truth is" in text and "Is d the limit?" in text
     for png in ("approx", "fidelity", "affinity", "accuracy", "selection"):
         assert (tmp_path / "report" / "report" / f"{png}.png").stat().st_size > 1000
     per_seed = [pd.DataFrame(res[f"methods_s{s}"]["rows"])["ensemble"].mean() for s in (0, 1)]

@@ -309,13 +309,16 @@ def _relative_ridge(G: np.ndarray, r: np.ndarray, rel_lam: float) -> np.ndarray:
 def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mapping[str, Sequence],
                 select: Mapping[str, Sequence], settings: BoostSettings, out_dir: Path, *,
                 ridge: RidgeBase | None = None, config=None, batch_size: int = 32, max_length: int = 256,
+                reference_logprobs: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]] | None = None,
                 log=print) -> BoostResult:
     """Boost one group (see the module doc): residual rounds with step η while its selection-fold loss stays
     above settings.threshold, each kept only if that loss drops; round r's adapter goes to out_dir/round_<r>.
 
     train / select: {member: examples} (TrainExample), the group's train examples and the selection fold of its
     validation. ridge: needed in ridge mode. config: the TrainConfig of trained rounds (epochs and max_steps
-    come from settings)."""
+    come from settings). reference_logprobs: (train, select) {member: (N, C)} label log-probs of θ_ref (θ0 in
+    ridge mode, the bare base when trained) already computed elsewhere, e.g. the stored zero-shot scores when
+    θ_ref computes the base's function (a fresh LoRA has B = 0): used instead of scoring θ_ref again."""
     if settings.mode == "ridge" and ridge is None:
         raise ValueError("ridge boosting needs a RidgeBase (θ0, projection, train features)")
     if settings.mode == "trained" and config is None:
@@ -331,9 +334,13 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
     if settings.rounds == 0:
         res.stop = "disabled"
         return res
-    ref_dir = None if reference is None else Path(reference)
-    ref_tr = logprobs_by_dataset(model, tokenizer, ref_dir, train, **kw)
-    ref_sel = logprobs_by_dataset(model, tokenizer, ref_dir, select, **kw)
+    if reference_logprobs is not None:
+        ref_tr, ref_sel = (_checked(z, ex, what) for z, ex, what in
+                           zip(reference_logprobs, (train, select), ("train", "select")))
+    else:
+        ref_dir = None if reference is None else Path(reference)
+        ref_tr = logprobs_by_dataset(model, tokenizer, ref_dir, train, **kw)
+        ref_sel = logprobs_by_dataset(model, tokenizer, ref_dir, select, **kw)
     for k in range(1, settings.rounds + 1):
         if not loss > settings.threshold:
             res.stop = f"held-out loss {loss:.4f} <= threshold {settings.threshold}"
@@ -369,6 +376,11 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
                     break  # (the adapter on disk is w * scale either way)
                 scale *= 0.25
             w_norm = float(np.linalg.norm(w * scale))
+            # h on all of train: the head rows were just scored with this very adapter; score only the rest
+            rest = {n: train[n][head[n]:] for n in names}
+            z_rest = logprobs_by_dataset(model, tokenizer, rdir, {n: ex for n, ex in rest.items() if len(ex)}, **kw)
+            h_tr = _minus({n: np.concatenate([h_sub[n], z_rest[n]]) if n in z_rest else h_sub[n] for n in names},
+                          ref_tr)
         else:
             from grouplora.ml.training import TrainConfig, train_adapter
             cfg = TrainConfig(**{**config.__dict__, "epochs": settings.train_epochs,
@@ -404,6 +416,21 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
     else:
         res.stop = f"{settings.rounds} rounds"
     return res
+
+
+def _checked(logprobs: Mapping[str, np.ndarray], examples: Mapping[str, Sequence], what: str
+             ) -> dict[str, np.ndarray]:
+    """Given log-probs, checked to cover every member's examples (rows) and label words (columns)."""
+    out = {}
+    for n, ex in examples.items():
+        if n not in logprobs:
+            raise KeyError(f"reference log-probs ({what}) have no dataset {n!r}")
+        z = np.asarray(logprobs[n])
+        want = (len(ex), len(ex[0].label_ids) if len(ex) else z.shape[-1])
+        if z.shape != want:
+            raise ValueError(f"reference log-probs ({what}) of {n!r}: shape {z.shape}, need {want}")
+        out[n] = z
+    return out
 
 
 def _head_counts(sizes: Mapping[str, int], total: int) -> dict[str, int]:

@@ -499,3 +499,103 @@ def test_merged_ensemble_with_rounds_matches_it_to_first_order(tiny, tmp_path):
     log_odds = lambda p: np.log(p[:, 0] / p[:, 1])  # noqa: E731
     err, naive_err = (np.abs(log_odds(m) - log_odds(exact)).max() for m in (merged, naive))
     assert err < 0.1 * naive_err, (err, naive_err)
+
+
+# ------------------------------------------------------------------------------------ work not done twice
+
+
+def counting(monkeypatch, module, name: str) -> list:
+    """Wrap module.name (a scoring function, called for real) to record what each call scored (prompts in all
+    for {dataset: log-probs}, else the output's shape): the test counts the forward work, the numbers come from
+    the real function."""
+    calls: list = []
+    real = getattr(module, name)
+
+    def wrapper(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(sum(len(v) for v in out.values()) if isinstance(out, dict) else np.shape(out))
+        return out
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def test_boosting_with_given_reference_logprobs_scores_less_and_decides_the_same(tiny, tmp_path, monkeypatch):
+    """θ0's log-probs passed in (e.g. the stored zero-shot scores) replace scoring θ0 on train and the selection
+    fold; the accepted round's h on train reuses the trust-region check's rows. Same rounds, same decisions."""
+    import grouplora.ml.boosting as boosting
+
+    model, tok = tiny
+    train, select, _, _, ridge = group_setup(model, tok, tmp_path)
+    st = BoostSettings(mode="ridge", rounds=2, eta=0.5, threshold=0.0, ridge_lam=0.1, check_examples=8)
+    plain = boost_group(model, tok, "g", tmp_path / "group", train, select, st, tmp_path / "b1", ridge=ridge,
+                        log=lambda *_: None)
+    ref = (logprobs_by_dataset(model, tok, ridge.theta0_dir, train), logprobs_by_dataset(model, tok, ridge.theta0_dir,
+                                                                                         select))
+    scored = counting(monkeypatch, boosting, "logprobs_by_dataset")
+    given = boost_group(model, tok, "g", tmp_path / "group", train, select, st, tmp_path / "b2", ridge=ridge,
+                        reference_logprobs=ref, log=lambda *_: None)
+    assert plain.rounds
+    assert [(r.kept, r.index) for r in given.rounds] == [(r.kept, r.index) for r in plain.rounds]
+    for a, b in zip(plain.rounds, given.rounds):
+        assert b.loss_after == pytest.approx(a.loss_after, abs=1e-5) and b.rho == pytest.approx(a.rho, rel=1e-3)
+    n_tr, n_sel = sum(map(len, train.values())), sum(map(len, select.values()))
+    # group adapter on train + select, then per round: the checks (8 rows each), the rest of train, select
+    tries = [c for c in scored[2:] if c == 8]
+    assert sum(scored) == n_tr + n_sel + len(tries) * 8 + len(given.rounds) * (n_tr - 8 + n_sel)
+    with pytest.raises(ValueError, match="shape"):
+        boost_group(model, tok, "g", tmp_path / "group", train, select, st, tmp_path / "b3", ridge=ridge,
+                    reference_logprobs=({n: z[:-1] for n, z in ref[0].items()}, ref[1]), log=lambda *_: None)
+
+
+def test_merged_column_of_a_single_adapter_reuses_its_scores(tiny, tmp_path, monkeypatch):
+    """When the served weights keep one adapter, the merged adapter IS that adapter: its log-probs from the
+    ensemble's pass give the merged column with no second pass, equal to scoring it again."""
+    import grouplora.ml.ensemble as ensemble_mod
+    from grouplora.ml.ensemble import adapter_logprobs, merged_logprobs
+
+    model, tok = tiny
+    _, a, b, _ = boosted_pair(model, tok, tmp_path / "adapters")
+    words = [" positive", " negative"]
+    ens = Ensemble(base_model="tiny", base_fingerprint="", adapters=[AdapterSpec("g", str(a)), AdapterSpec("all", str(b))],
+                   weights={}, datasets={"senti": DatasetSpec(words)})
+    prompts = ["Review: it was wonderful. Sentiment:", "Review: a boring film. Sentiment:", "Review: fine. Sentiment:"]
+    try:
+        z = adapter_logprobs(ens, model, tok, "senti", prompts, ["g", "all"])
+        again = merged_logprobs(ens, model, tok, "senti", prompts, weights={"g": 2.5})
+        calls = counting(monkeypatch, ensemble_mod, "predict_logprobs")
+        reused = merged_logprobs(ens, model, tok, "senti", prompts, weights={"g": 2.5}, scored={"g": z[0], "all": z[1]})
+        assert calls == []  # no pass
+        np.testing.assert_allclose(reused, again, atol=1e-5)
+        np.testing.assert_array_equal(reused.argmax(-1), again.argmax(-1))
+        # two adapters with α > 0: a real merge, scored
+        merged_logprobs(ens, model, tok, "senti", prompts, weights={"g": 1.0, "all": 0.5}, scored={"g": z[0], "all": z[1]})
+        assert calls == [(len(prompts), 2)]
+    finally:
+        release(model)
+
+
+def test_given_reference_logprobs_are_not_scored_again(tiny, tmp_path, monkeypatch):
+    """A round's reference given (the stored zero-shot scores of θ0 / the base) drops it from the pass; the
+    round's contribution z(round) − z(reference) is the same."""
+    import grouplora.ml.inference as inference
+    from grouplora.ml.ensemble import adapter_logprobs
+
+    model, tok = tiny
+    fresh, a, b, _ = boosted_pair(model, tok, tmp_path / "adapters")
+    words = [" positive", " negative"]
+    ens = Ensemble(base_model="tiny", base_fingerprint="",
+                   adapters=[AdapterSpec("g", str(a)), AdapterSpec("r1", str(b), reference="theta0"),
+                             AdapterSpec("theta0", str(fresh))], weights={}, datasets={"senti": DatasetSpec(words)})
+    prompts = ["Review: it was wonderful. Sentiment:", "Review: a boring film. Sentiment:"]
+    base = predict_logprobs(model, tok, prompts, label_token_ids(tok, words))  # θ0 = fresh LoRA = the base
+    try:
+        full = adapter_logprobs(ens, model, tok, "senti", prompts, ["g", "r1"])
+        mixed = counting(monkeypatch, inference, "mixed_logprobs")
+        given = adapter_logprobs(ens, model, tok, "senti", prompts, ["g", "r1"], given={"theta0": base})
+        np.testing.assert_allclose(given, full, atol=1e-5)
+        assert mixed == [(2, len(prompts), 2)]  # one pass of two adapters (g, r1) rather than three
+        with pytest.raises(ValueError, match="shape"):
+            adapter_logprobs(ens, model, tok, "senti", prompts, ["g", "r1"], given={"theta0": base[:1]})
+    finally:
+        release(model)

@@ -11,6 +11,7 @@ ONE merged adapter (ml.ensemble.merged_logprobs, one adapter's inference cost).
 
 import shutil
 import time
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -26,6 +27,7 @@ from grouplora.ml.model import label_token_ids, model_fingerprint
 from grouplora.ml.plots import accuracy_table_png
 from grouplora.ml.projection import Projection
 from grouplora.ml.scoring import accuracy
+from grouplora.ml.training import VAL_LOGPROBS, validation_logprobs
 from grouplora.orchestration.devices import GPU_OP_TAGS, GPU_POOL
 from grouplora.orchestration.resources import BaseModelResource, MlflowResource, WarehouseResource
 from grouplora.orchestration.settings import EnsembleSettings, GradientSettings, TrainingSettings
@@ -75,11 +77,26 @@ def boost_groups(store: ArtifactStore, base_model: BaseModelResource, gradient_s
         members = g["members"]
         ref = (tuple({n: store.zero_shot_logprobs(n, sp) for n in members} for sp in ("train", FOLD_SELECT))
                if stored_ref else None)
+        select = store.examples_by_dataset(tokenizer, members, FOLD_SELECT)
         out[g["key"]] = boost_group(
             model, tokenizer, g["key"], store.adapter_dir(g["key"]), store.examples_by_dataset(tokenizer, members),
-            store.examples_by_dataset(tokenizer, members, FOLD_SELECT), settings,
-            store.adapter_dir(f"boost_{g['key']}"), ridge=ridge, config=training_settings.config(),
-            batch_size=base_model.batch_size, max_length=base_model.max_length, reference_logprobs=ref, log=log)
+            select, settings, store.adapter_dir(f"boost_{g['key']}"), ridge=ridge, config=training_settings.config(),
+            batch_size=base_model.batch_size, max_length=base_model.max_length, reference_logprobs=ref,
+            select_logprobs=adapter_select_logprobs(store.adapter_dir(g["key"]), select), log=log)
+    return out
+
+
+def adapter_select_logprobs(adapter_dir: Path, select: dict[str, list]) -> dict[str, np.ndarray] | None:
+    """{member: (N, C)} the adapter's log-probs on the selection fold from its own training (the best epoch's
+    evaluation, when it ran on exactly these examples, pooled in member order), else None."""
+    pooled = [e for ex in select.values() for e in ex]
+    lp = validation_logprobs(adapter_dir, pooled) if pooled else None
+    if lp is None:
+        return None
+    out, start = {}, 0
+    for n, ex in select.items():
+        out[n] = lp[start:start + len(ex), :len(ex[0].label_ids) if ex else 0]
+        start += len(ex)
     return out
 
 
@@ -203,7 +220,7 @@ def ensemble(context: dg.AssetExecutionContext, store: ArtifactStore, base_model
     out = store.ensemble_dir()
     with atomic_dir(out) as tmp:  # a self-contained folder: JSON + copies of the adapters it uses
         for a in ens.adapters:
-            shutil.copytree(a.path, tmp / a.name, ignore=shutil.ignore_patterns("checkpoints"))
+            shutil.copytree(a.path, tmp / a.name, ignore=shutil.ignore_patterns("checkpoints", VAL_LOGPROBS))
             a.path = a.name
         ens.meta.update({"val_accuracy": val_accuracy, "include_all": ensemble_settings.include_all,
                          "boosting": {k: {"mode": b.mode, "step_sizes": b.step_sizes, "stop": b.stop,

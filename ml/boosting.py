@@ -310,7 +310,7 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
                 select: Mapping[str, Sequence], settings: BoostSettings, out_dir: Path, *,
                 ridge: RidgeBase | None = None, config=None, batch_size: int = 32, max_length: int = 256,
                 reference_logprobs: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]] | None = None,
-                log=print) -> BoostResult:
+                select_logprobs: Mapping[str, np.ndarray] | None = None, log=print) -> BoostResult:
     """Boost one group (see the module doc): residual rounds with step η while its selection-fold loss stays
     above settings.threshold, each kept only if that loss drops; round r's adapter goes to out_dir/round_<r>.
 
@@ -318,7 +318,9 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
     validation. ridge: needed in ridge mode. config: the TrainConfig of trained rounds (epochs and max_steps
     come from settings). reference_logprobs: (train, select) {member: (N, C)} label log-probs of θ_ref (θ0 in
     ridge mode, the bare base when trained) already computed elsewhere, e.g. the stored zero-shot scores when
-    θ_ref computes the base's function (a fresh LoRA has B = 0): used instead of scoring θ_ref again."""
+    θ_ref computes the base's function (a fresh LoRA has B = 0): used instead of scoring θ_ref again.
+    select_logprobs: {member: (N, C)} the group adapter's own log-probs on `select`, already computed (its
+    training's best-epoch evaluation, ml.training.validation_logprobs): not scored again."""
     if settings.mode == "ridge" and ridge is None:
         raise ValueError("ridge boosting needs a RidgeBase (θ0, projection, train features)")
     if settings.mode == "trained" and config is None:
@@ -326,14 +328,18 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
     out_dir = Path(out_dir)
     kw = {"batch_size": batch_size, "max_length": max_length}
     y_tr, y_sel = labels_of(train), labels_of(select)
-    F_tr = logprobs_by_dataset(model, tokenizer, group_adapter, train, **kw)
-    F_sel = logprobs_by_dataset(model, tokenizer, group_adapter, select, **kw)
+    F_sel = (_checked(select_logprobs, select, "group adapter, select") if select_logprobs is not None
+             else logprobs_by_dataset(model, tokenizer, group_adapter, select, **kw))
     loss, acc = pooled_loss(F_sel, y_sel)
     reference = str(ridge.theta0_dir) if settings.mode == "ridge" else None
     res = BoostResult(group=group, mode=settings.mode, eta=settings.eta, reference=reference, select_loss=loss)
     if settings.rounds == 0:
         res.stop = "disabled"
         return res
+    if not loss > settings.threshold:  # no round at all: train is never scored
+        res.stop = _below(loss, settings.threshold)
+        return res
+    F_tr = logprobs_by_dataset(model, tokenizer, group_adapter, train, **kw)
     if reference_logprobs is not None:
         ref_tr, ref_sel = (_checked(z, ex, what) for z, ex, what in
                            zip(reference_logprobs, (train, select), ("train", "select")))
@@ -343,7 +349,7 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
         ref_sel = logprobs_by_dataset(model, tokenizer, ref_dir, select, **kw)
     for k in range(1, settings.rounds + 1):
         if not loss > settings.threshold:
-            res.stop = f"held-out loss {loss:.4f} <= threshold {settings.threshold}"
+            res.stop = _below(loss, settings.threshold)
             break
         t0 = time.perf_counter()
         rdir = out_dir / f"round_{k}"
@@ -416,6 +422,10 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
     else:
         res.stop = f"{settings.rounds} rounds"
     return res
+
+
+def _below(loss: float, threshold: float) -> str:
+    return f"held-out loss {loss:.4f} <= threshold {threshold}"
 
 
 def _checked(logprobs: Mapping[str, np.ndarray], examples: Mapping[str, Sequence], what: str

@@ -24,7 +24,7 @@ from grouplora.ml.lora import load_adapter
 from grouplora.ml.model import label_token_ids, load_base_model, model_fingerprint
 from grouplora.ml.projection import Projection
 from grouplora.ml.scoring import encode, label_logits, predict_logprobs
-from grouplora.ml.training import TrainConfig, TrainExample, save_fresh_adapter, train_adapter
+from grouplora.ml.training import VAL_LOGPROBS, TrainConfig, TrainExample, save_fresh_adapter, train_adapter
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -411,6 +411,8 @@ def test_trained_boosting_fits_the_residual_with_offsets(tiny, tmp_path):
                       log=lambda *_: None)
     (r,) = res.rounds
     assert r.flops > 0 and r.steps == 4 and res.reference is None and not has_lora(model)
+    # its validation scores include the offsets: not the round adapter's own, so not kept for reuse
+    assert not (Path(r.adapter_dir) / VAL_LOGPROBS).exists() and (tmp_path / "group" / VAL_LOGPROBS).exists()
     assert res.to_dict() == BoostResult.from_dict(res.to_dict()).to_dict()
 
 
@@ -599,3 +601,63 @@ def test_given_reference_logprobs_are_not_scored_again(tiny, tmp_path, monkeypat
             adapter_logprobs(ens, model, tok, "senti", prompts, ["g", "r1"], given={"theta0": base[:1]})
     finally:
         release(model)
+
+
+def test_a_group_below_the_threshold_never_scores_its_train_examples(tiny, tmp_path, monkeypatch):
+    import grouplora.ml.boosting as boosting
+
+    model, tok = tiny
+    train, select, _, _, ridge = group_setup(model, tok, tmp_path)
+    scored = counting(monkeypatch, boosting, "logprobs_by_dataset")
+    res = boost_group(model, tok, "g", tmp_path / "group", train, select, BoostSettings(threshold=10.0),
+                      tmp_path / "boost", ridge=ridge, log=lambda *_: None)
+    assert res.rounds == [] and "threshold" in res.stop
+    assert scored == [sum(map(len, select.values()))]  # the selection fold only: its loss decides
+
+
+def test_stored_zero_shot_logprobs_follow_the_rows_of_a_split_or_fold(tmp_path):
+    """store.zero_shot_logprobs(name, split) lines the stored scores up with rows(name, split) by example_id,
+    whatever order they were written in; a missing example is a clear error."""
+    import dagster as dg
+    import pandas as pd
+
+    from grouplora.orchestration.store import FOLD_SELECT, FOLD_WEIGHTS, ArtifactStore
+
+    store = ArtifactStore(root=str(tmp_path / "storage"))
+    n = 20
+    rows = pd.DataFrame({"example_id": [f"e{i}" for i in range(n)], "prompt": [f"p{i}" for i in range(n)],
+                         "label_id": [i % 2 for i in range(n)],
+                         "split": ["train"] * 6 + ["validation"] * 10 + ["test"] * 4})
+    store.write_dataset("d", rows, {"label_words": ["a", "b"]})
+    lp = np.stack([np.array([-float(i), -float(i) - 0.5]) for i in range(n)]).astype(np.float32)
+    order = np.random.default_rng(0).permutation(n)  # written shuffled
+    store.write_zero_shot("d", pd.DataFrame({"example_id": rows["example_id"].to_numpy()[order],
+                                             "logprobs": list(lp[order])}))
+    for split in ("train", "test", FOLD_SELECT, FOLD_WEIGHTS):
+        want = lp[[int(e[1:]) for e in store.rows("d", split)["example_id"]]]
+        np.testing.assert_array_equal(store.zero_shot_logprobs("d", split), want)
+    assert len(store.zero_shot_logprobs("d", FOLD_SELECT)) + len(store.zero_shot_logprobs("d", FOLD_WEIGHTS)) == 10
+    store.write_zero_shot("d", pd.DataFrame({"example_id": ["e0"], "logprobs": [lp[0]]}))
+    with pytest.raises(dg.Failure, match="re-materialize zero_shot_scores"):
+        store.zero_shot_logprobs("d", "test")
+
+
+def test_the_group_adapters_own_selection_scores_replace_a_pass(tiny, tmp_path, monkeypatch):
+    """Training kept the best epoch's log-probs on the selection fold beside the adapter; boosting's held-out
+    loss reads them (equal to scoring the saved adapter again) and scores nothing; other examples get None."""
+    import grouplora.ml.boosting as boosting
+    from grouplora.assets.ensemble import adapter_select_logprobs
+
+    model, tok = tiny
+    train, select, weights, _, ridge = group_setup(model, tok, tmp_path)
+    kept = adapter_select_logprobs(tmp_path / "group", select)
+    again = logprobs_by_dataset(model, tok, tmp_path / "group", select)
+    assert kept is not None and kept.keys() == again.keys()
+    for n in again:
+        np.testing.assert_allclose(kept[n], again[n], atol=1e-5)
+    assert adapter_select_logprobs(tmp_path / "group", weights) is None  # not the examples it was evaluated on
+    scored = counting(monkeypatch, boosting, "logprobs_by_dataset")
+    res = boost_group(model, tok, "g", tmp_path / "group", train, select, BoostSettings(threshold=10.0),
+                      tmp_path / "boost", ridge=ridge, select_logprobs=kept, log=lambda *_: None)
+    y = {n: np.array([e.label_index for e in ex]) for n, ex in select.items()}
+    assert scored == [] and res.select_loss == pytest.approx(pooled_loss(again, y)[0], abs=1e-5)

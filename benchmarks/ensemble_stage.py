@@ -126,7 +126,8 @@ def compare(old_home: Path, new_home: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--home", required=True, help="a finished demo home (GROUPLORA_HOME of a full `grouplora run`)")
-    ap.add_argument("--ref", action="append", required=True, help="old=REF and new=REF ('.' = this checkout), run in the order given")
+    ap.add_argument("--ref", action="append", required=True,
+                    help="old=REF and new=REF ('.' = this checkout), run in the order given")
     ap.add_argument("--workdir", default="/tmp/ensemble-stage")
     ap.add_argument("--rate", type=int, default=20, help="py-spy samples per second")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ensemble_stage.json"))
@@ -136,7 +137,8 @@ def main() -> None:
         ap.error("give --ref old=REF and --ref new=REF")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    runs = {label: run_version(label, ref, Path(args.home).resolve(), workdir, args.rate) for label, ref in refs.items()}
+    runs = {label: run_version(label, ref, Path(args.home).resolve(), workdir, args.rate)
+            for label, ref in refs.items()}
     o, n = runs["old"], runs["new"]
     report = {"command": "python " + " ".join(sys.argv), "home": str(Path(args.home).resolve()), "runs": runs,
               "ratio_new_over_old": {k: round(n[k] / o[k], 3) for k in ("wall_s", "run_s", "asset_s", "boost_s")},

@@ -342,7 +342,7 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
     F_tr = logprobs_by_dataset(model, tokenizer, group_adapter, train, **kw)
     if reference_logprobs is not None:
         ref_tr, ref_sel = (_checked(z, ex, what) for z, ex, what in
-                           zip(reference_logprobs, (train, select), ("train", "select")))
+                           zip(reference_logprobs, (train, select), ("reference, train", "reference, select")))
     else:
         ref_dir = None if reference is None else Path(reference)
         ref_tr = logprobs_by_dataset(model, tokenizer, ref_dir, train, **kw)
@@ -434,11 +434,11 @@ def _checked(logprobs: Mapping[str, np.ndarray], examples: Mapping[str, Sequence
     out = {}
     for n, ex in examples.items():
         if n not in logprobs:
-            raise KeyError(f"reference log-probs ({what}) have no dataset {n!r}")
+            raise KeyError(f"given log-probs ({what}) have no dataset {n!r}")
         z = np.asarray(logprobs[n])
         want = (len(ex), len(ex[0].label_ids) if len(ex) else z.shape[-1])
         if z.shape != want:
-            raise ValueError(f"reference log-probs ({what}) of {n!r}: shape {z.shape}, need {want}")
+            raise ValueError(f"given log-probs ({what}) of {n!r}: shape {z.shape}, need {want}")
         out[n] = z
     return out
 

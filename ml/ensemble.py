@@ -309,7 +309,8 @@ def adapter_logprobs(ensemble: Ensemble, model: torch.nn.Module, tokenizer, data
     for n, z in (given or {}).items():
         if n in needed:
             if np.shape(z) != (len(prompts), len(label_ids)):
-                raise ValueError(f"given log-probs of {n!r}: shape {np.shape(z)}, need {(len(prompts), len(label_ids))}")
+                raise ValueError(f"given log-probs of {n!r}: shape {np.shape(z)}, "
+                                 f"need {(len(prompts), len(label_ids))}")
             raw[n] = np.asarray(z)
     adapters = [n for n in needed if n != BASE and n not in raw]
     pm = loaded_model(model, {n: ensemble.adapter_path(n) for n in adapters})

@@ -559,8 +559,9 @@ def test_merged_column_of_a_single_adapter_reuses_its_scores(tiny, tmp_path, mon
     model, tok = tiny
     _, a, b, _ = boosted_pair(model, tok, tmp_path / "adapters")
     words = [" positive", " negative"]
-    ens = Ensemble(base_model="tiny", base_fingerprint="", adapters=[AdapterSpec("g", str(a)), AdapterSpec("all", str(b))],
-                   weights={}, datasets={"senti": DatasetSpec(words)})
+    ens = Ensemble(base_model="tiny", base_fingerprint="",
+                   adapters=[AdapterSpec("g", str(a)), AdapterSpec("all", str(b))], weights={},
+                   datasets={"senti": DatasetSpec(words)})
     prompts = ["Review: it was wonderful. Sentiment:", "Review: a boring film. Sentiment:", "Review: fine. Sentiment:"]
     try:
         z = adapter_logprobs(ens, model, tok, "senti", prompts, ["g", "all"])
@@ -571,7 +572,8 @@ def test_merged_column_of_a_single_adapter_reuses_its_scores(tiny, tmp_path, mon
         np.testing.assert_allclose(reused, again, atol=1e-5)
         np.testing.assert_array_equal(reused.argmax(-1), again.argmax(-1))
         # two adapters with α > 0: a real merge, scored
-        merged_logprobs(ens, model, tok, "senti", prompts, weights={"g": 1.0, "all": 0.5}, scored={"g": z[0], "all": z[1]})
+        merged_logprobs(ens, model, tok, "senti", prompts, weights={"g": 1.0, "all": 0.5},
+                        scored={"g": z[0], "all": z[1]})
         assert calls == [(len(prompts), 2)]
     finally:
         release(model)

@@ -11,6 +11,7 @@ ONE merged adapter (ml.ensemble.merged_logprobs, one adapter's inference cost).
 
 import shutil
 import time
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -26,6 +27,7 @@ from grouplora.ml.model import label_token_ids, model_fingerprint
 from grouplora.ml.plots import accuracy_table_png
 from grouplora.ml.projection import Projection
 from grouplora.ml.scoring import accuracy
+from grouplora.ml.training import VAL_LOGPROBS, validation_logprobs
 from grouplora.orchestration.devices import GPU_OP_TAGS, GPU_POOL
 from grouplora.orchestration.resources import BaseModelResource, MlflowResource, WarehouseResource
 from grouplora.orchestration.settings import EnsembleSettings, GradientSettings, TrainingSettings
@@ -52,6 +54,14 @@ def ridge_base(store: ArtifactStore, base_model: BaseModelResource, gradient_set
     return RidgeBase(theta0_dir, projection, feats, r=gradient_settings.lora_r)
 
 
+def zero_shot_is_reference(store: ArtifactStore, base_model: BaseModelResource, gradient_settings: GradientSettings,
+                           mode: str) -> bool:
+    """Whether the stored zero-shot scores are the log-probs of the boosting rounds' reference θ_ref: the bare
+    base (trained rounds), or θ0 when it is a fresh LoRA (B = 0 computes the base's function; ridge rounds).
+    Then θ_ref is never scored again in this step."""
+    return mode == "trained" or store.features_theta0(base_model, gradient_settings)[1] == "fresh_lora"
+
+
 def boost_groups(store: ArtifactStore, base_model: BaseModelResource, gradient_settings: GradientSettings,
                  ensemble_settings: EnsembleSettings, training_settings: TrainingSettings, groups: list[dict],
                  log) -> dict[str, BoostResult]:
@@ -61,14 +71,32 @@ def boost_groups(store: ArtifactStore, base_model: BaseModelResource, gradient_s
     model, tokenizer = base_model.load()
     ridge = (ridge_base(store, base_model, gradient_settings, [m for g in groups for m in g["members"]])
              if settings.mode == "ridge" and settings.rounds > 0 else None)
+    stored_ref = settings.rounds > 0 and zero_shot_is_reference(store, base_model, gradient_settings, settings.mode)
     out = {}
     for g in groups:
         members = g["members"]
+        ref = (tuple({n: store.zero_shot_logprobs(n, sp) for n in members} for sp in ("train", FOLD_SELECT))
+               if stored_ref else None)
+        select = store.examples_by_dataset(tokenizer, members, FOLD_SELECT)
         out[g["key"]] = boost_group(
             model, tokenizer, g["key"], store.adapter_dir(g["key"]), store.examples_by_dataset(tokenizer, members),
-            store.examples_by_dataset(tokenizer, members, FOLD_SELECT), settings,
-            store.adapter_dir(f"boost_{g['key']}"), ridge=ridge, config=training_settings.config(),
-            batch_size=base_model.batch_size, max_length=base_model.max_length, log=log)
+            select, settings, store.adapter_dir(f"boost_{g['key']}"), ridge=ridge, config=training_settings.config(),
+            batch_size=base_model.batch_size, max_length=base_model.max_length, reference_logprobs=ref,
+            select_logprobs=adapter_select_logprobs(store.adapter_dir(g["key"]), select), log=log)
+    return out
+
+
+def adapter_select_logprobs(adapter_dir: Path, select: dict[str, list]) -> dict[str, np.ndarray] | None:
+    """{member: (N, C)} the adapter's log-probs on the selection fold from its own training (the best epoch's
+    evaluation, when it ran on exactly these examples, pooled in member order), else None."""
+    pooled = [e for ex in select.values() for e in ex]
+    lp = validation_logprobs(adapter_dir, pooled) if pooled else None
+    if lp is None:
+        return None
+    out, start = {}, 0
+    for n, ex in select.items():
+        out[n] = lp[start:start + len(ex), :len(ex[0].label_ids) if ex else 0]
+        start += len(ex)
     return out
 
 
@@ -77,10 +105,13 @@ def round_name(group: str, k: int) -> str:
 
 
 def score_datasets(store: ArtifactStore, base_model: BaseModelResource, spec: dict, boosts: dict[str, BoostResult],
-                   ens: Ensemble, include_all: bool, log) -> tuple[list[dict], dict[str, dict[str, float]]]:
+                   ens: Ensemble, include_all: bool, log, zero_shot_reference: bool = False
+                   ) -> tuple[list[dict], dict[str, dict[str, float]]]:
     """Every dataset's row of the results table (test accuracy per method; the weights-fold accuracies promotion
     compares) and its served weights {adapter: α}. One pass over the prompts per split scores the group adapter,
-    its kept rounds and the all-datasets adapter together (ml.ensemble.adapter_logprobs)."""
+    its kept rounds and the all-datasets adapter together (ml.ensemble.adapter_logprobs); the rounds' reference
+    comes from the stored zero-shot scores when they are its log-probs (zero_shot_reference), and the merged
+    column costs no pass when the merge is one adapter already scored."""
     model, tokenizer = base_model.load()
     baseline = spec["baseline"]["key"]
     kw = {"batch_size": base_model.batch_size, "max_length": base_model.max_length}
@@ -92,7 +123,10 @@ def score_datasets(store: ArtifactStore, base_model: BaseModelResource, spec: di
         for n in g["members"]:
             split = {"weights": store.rows(n, FOLD_WEIGHTS), "test": store.rows(n, "test")}
             y = {sp: df["label_id"].to_numpy() for sp, df in split.items()}
-            z = {sp: adapter_logprobs(ens, model, tokenizer, n, df["prompt"].tolist(), names, **kw)
+            refs = {ens.adapter(r).reference for r in rounds} if zero_shot_reference else set()
+            given = {sp: {ref: store.zero_shot_logprobs(n, FOLD_WEIGHTS if sp == "weights" else sp) for ref in refs}
+                     for sp in split}
+            z = {sp: adapter_logprobs(ens, model, tokenizer, n, df["prompt"].tolist(), names, given=given[sp], **kw)
                  for sp, df in split.items()}
             h = [{sp: z[sp][1 + i] for sp in z} for i in range(len(rounds))]
             out = score_dataset({sp: z[sp][0] for sp in z}, h, b.step_sizes, y, all_adapter={sp: z[sp][-1] for sp in z},
@@ -101,7 +135,7 @@ def score_datasets(store: ArtifactStore, base_model: BaseModelResource, spec: di
             alpha = out["weights_with_all"] if include_all else out["weights"]
             weights[n] = {k: float(a) for k, a in zip(served, alpha) if a > 0}  # missing = 0 (Ensemble)
             merged = merged_logprobs(ens, model, tokenizer, n, split["test"]["prompt"].tolist(), weights=weights[n],
-                                     **kw)
+                                     scored={g["key"]: z["test"][0], baseline: z["test"][-1]}, **kw)
             zs = store.zero_shot(n)
             zs_val = zs[zs["split"] == "validation"]
             zs_w = np.stack(zs_val["logprobs"].to_numpy())[weights_fold_mask(zs_val["label_id"].to_numpy())]
@@ -146,6 +180,7 @@ def ensemble(context: dg.AssetExecutionContext, store: ArtifactStore, base_model
             raise dg.Failure(f"adapter {g['key']} ({', '.join(g['members'])}) is not trained yet")
     model, tokenizer = base_model.load()
     release(model)  # boosting applies adapters to the bare base
+    zs_ref = zero_shot_is_reference(store, base_model, gradient_settings, ensemble_settings.boost().mode)
     boosts = boost_groups(store, base_model, gradient_settings, ensemble_settings, training_settings, groups,
                           context.log.info)
     boost_time = time.perf_counter() - start
@@ -167,7 +202,7 @@ def ensemble(context: dg.AssetExecutionContext, store: ArtifactStore, base_model
         meta={"classes": {n: c["classes"] for n, c in cards.items()}, "partition": spec})
     try:
         rows, weights = score_datasets(store, base_model, spec, boosts, ens, ensemble_settings.include_all,
-                                       context.log.info)
+                                       context.log.info, zero_shot_reference=zs_ref)
     finally:
         release(model)  # the process-wide cached base goes back without the adapters loaded into it
     ens.weights = weights
@@ -185,7 +220,7 @@ def ensemble(context: dg.AssetExecutionContext, store: ArtifactStore, base_model
     out = store.ensemble_dir()
     with atomic_dir(out) as tmp:  # a self-contained folder: JSON + copies of the adapters it uses
         for a in ens.adapters:
-            shutil.copytree(a.path, tmp / a.name, ignore=shutil.ignore_patterns("checkpoints"))
+            shutil.copytree(a.path, tmp / a.name, ignore=shutil.ignore_patterns("checkpoints", VAL_LOGPROBS))
             a.path = a.name
         ens.meta.update({"val_accuracy": val_accuracy, "include_all": ensemble_settings.include_all,
                          "boosting": {k: {"mode": b.mode, "step_sizes": b.step_sizes, "stop": b.stop,

@@ -309,13 +309,18 @@ def _relative_ridge(G: np.ndarray, r: np.ndarray, rel_lam: float) -> np.ndarray:
 def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mapping[str, Sequence],
                 select: Mapping[str, Sequence], settings: BoostSettings, out_dir: Path, *,
                 ridge: RidgeBase | None = None, config=None, batch_size: int = 32, max_length: int = 256,
-                log=print) -> BoostResult:
+                reference_logprobs: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]] | None = None,
+                select_logprobs: Mapping[str, np.ndarray] | None = None, log=print) -> BoostResult:
     """Boost one group (see the module doc): residual rounds with step η while its selection-fold loss stays
     above settings.threshold, each kept only if that loss drops; round r's adapter goes to out_dir/round_<r>.
 
     train / select: {member: examples} (TrainExample), the group's train examples and the selection fold of its
     validation. ridge: needed in ridge mode. config: the TrainConfig of trained rounds (epochs and max_steps
-    come from settings)."""
+    come from settings). reference_logprobs: (train, select) {member: (N, C)} label log-probs of θ_ref (θ0 in
+    ridge mode, the bare base when trained) already computed elsewhere, e.g. the stored zero-shot scores when
+    θ_ref computes the base's function (a fresh LoRA has B = 0): used instead of scoring θ_ref again.
+    select_logprobs: {member: (N, C)} the group adapter's own log-probs on `select`, already computed (its
+    training's best-epoch evaluation, ml.training.validation_logprobs): not scored again."""
     if settings.mode == "ridge" and ridge is None:
         raise ValueError("ridge boosting needs a RidgeBase (θ0, projection, train features)")
     if settings.mode == "trained" and config is None:
@@ -323,20 +328,28 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
     out_dir = Path(out_dir)
     kw = {"batch_size": batch_size, "max_length": max_length}
     y_tr, y_sel = labels_of(train), labels_of(select)
-    F_tr = logprobs_by_dataset(model, tokenizer, group_adapter, train, **kw)
-    F_sel = logprobs_by_dataset(model, tokenizer, group_adapter, select, **kw)
+    F_sel = (_checked(select_logprobs, select, "group adapter, select") if select_logprobs is not None
+             else logprobs_by_dataset(model, tokenizer, group_adapter, select, **kw))
     loss, acc = pooled_loss(F_sel, y_sel)
     reference = str(ridge.theta0_dir) if settings.mode == "ridge" else None
     res = BoostResult(group=group, mode=settings.mode, eta=settings.eta, reference=reference, select_loss=loss)
     if settings.rounds == 0:
         res.stop = "disabled"
         return res
-    ref_dir = None if reference is None else Path(reference)
-    ref_tr = logprobs_by_dataset(model, tokenizer, ref_dir, train, **kw)
-    ref_sel = logprobs_by_dataset(model, tokenizer, ref_dir, select, **kw)
+    if not loss > settings.threshold:  # no round at all: train is never scored
+        res.stop = _below(loss, settings.threshold)
+        return res
+    F_tr = logprobs_by_dataset(model, tokenizer, group_adapter, train, **kw)
+    if reference_logprobs is not None:
+        ref_tr, ref_sel = (_checked(z, ex, what) for z, ex, what in
+                           zip(reference_logprobs, (train, select), ("reference, train", "reference, select")))
+    else:
+        ref_dir = None if reference is None else Path(reference)
+        ref_tr = logprobs_by_dataset(model, tokenizer, ref_dir, train, **kw)
+        ref_sel = logprobs_by_dataset(model, tokenizer, ref_dir, select, **kw)
     for k in range(1, settings.rounds + 1):
         if not loss > settings.threshold:
-            res.stop = f"held-out loss {loss:.4f} <= threshold {settings.threshold}"
+            res.stop = _below(loss, settings.threshold)
             break
         t0 = time.perf_counter()
         rdir = out_dir / f"round_{k}"
@@ -369,6 +382,11 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
                     break  # (the adapter on disk is w * scale either way)
                 scale *= 0.25
             w_norm = float(np.linalg.norm(w * scale))
+            # h on all of train: the head rows were just scored with this very adapter; score only the rest
+            rest = {n: train[n][head[n]:] for n in names}
+            z_rest = logprobs_by_dataset(model, tokenizer, rdir, {n: ex for n, ex in rest.items() if len(ex)}, **kw)
+            h_tr = _minus({n: np.concatenate([h_sub[n], z_rest[n]]) if n in z_rest else h_sub[n] for n in names},
+                          ref_tr)
         else:
             from grouplora.ml.training import TrainConfig, train_adapter
             cfg = TrainConfig(**{**config.__dict__, "epochs": settings.train_epochs,
@@ -404,6 +422,25 @@ def boost_group(model, tokenizer, group: str, group_adapter: Path, train: Mappin
     else:
         res.stop = f"{settings.rounds} rounds"
     return res
+
+
+def _below(loss: float, threshold: float) -> str:
+    return f"held-out loss {loss:.4f} <= threshold {threshold}"
+
+
+def _checked(logprobs: Mapping[str, np.ndarray], examples: Mapping[str, Sequence], what: str
+             ) -> dict[str, np.ndarray]:
+    """Given log-probs, checked to cover every member's examples (rows) and label words (columns)."""
+    out = {}
+    for n, ex in examples.items():
+        if n not in logprobs:
+            raise KeyError(f"given log-probs ({what}) have no dataset {n!r}")
+        z = np.asarray(logprobs[n])
+        want = (len(ex), len(ex[0].label_ids) if len(ex) else z.shape[-1])
+        if z.shape != want:
+            raise ValueError(f"given log-probs ({what}) of {n!r}: shape {z.shape}, need {want}")
+        out[n] = z
+    return out
 
 
 def _head_counts(sizes: Mapping[str, int], total: int) -> dict[str, int]:

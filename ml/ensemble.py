@@ -288,9 +288,12 @@ def release(model: torch.nn.Module) -> None:
 
 def adapter_logprobs(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str, prompts: list[str],
                      names: Sequence[str], *, batch_size: int | None = None, max_length: int = 256,
-                     max_tokens: int | None = None, progress: bool = False, one_pass: bool = True) -> np.ndarray:
+                     max_tokens: int | None = None, progress: bool = False, one_pass: bool = True,
+                     given: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
     """(K, N, C) label log-probs of each named adapter on prompts (the input fit_weights wants); for a boosting
-    round (AdapterSpec.reference) its log-probs minus its reference's.
+    round (AdapterSpec.reference) its log-probs minus its reference's. given: {adapter name or BASE: (N, C)}
+    log-probs on these prompts already computed elsewhere (e.g. the stored zero-shot scores as the bare base or
+    a fresh θ0): used, not scored again.
 
     one_pass: all the adapters needed in one forward per batch of prompts (ml.inference.mixed_logprobs);
     False: one adapter after the other (set_adapter), the reference it must equal. Batches by length
@@ -302,10 +305,16 @@ def adapter_logprobs(ensemble: Ensemble, model: torch.nn.Module, tokenizer, data
     label_ids = spec.label_ids or label_token_ids(tokenizer, spec.label_words)
     refs = {ensemble.adapter(n).reference for n in names} - {None}
     needed = list(dict.fromkeys([*names, *sorted(refs)]))
-    adapters = [n for n in needed if n != BASE]
+    raw: dict[str, np.ndarray] = {}
+    for n, z in (given or {}).items():
+        if n in needed:
+            if np.shape(z) != (len(prompts), len(label_ids)):
+                raise ValueError(f"given log-probs of {n!r}: shape {np.shape(z)}, "
+                                 f"need {(len(prompts), len(label_ids))}")
+            raw[n] = np.asarray(z)
+    adapters = [n for n in needed if n != BASE and n not in raw]
     pm = loaded_model(model, {n: ensemble.adapter_path(n) for n in adapters})
     kw = dict(max_length=max_length, progress=progress, **batching(model_device(model), batch_size, max_tokens))
-    raw: dict[str, np.ndarray] = {}
     if one_pass and len(adapters) > 1:
         keys = [_peft_name(n, ensemble.adapter_path(n)) for n in adapters]
         raw.update(zip(adapters, mixed_logprobs(pm, tokenizer, prompts, label_ids, keys, **kw)))
@@ -313,7 +322,7 @@ def adapter_logprobs(ensemble: Ensemble, model: torch.nn.Module, tokenizer, data
         for n in adapters:
             pm.set_adapter(_peft_name(n, ensemble.adapter_path(n)))
             raw[n] = predict_logprobs(pm, tokenizer, prompts, label_ids, **kw)
-    if BASE in needed:
+    if BASE in needed and BASE not in raw:
         with pm.disable_adapter():
             raw[BASE] = predict_logprobs(pm, tokenizer, prompts, label_ids, **kw)
     out = []
@@ -365,15 +374,24 @@ def merge_weights(ensemble: Ensemble, weights: Mapping[str, float]) -> tuple[dic
 
 def merged_logprobs(ensemble: Ensemble, model: torch.nn.Module, tokenizer, dataset: str, prompts: list[str], *,
                     weights: Mapping[str, float] | None = None, combination_type: str = "cat",
-                    batch_size: int = 16, max_length: int = 256, progress: bool = False) -> np.ndarray:
+                    batch_size: int = 16, max_length: int = 256, progress: bool = False,
+                    scored: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
     """(N, C) label log-probs of the dataset's ensemble served as ONE merged adapter (ml.inference.merge_adapters):
     T · z(θ0 + Σ ŵ_k Δ_k) with merge_weights' ŵ and T. weights: {adapter: α}, default the ensemble's for
-    dataset (pass them to score a weighting before it is stored in the ensemble)."""
+    dataset (pass them to score a weighting before it is stored in the ensemble). scored: {adapter: (N, C)} its
+    own log-probs on these prompts, already computed: when the merge is one of them alone (ŵ = 1, e.g. a
+    dataset whose weights kept only its group adapter), it is not scored again."""
     from grouplora.ml.inference import merge_adapters
 
     spec = ensemble.datasets[dataset]
     label_ids = spec.label_ids or label_token_ids(tokenizer, spec.label_words)
     mw, temperature = merge_weights(ensemble, ensemble.weights[dataset] if weights is None else weights)
+    alone = next(iter(mw)) if len(mw) == 1 and next(iter(mw.values())) == 1.0 else None
+    if alone is not None and alone in (scored or {}) and ensemble.adapter(alone).reference is None:
+        if np.shape(scored[alone]) != (len(prompts), len(label_ids)):
+            raise ValueError(f"scored log-probs of {alone!r}: shape {np.shape(scored[alone])}, "
+                             f"need {(len(prompts), len(label_ids))}")
+        return log_softmax(temperature * np.asarray(scored[alone], dtype=np.float64), axis=-1)
     pm = loaded_model(model, {n: ensemble.adapter_path(n) for n in mw})
     key, _ = merge_adapters(pm, {_peft_name(n, ensemble.adapter_path(n)): a for n, a in mw.items()},
                             combination_type=combination_type, normalize=False)

@@ -10,7 +10,9 @@ one; a finished run (out_dir/train_result.json) returns at once.
 
 Best-validation checkpoint: with `val_examples`, every epoch ends with the mean cross-entropy on them and the
 adapter saved in out_dir is the epoch with the lowest one (TrainResult.best_epoch). Pass held-out examples that
-nothing reported is measured on (e.g. the selection fold of validation, `ml.folds`).
+nothing reported is measured on (e.g. the selection fold of validation, `ml.folds`). That epoch's label log-probs
+on them are kept beside the adapter (`validation_logprobs`): whoever needs the adapter's scores on the same
+examples (boosting's held-out loss) reads them instead of scoring again.
 
 Logit offsets (`logit_offsets`, per example): added to the example's label logits before the loss, so the
 adapter learns what to ADD to a fixed prediction (boosting fits the residual of the current ensemble).
@@ -32,13 +34,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from grouplora.ml.atomic import atomic_dir, atomic_files, write_json
+from grouplora.ml.atomic import atomic_dir, atomic_files, atomic_path, write_json
 from grouplora.ml.flops import forward_flops, lora_training_flops, matmul_params
 from grouplora.ml.lora import add_lora
 from grouplora.ml.model import load_base_model, model_fingerprint
 from grouplora.ml.scoring import encode, label_logits, length_batches, prompt_lengths, shuffled_length_batches
 
 RESULT_JSON = "train_result.json"
+VAL_LOGPROBS = "val_logprobs.npz"  # the saved epoch's label log-probs on val_examples (validation_logprobs)
 STATE_FILE = "trainer_state.pt"
 CKPT_JSON = "checkpoint.json"
 
@@ -133,15 +136,19 @@ def example_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[TrainExample], *, batch_size: int | None = 16,
              max_length: int = 256, max_tokens: int | None = None,
-             logit_offsets: Sequence[Sequence[float]] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+             logit_offsets: Sequence[Sequence[float]] | np.ndarray | None = None, return_logprobs: bool = False
+             ) -> tuple[np.ndarray, ...]:
     """Per-example (cross-entropy, correct) of `model` (base or peft-wrapped) on examples, in order; batched
     by length (scoring.length_batches: batch_size examples and/or max_tokens padded tokens); logit_offsets: per
-    example, added to its label logits as in training."""
+    example, added to its label logits as in training. return_logprobs: also the (N, C_max) label log-softmax
+    (offsets included; -inf beyond an example's class count)."""
     examples = [_as_example(e) for e in examples]
     offsets = _offsets(logit_offsets, examples)
     was_training = model.training
     model.eval()
     losses, correct = np.zeros(len(examples), dtype=np.float32), np.zeros(len(examples), dtype=bool)
+    logprobs = np.full((len(examples), max((len(e.label_ids) for e in examples), default=0)), -np.inf,
+                       dtype=np.float32)
     lengths = prompt_lengths(tokenizer, [e.prompt for e in examples], max_length)
     try:
         for idx in length_batches(lengths, batch_size, max_tokens=max_tokens):
@@ -151,9 +158,11 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[TrainExample]
             target = torch.tensor([e.label_index for e in batch], device=logits.device)
             losses[idx] = F.cross_entropy(logits, target, reduction="none").cpu().numpy()
             correct[idx] = (logits.argmax(1) == target).cpu().numpy()
+            if return_logprobs:
+                logprobs[idx, :logits.shape[1]] = torch.log_softmax(logits, dim=-1).cpu().numpy()
     finally:
         model.train(was_training)
-    return losses, correct
+    return (losses, correct, logprobs) if return_logprobs else (losses, correct)
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -248,6 +257,7 @@ def _train(peft_model, tokenizer, examples, weights, config: TrainConfig, out_di
     st = {"epoch": 0, "step": 0, "tokens": 0, "seconds": 0.0, "epoch_losses": [], "val_losses": [],
           "val_tokens": 0}
     lengths = prompt_lengths(tokenizer, [e.prompt for e in examples], config.max_length)
+    val_lp: dict[int, np.ndarray] = {}  # epoch -> label log-probs on val (this process's epochs only)
 
     with _PeakMemory(device) as mem:
         torch.manual_seed(config.seed)  # dropout; inside train_adapter's _own_rng
@@ -293,8 +303,9 @@ def _train(peft_model, tokenizer, examples, weights, config: TrainConfig, out_di
                                          "epoch": epoch, "tokens": st["tokens"]})
             st["epoch_losses"].append(float(np.mean(losses)))
             if val is not None:  # before the checkpoint, so a resumed run knows every epoch's val loss
-                vl, _ = evaluate(peft_model, tokenizer, val, batch_size=eval_batch_size,
-                                 max_length=config.max_length, logit_offsets=val_offsets)
+                vl, _, val_lp[epoch + 1] = evaluate(peft_model, tokenizer, val, batch_size=eval_batch_size,
+                                                    max_length=config.max_length, logit_offsets=val_offsets,
+                                                    return_logprobs=True)
                 st["val_losses"].append(float(vl.mean()))
                 st["val_tokens"] += _tokens(tokenizer, val, config.max_length)
                 peft_model.train()
@@ -317,6 +328,8 @@ def _train(peft_model, tokenizer, examples, weights, config: TrainConfig, out_di
         if best < epochs_run:  # an earlier epoch won: its checkpoint holds its weights
             _load_adapter_files(peft_model, Path(out_dir) / "checkpoints" / f"epoch_{best}")
     _save_final(peft_model, out_dir)
+    # offsets shift the logits: those scores are not the adapter's own
+    _write_val_logprobs(out_dir, val, val_lp.get(best) if val_offsets is None else None)
     result = TrainResult(
         final_loss=st["epoch_losses"][-1] if st["epoch_losses"] else float("nan"),
         epoch_losses=list(st["epoch_losses"]), steps=st["step"], seconds=st["seconds"],
@@ -458,6 +471,36 @@ def _save_final(peft_model, out_dir: Path) -> None:
     """save_pretrained into a temp folder, then move each file over out_dir's (readers never see half)."""
     with atomic_files(out_dir) as tmp:
         peft_model.save_pretrained(tmp)
+
+
+def examples_digest(examples: Sequence[TrainExample]) -> str:
+    """What identifies a list of examples for a forward: prompts and label ids, in order."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.prompt, [int(t) for t in e.label_ids]]).encode())
+    return h.hexdigest()[:16]
+
+
+def _write_val_logprobs(out_dir: Path, val: list[TrainExample] | None, logprobs: np.ndarray | None) -> None:
+    path = Path(out_dir) / VAL_LOGPROBS
+    if val is None or logprobs is None:  # e.g. resumed after the saved epoch: its scores are not in memory
+        path.unlink(missing_ok=True)
+        return
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, logprobs=logprobs, digest=np.array(examples_digest(val)))
+
+
+def validation_logprobs(out_dir: Path, examples: Sequence[TrainExample]) -> np.ndarray | None:
+    """(N, C_max) label log-probs of the adapter saved in out_dir on `examples`, when they are exactly the
+    val_examples it was trained with (its best epoch's evaluation computed them; -inf beyond an example's class
+    count); None when they are not, or were not kept."""
+    path = Path(out_dir) / VAL_LOGPROBS
+    if not path.exists():
+        return None
+    with np.load(path) as f:
+        if str(f["digest"]) != examples_digest([_as_example(e) for e in examples]):
+            return None
+        return f["logprobs"]
 
 
 def _finished_result(out_dir: Path, key: str, config: TrainConfig) -> TrainResult | None:

@@ -150,6 +150,19 @@ class ArtifactStore(dg.ConfigurableResource):
     def zero_shot(self, name: str) -> pd.DataFrame:
         return pd.read_parquet(self._path(ZERO_SHOT, name))
 
+    def zero_shot_logprobs(self, name: str, split: str) -> np.ndarray:
+        """(N, C) stored zero-shot label log-probs of one split (or validation fold), in `rows(name, split)`'s
+        order (matched by example_id)."""
+        zs = self.zero_shot(name).set_index("example_id")
+        ids = self.rows(name, split, ["example_id"])["example_id"]
+        missing = ids[~ids.isin(zs.index)]
+        if len(missing):
+            raise dg.Failure(f"zero-shot scores of {name} have no row for example {missing.iloc[0]!r} ({split}): "
+                             "re-materialize zero_shot_scores")
+        if not len(ids):
+            return np.zeros((0, len(self.card(name)["label_words"])), dtype=np.float32)
+        return np.stack(zs.loc[ids.to_numpy(), "logprobs"].to_numpy())
+
     # ------------------------------------------------------------------------------------------ features
 
     def write_features(self, kind: str, name: str, table: pa.Table, sidecar: dict) -> Path:

@@ -24,7 +24,7 @@ from grouplora.ml.lora import load_adapter
 from grouplora.ml.model import label_token_ids, load_base_model, model_fingerprint
 from grouplora.ml.projection import Projection
 from grouplora.ml.scoring import encode, label_logits, predict_logprobs
-from grouplora.ml.training import TrainConfig, TrainExample, save_fresh_adapter, train_adapter
+from grouplora.ml.training import VAL_LOGPROBS, TrainConfig, TrainExample, save_fresh_adapter, train_adapter
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -411,6 +411,8 @@ def test_trained_boosting_fits_the_residual_with_offsets(tiny, tmp_path):
                       log=lambda *_: None)
     (r,) = res.rounds
     assert r.flops > 0 and r.steps == 4 and res.reference is None and not has_lora(model)
+    # its validation scores include the offsets: not the round adapter's own, so not kept for reuse
+    assert not (Path(r.adapter_dir) / VAL_LOGPROBS).exists() and (tmp_path / "group" / VAL_LOGPROBS).exists()
     assert res.to_dict() == BoostResult.from_dict(res.to_dict()).to_dict()
 
 
@@ -499,3 +501,165 @@ def test_merged_ensemble_with_rounds_matches_it_to_first_order(tiny, tmp_path):
     log_odds = lambda p: np.log(p[:, 0] / p[:, 1])  # noqa: E731
     err, naive_err = (np.abs(log_odds(m) - log_odds(exact)).max() for m in (merged, naive))
     assert err < 0.1 * naive_err, (err, naive_err)
+
+
+# ------------------------------------------------------------------------------------ work not done twice
+
+
+def counting(monkeypatch, module, name: str) -> list:
+    """Wrap module.name (a scoring function, called for real) to record what each call scored (prompts in all
+    for {dataset: log-probs}, else the output's shape): the test counts the forward work, the numbers come from
+    the real function."""
+    calls: list = []
+    real = getattr(module, name)
+
+    def wrapper(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(sum(len(v) for v in out.values()) if isinstance(out, dict) else np.shape(out))
+        return out
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def test_boosting_with_given_reference_logprobs_scores_less_and_decides_the_same(tiny, tmp_path, monkeypatch):
+    """θ0's log-probs passed in (e.g. the stored zero-shot scores) replace scoring θ0 on train and the selection
+    fold; the accepted round's h on train reuses the trust-region check's rows. Same rounds, same decisions."""
+    import grouplora.ml.boosting as boosting
+
+    model, tok = tiny
+    train, select, _, _, ridge = group_setup(model, tok, tmp_path)
+    st = BoostSettings(mode="ridge", rounds=2, eta=0.5, threshold=0.0, ridge_lam=0.1, check_examples=8)
+    plain = boost_group(model, tok, "g", tmp_path / "group", train, select, st, tmp_path / "b1", ridge=ridge,
+                        log=lambda *_: None)
+    ref = (logprobs_by_dataset(model, tok, ridge.theta0_dir, train), logprobs_by_dataset(model, tok, ridge.theta0_dir,
+                                                                                         select))
+    scored = counting(monkeypatch, boosting, "logprobs_by_dataset")
+    given = boost_group(model, tok, "g", tmp_path / "group", train, select, st, tmp_path / "b2", ridge=ridge,
+                        reference_logprobs=ref, log=lambda *_: None)
+    assert plain.rounds
+    assert [(r.kept, r.index) for r in given.rounds] == [(r.kept, r.index) for r in plain.rounds]
+    for a, b in zip(plain.rounds, given.rounds):
+        assert b.loss_after == pytest.approx(a.loss_after, abs=1e-5) and b.rho == pytest.approx(a.rho, rel=1e-3)
+    n_tr, n_sel = sum(map(len, train.values())), sum(map(len, select.values()))
+    # group adapter on train + select, then per round: the checks (8 rows each), the rest of train, select
+    tries = [c for c in scored[2:] if c == 8]
+    assert sum(scored) == n_tr + n_sel + len(tries) * 8 + len(given.rounds) * (n_tr - 8 + n_sel)
+    with pytest.raises(ValueError, match="shape"):
+        boost_group(model, tok, "g", tmp_path / "group", train, select, st, tmp_path / "b3", ridge=ridge,
+                    reference_logprobs=({n: z[:-1] for n, z in ref[0].items()}, ref[1]), log=lambda *_: None)
+
+
+def test_merged_column_of_a_single_adapter_reuses_its_scores(tiny, tmp_path, monkeypatch):
+    """When the served weights keep one adapter, the merged adapter IS that adapter: its log-probs from the
+    ensemble's pass give the merged column with no second pass, equal to scoring it again."""
+    import grouplora.ml.ensemble as ensemble_mod
+    from grouplora.ml.ensemble import adapter_logprobs, merged_logprobs
+
+    model, tok = tiny
+    _, a, b, _ = boosted_pair(model, tok, tmp_path / "adapters")
+    words = [" positive", " negative"]
+    ens = Ensemble(base_model="tiny", base_fingerprint="",
+                   adapters=[AdapterSpec("g", str(a)), AdapterSpec("all", str(b))], weights={},
+                   datasets={"senti": DatasetSpec(words)})
+    prompts = ["Review: it was wonderful. Sentiment:", "Review: a boring film. Sentiment:", "Review: fine. Sentiment:"]
+    try:
+        z = adapter_logprobs(ens, model, tok, "senti", prompts, ["g", "all"])
+        again = merged_logprobs(ens, model, tok, "senti", prompts, weights={"g": 2.5})
+        calls = counting(monkeypatch, ensemble_mod, "predict_logprobs")
+        reused = merged_logprobs(ens, model, tok, "senti", prompts, weights={"g": 2.5}, scored={"g": z[0], "all": z[1]})
+        assert calls == []  # no pass
+        np.testing.assert_allclose(reused, again, atol=1e-5)
+        np.testing.assert_array_equal(reused.argmax(-1), again.argmax(-1))
+        # two adapters with α > 0: a real merge, scored
+        merged_logprobs(ens, model, tok, "senti", prompts, weights={"g": 1.0, "all": 0.5},
+                        scored={"g": z[0], "all": z[1]})
+        assert calls == [(len(prompts), 2)]
+    finally:
+        release(model)
+
+
+def test_given_reference_logprobs_are_not_scored_again(tiny, tmp_path, monkeypatch):
+    """A round's reference given (the stored zero-shot scores of θ0 / the base) drops it from the pass; the
+    round's contribution z(round) − z(reference) is the same."""
+    import grouplora.ml.inference as inference
+    from grouplora.ml.ensemble import adapter_logprobs
+
+    model, tok = tiny
+    fresh, a, b, _ = boosted_pair(model, tok, tmp_path / "adapters")
+    words = [" positive", " negative"]
+    ens = Ensemble(base_model="tiny", base_fingerprint="",
+                   adapters=[AdapterSpec("g", str(a)), AdapterSpec("r1", str(b), reference="theta0"),
+                             AdapterSpec("theta0", str(fresh))], weights={}, datasets={"senti": DatasetSpec(words)})
+    prompts = ["Review: it was wonderful. Sentiment:", "Review: a boring film. Sentiment:"]
+    base = predict_logprobs(model, tok, prompts, label_token_ids(tok, words))  # θ0 = fresh LoRA = the base
+    try:
+        full = adapter_logprobs(ens, model, tok, "senti", prompts, ["g", "r1"])
+        mixed = counting(monkeypatch, inference, "mixed_logprobs")
+        given = adapter_logprobs(ens, model, tok, "senti", prompts, ["g", "r1"], given={"theta0": base})
+        np.testing.assert_allclose(given, full, atol=1e-5)
+        assert mixed == [(2, len(prompts), 2)]  # one pass of two adapters (g, r1) rather than three
+        with pytest.raises(ValueError, match="shape"):
+            adapter_logprobs(ens, model, tok, "senti", prompts, ["g", "r1"], given={"theta0": base[:1]})
+    finally:
+        release(model)
+
+
+def test_a_group_below_the_threshold_never_scores_its_train_examples(tiny, tmp_path, monkeypatch):
+    import grouplora.ml.boosting as boosting
+
+    model, tok = tiny
+    train, select, _, _, ridge = group_setup(model, tok, tmp_path)
+    scored = counting(monkeypatch, boosting, "logprobs_by_dataset")
+    res = boost_group(model, tok, "g", tmp_path / "group", train, select, BoostSettings(threshold=10.0),
+                      tmp_path / "boost", ridge=ridge, log=lambda *_: None)
+    assert res.rounds == [] and "threshold" in res.stop
+    assert scored == [sum(map(len, select.values()))]  # the selection fold only: its loss decides
+
+
+def test_stored_zero_shot_logprobs_follow_the_rows_of_a_split_or_fold(tmp_path):
+    """store.zero_shot_logprobs(name, split) lines the stored scores up with rows(name, split) by example_id,
+    whatever order they were written in; a missing example is a clear error."""
+    import dagster as dg
+    import pandas as pd
+
+    from grouplora.orchestration.store import FOLD_SELECT, FOLD_WEIGHTS, ArtifactStore
+
+    store = ArtifactStore(root=str(tmp_path / "storage"))
+    n = 20
+    rows = pd.DataFrame({"example_id": [f"e{i}" for i in range(n)], "prompt": [f"p{i}" for i in range(n)],
+                         "label_id": [i % 2 for i in range(n)],
+                         "split": ["train"] * 6 + ["validation"] * 10 + ["test"] * 4})
+    store.write_dataset("d", rows, {"label_words": ["a", "b"]})
+    lp = np.stack([np.array([-float(i), -float(i) - 0.5]) for i in range(n)]).astype(np.float32)
+    order = np.random.default_rng(0).permutation(n)  # written shuffled
+    store.write_zero_shot("d", pd.DataFrame({"example_id": rows["example_id"].to_numpy()[order],
+                                             "logprobs": list(lp[order])}))
+    for split in ("train", "test", FOLD_SELECT, FOLD_WEIGHTS):
+        want = lp[[int(e[1:]) for e in store.rows("d", split)["example_id"]]]
+        np.testing.assert_array_equal(store.zero_shot_logprobs("d", split), want)
+    assert len(store.zero_shot_logprobs("d", FOLD_SELECT)) + len(store.zero_shot_logprobs("d", FOLD_WEIGHTS)) == 10
+    store.write_zero_shot("d", pd.DataFrame({"example_id": ["e0"], "logprobs": [lp[0]]}))
+    with pytest.raises(dg.Failure, match="re-materialize zero_shot_scores"):
+        store.zero_shot_logprobs("d", "test")
+
+
+def test_the_group_adapters_own_selection_scores_replace_a_pass(tiny, tmp_path, monkeypatch):
+    """Training kept the best epoch's log-probs on the selection fold beside the adapter; boosting's held-out
+    loss reads them (equal to scoring the saved adapter again) and scores nothing; other examples get None."""
+    import grouplora.ml.boosting as boosting
+    from grouplora.assets.ensemble import adapter_select_logprobs
+
+    model, tok = tiny
+    train, select, weights, _, ridge = group_setup(model, tok, tmp_path)
+    kept = adapter_select_logprobs(tmp_path / "group", select)
+    again = logprobs_by_dataset(model, tok, tmp_path / "group", select)
+    assert kept is not None and kept.keys() == again.keys()
+    for n in again:
+        np.testing.assert_allclose(kept[n], again[n], atol=1e-5)
+    assert adapter_select_logprobs(tmp_path / "group", weights) is None  # not the examples it was evaluated on
+    scored = counting(monkeypatch, boosting, "logprobs_by_dataset")
+    res = boost_group(model, tok, "g", tmp_path / "group", train, select, BoostSettings(threshold=10.0),
+                      tmp_path / "boost", ridge=ridge, select_logprobs=kept, log=lambda *_: None)
+    y = {n: np.array([e.label_index for e in ex]) for n, ex in select.items()}
+    assert scored == [] and res.select_loss == pytest.approx(pooled_loss(again, y)[0], abs=1e-5)

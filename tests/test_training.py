@@ -310,6 +310,12 @@ def test_best_validation_epoch_is_the_saved_adapter(tiny, tmp_path):
     ce, _ = evaluate(pm, tok, flipped)
     pm.unload()
     np.testing.assert_allclose(ce.mean(), res.val_losses[res.best_epoch - 1], rtol=1e-5)
+    # the saved epoch's log-probs on val are kept beside it, for exactly these examples
+    from grouplora.ml.training import validation_logprobs
+    lp = validation_logprobs(tmp_path / "anti", flipped)
+    y = np.array([e.label_index for e in flipped])
+    np.testing.assert_allclose(-lp[np.arange(len(y)), y], ce, atol=1e-5)
+    assert validation_logprobs(tmp_path / "anti", flipped[:-1]) is None
     # the same examples as validation: the loss falls, the last epoch is kept
     ok = train_adapter((model, tok), ex, cfg, tmp_path / "ok", val_examples=ex[:12])
     assert ok.best_epoch == 3 and ok.val_losses[-1] < ok.val_losses[0]
@@ -333,6 +339,10 @@ def test_best_epoch_survives_a_resume(tiny, tmp_path):
         train_adapter((model, tok), ex, cfg, tmp_path / "run", val_examples=flipped, on_step=kill)
     res = train_adapter((model, tok), ex, cfg, tmp_path / "run", val_examples=flipped)
     assert res.resumed_from_epoch == 2 and res.best_epoch == full.best_epoch
+    from grouplora.ml.training import validation_logprobs
+    assert validation_logprobs(tmp_path / "full", flipped) is not None
+    if res.best_epoch <= res.resumed_from_epoch:  # scored before the kill: not in this process, not kept
+        assert validation_logprobs(tmp_path / "run", flipped) is None
     np.testing.assert_allclose(res.val_losses, full.val_losses, atol=1e-6)
     assert_same_state(tmp_path / "run", tmp_path / "full", atol=1e-6)
     with pytest.raises(ValueError, match="another config"):  # other validation examples: another run

@@ -230,7 +230,7 @@ how far real subset fine-tunes move from θ* is what section 2 tests.
 """
 
 
-def fidelity_section(s: dict, old: dict, fig: Path, out: dict) -> str:
+def fidelity_section(s: dict, old: dict, fig: Path, out: dict, results: Path) -> str:
     fd = s["fidelity"]
     p = pd.DataFrame(fd["pairs"])
     scatter_chart({"GradEx estimate at θ*": (p["true_loss"], p["est_loss"]),
@@ -310,8 +310,9 @@ base model: the setting of the "fresh LoRA" rows), but at θ* the real fine-tune
 {moved:.3f} on average, {'less than' if moved < err else 'about as much as' if moved < 1.5 * err else 'more than'} the
 estimate's own error ({err:.3f}; the estimated moves average {est_moved:.3f}). λ: calibration chose {fd['lam']}; {lam_note}.
 The estimate and the truth are means over the same examples, each dataset's selection fold (the rows the features'
-validation side holds; runs before session 5 took the truth on the whole validation split, a mismatch of up to 46% in
-θ*'s own loss on intent, which alone put the error at 11%).
+validation side holds; runs before session 5 took the truth on the whole validation split while the estimates scored
+its selection fold, and that mismatch alone put the error at 11.1%: the same θ*, features, λ and fine-tunes scored on
+the other examples, `results/suite_cuda.json` before commit b56f4b8){fold_note(results)}.
 {noise_md}{dims_md}
 Cost, for these {n} subsets: real fine-tuning {fd['finetune_s']:.0f} s vs features {fd['extract_s']:.1f} s (one-off)
 + estimation {fd['estimate_s']:.3f} s → **{fd['speedup']:.1f}×** (earlier fresh-LoRA run: {old['speedup']:.1f}×, at
@@ -731,6 +732,17 @@ def positive_control_section(results: Path, fig: Path, out: dict) -> str:
 SIMILARITY = ("gradient_cosine", "hidden_cosine")  # the baselines the GradEx selection claim is measured against
 
 
+def fold_note(results: Path) -> str:
+    """θ*'s own loss on the selection fold vs the whole validation split (benchmarks/fold_check.py), if measured."""
+    path = results / "fold_check_cpu.json"
+    if not path.exists():
+        return ""
+    fc = json.loads(path.read_text())
+    return (f". At θ* itself, with no fine-tuning, the two folds' losses differ by {fc['mean_relative_difference'] * 100:.1f}% "
+            f"on average and by up to {fc['max_relative_difference'] * 100:.0f}% ({fc['max_at']}; "
+            f"`results/fold_check_cpu.json`)")
+
+
 def truth_noise_part(fd: dict, tn: dict) -> tuple[dict, str]:
     """The truth's own noise: fidelity subsets fine-tuned again with another training seed (suite.py truth_noise),
     and the estimate against the mean of the two seeds on those subsets."""
@@ -916,7 +928,7 @@ def render(suite: Path, results: Path, out_dir: Path) -> dict:
     fig = out_dir / "report"
     fig.mkdir(parents=True, exist_ok=True)
     summary: dict = {}
-    md = [header(s, summary), approx_section(s, fig, summary), fidelity_section(s, old, fig, summary),
+    md = [header(s, summary), approx_section(s, fig, summary), fidelity_section(s, old, fig, summary, results),
           affinity_section(s, fig, summary), methods_section(s, fig, summary), memory_section(results, summary),
           selection_section(sel, fig, summary, sel_src) if seeds_of(sel, "selection") else "",
           speed_section(results, s, summary), positive_control_section(results, fig, summary),

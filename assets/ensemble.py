@@ -21,7 +21,6 @@ from grouplora.ml.atomic import atomic_dir
 from grouplora.ml.boosting import BoostResult, RidgeBase, boost_group
 from grouplora.ml.ensemble import (BASE, AdapterSpec, DatasetSpec, Ensemble, adapter_logprobs, merged_logprobs,
                                    method_costs, release, score_dataset)
-from grouplora.ml.folds import weights_fold_mask
 from grouplora.ml.lora import lora_on
 from grouplora.ml.model import label_token_ids, model_fingerprint
 from grouplora.ml.plots import accuracy_table_png
@@ -123,9 +122,9 @@ def score_datasets(store: ArtifactStore, base_model: BaseModelResource, spec: di
         for n in g["members"]:
             split = {"weights": store.rows(n, FOLD_WEIGHTS), "test": store.rows(n, "test")}
             y = {sp: df["label_id"].to_numpy() for sp, df in split.items()}
+            zs = {sp: store.zero_shot_logprobs(n, FOLD_WEIGHTS if sp == "weights" else sp) for sp in split}
             refs = {ens.adapter(r).reference for r in rounds} if zero_shot_reference else set()
-            given = {sp: {ref: store.zero_shot_logprobs(n, FOLD_WEIGHTS if sp == "weights" else sp) for ref in refs}
-                     for sp in split}
+            given = {sp: {ref: zs[sp] for ref in refs} for sp in split}
             z = {sp: adapter_logprobs(ens, model, tokenizer, n, df["prompt"].tolist(), names, given=given[sp], **kw)
                  for sp, df in split.items()}
             h = [{sp: z[sp][1 + i] for sp in z} for i in range(len(rounds))]
@@ -136,16 +135,12 @@ def score_datasets(store: ArtifactStore, base_model: BaseModelResource, spec: di
             weights[n] = {k: float(a) for k, a in zip(served, alpha) if a > 0}  # missing = 0 (Ensemble)
             merged = merged_logprobs(ens, model, tokenizer, n, split["test"]["prompt"].tolist(), weights=weights[n],
                                      scored={g["key"]: z["test"][0], baseline: z["test"][-1]}, **kw)
-            zs = store.zero_shot(n)
-            zs_val = zs[zs["split"] == "validation"]
-            zs_w = np.stack(zs_val["logprobs"].to_numpy())[weights_fold_mask(zs_val["label_id"].to_numpy())]
-            zs_test = np.stack(zs[zs["split"] == "test"]["logprobs"].to_numpy())
             chosen = "ensemble_with_all" if include_all else "ensemble"
-            row = {"dataset": n, "group": g["key"], "zero_shot": accuracy(zs_test, y["test"]), **out["accuracy"],
+            row = {"dataset": n, "group": g["key"], "zero_shot": accuracy(zs["test"], y["test"]), **out["accuracy"],
                    "ensemble_merged": float((merged.argmax(-1) == y["test"]).mean()),
                    # weights fold: what promotion compares (orchestration/registry); the ensemble's weights were
                    # fit on it, the baselines' nothing was
-                   "ensemble_val": out["weights_fold_accuracy"][chosen], "zero_shot_val": accuracy(zs_w, y["weights"]),
+                   "ensemble_val": out["weights_fold_accuracy"][chosen], "zero_shot_val": accuracy(zs["weights"], y["weights"]),
                    "one_adapter_all_val": out["weights_fold_accuracy"]["one_adapter_all"],
                    "n_rounds": len(rounds), "fallback": bool(out["fallback_with_all" if include_all else "fallback"]),
                    "weights": [float(a) for a in out["weights"]],

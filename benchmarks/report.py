@@ -262,7 +262,7 @@ def fidelity_section(s: dict, old: dict, fig: Path, out: dict, results: Path) ->
     lam_note = ("that is also the best grid value in hindsight on the reported subsets" if lam_best["lam"] == fd["lam"]
                 else f"the hindsight-best grid value on the reported subsets is {lam_best['lam']} "
                      f"({lam_best['eval']['mean_relative_error_loss'] * 100:.1f}%)")
-    noise, noise_md = truth_noise_part(fd, s.get("truth_noise") or fd.get("truth_noise") or {})
+    noise, noise_md = truth_noise_part(fd, s.get("truth_noise") or {})
     dims, dims_md = feature_dim_part(s)
     out["fidelity"] = {"this_run": {k: fd[k] for k in keys}, "this_run_f0_baseline": zs, "lam": fd["lam"],
                        "truth_noise": noise, "feature_dim": dims,

@@ -147,8 +147,8 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[TrainExample]
     was_training = model.training
     model.eval()
     losses, correct = np.zeros(len(examples), dtype=np.float32), np.zeros(len(examples), dtype=bool)
-    logprobs = np.full((len(examples), max((len(e.label_ids) for e in examples), default=0)), -np.inf,
-                       dtype=np.float32)
+    logprobs = (np.full((len(examples), max((len(e.label_ids) for e in examples), default=0)), -np.inf,
+                        dtype=np.float32) if return_logprobs else None)
     lengths = prompt_lengths(tokenizer, [e.prompt for e in examples], max_length)
     try:
         for idx in length_batches(lengths, batch_size, max_tokens=max_tokens):

@@ -17,9 +17,11 @@ under <work>, so a rerun — e.g. after a time limit — resumes where it stoppe
                 ensemble (ml.ensemble.score_dataset); test accuracy per dataset and method, training FLOPs,
                 optimizer steps and peak memory
   selection_s<k> each target + each method's auxiliaries fine-tuned; the target's test accuracy
-  fidelity      (after the first seed) estimates at the calibrated λ vs real fine-tuning from θ* on further
-                random subsets, both on the selection fold (the rows the features' validation side holds); and
-                the truth's own noise: --n-fidelity-repeat of them fine-tuned again with another training seed
+  truth_s<k>    (after the first seed) the calibration subsets and --n-fidelity further random ones really
+                fine-tuned from θ* with training seed k (--truth-seeds), scored on selection fold and test split
+  features_test features at θ* of the test examples (the same projection as the features stage)
+  fidelity      estimates at the calibrated λ vs the truth: the mean over the seeds on the test split (and, for
+                comparison, each seed alone and the selection fold); the seeds against each other
   approx        first-order approximation error against perturbation scale, at fresh LoRA and at θ*
   stability     the affinity stage on --n-bootstrap resamples of its random subsets: adjusted Rand index of each
                 partition vs the affinity stage's, with m re-chosen and with m fixed (no training: CPU is enough)
@@ -41,6 +43,7 @@ import hashlib
 import json
 import sys
 import time
+from math import comb
 from pathlib import Path
 from typing import Sequence
 
@@ -57,8 +60,8 @@ from estimation_fidelity import (ROOT, Data, _jsonable, change_spearman, data_fo
 from grouplora.ml.approx import SCALES, approximation_errors  # noqa: E402
 from grouplora.ml.boosting import BoostResult, BoostSettings, RidgeBase, boost_group, round_logits  # noqa: E402
 from grouplora.ml.clustering import adjusted_rand_index  # noqa: E402
-from grouplora.ml.calibration import (LAM_GRID, calibrate_by_finetuning, calibration_subsets, choose_lam,  # noqa: E402
-                                      error_table)
+from grouplora.ml.calibration import (LAM_GRID, calibrate_by_finetuning, calibration_subsets, ce_summary,  # noqa: E402
+                                      choose_lam, error_table, finetune_subset, mean_truth, seed_spread)
 from grouplora.ml.ensemble import score_dataset  # noqa: E402
 from grouplora.ml.estimation import FeatureSet, Split  # noqa: E402
 from grouplora.ml.lora import add_lora, load_adapter  # noqa: E402
@@ -247,80 +250,137 @@ def stage_stability(r: Runner, feats: FeatureSet, committed: dict) -> dict:
             "device": a.device, "machine": machine(a.device)}
 
 
-def stage_fidelity(r: Runner, feats: FeatureSet, meta: Path, cal: dict) -> dict:
-    """Estimates at the calibrated λ vs real fine-tunes of further random subsets (never used to choose λ)."""
+def fidelity_subsets(names: Sequence[str], args) -> tuple[list[Subset], list[Subset]]:
+    """(the calibration stage's subsets, --n-fidelity further random triples): λ is chosen on the first only, the
+    fidelity is reported on the second only."""
+    names = sorted(names)
+    cal = calibration_subsets(names, args.n_calibration, size=3, seed=1)
+    taken = {s.id for s in cal}
+    ev = [s for s in make_subsets(names, n_random=min(args.n_fidelity + len(taken), comb(len(names), 3)), size=3,
+                                  seed=2, include_singletons=False, include_pairs=False) if s.id not in taken]
+    return cal, ev[:args.n_fidelity]
+
+
+def stage_truth(r: Runner, meta: Path, seed: int) -> dict:
+    """The fidelity stage's truth for one training seed: every calibration and fidelity subset really fine-tuned
+    from θ* (the recipe's run, no checkpoint choice), each member scored on its selection fold (the rows the
+    features' validation side holds) and on its test split. Per-example cross-entropies go to truth_s<seed>.npz
+    (keys <subset id>/<dataset>/<fold>), so other estimators can be judged later without a GPU."""
+    cal, ev = fidelity_subsets(r.by_name, r.args)
+    arrays, runs = {}, {}
+    for i, s in enumerate([*cal, *ev]):
+        data = [r.by_name[m] for m in s.members]
+        res = finetune_subset(r.model, r.tok, s, by_dataset(data, "train"), by_dataset(data, "select"),
+                              r.config(seed), r.work.path("truth_adapters", f"s{seed}", s.id), init_adapter=meta,
+                              eval_batch_size=r.args.eval_batch_size, more_folds={"test": by_dataset(data, "test")})
+        ce = res.pop("ce")
+        ce["select"] = ce.pop("val")
+        arrays.update({f"{s.id}/{m}/{fold}": c for fold, by in ce.items() for m, c in by.items()})
+        runs[s.id] = {"members": list(s.members), **{k: v for k, v in res.items() if k != "true"},
+                      "select": res["true"], "test": {m: ce_summary(c) for m, c in ce["test"].items()}}
+        print(f"  seed {seed} [{i + 1}/{len(cal) + len(ev)}] {','.join(s.members)} {res['train_s']:.1f} s", flush=True)
+    tmp = r.work.path(f"truth_s{seed}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(r.work.path(f"truth_s{seed}.npz"))
+    return {"seed": seed, "runs": runs}
+
+
+def stage_features_test(r: Runner, meta: Path, feats: FeatureSet) -> dict:
+    """Features at θ* of every test example: the fidelity stage's larger fold (≈ 6x the selection fold). The
+    train rows are taken again with them and must match the stored ones (same projection, same θ*)."""
+    fresh, secs = extract(r.model, r.tok, r.data, r.config(0), r.args, init_adapter=meta, val_split="test")
+    diff = max(float(np.abs(fresh.train[n].G - feats.train[n].G).max() / np.abs(feats.train[n].G).max())
+               for n in feats.train)
+    if diff > 0.05:
+        raise RuntimeError(f"features_test: train features differ from features_meta.npz by {diff:.3g} (relative): "
+                           "not the same θ* or projection")
+    tmp = r.work.path("features_test.tmp.npz")
+    np.savez(tmp, **{f"{n}/{k}": getattr(sp, k) for n, sp in fresh.val.items() for k in ("f0", "G")})
+    tmp.replace(r.work.path("features_test.npz"))
+    return {"seconds": secs, "examples": sum(sp.n for sp in fresh.val.values()), "train_relative_max_diff": diff}
+
+
+def load_test_features(work: Work) -> dict[str, Split]:
+    z = np.load(work.path("features_test.npz"))
+    names = sorted({k.split("/")[0] for k in z.files})
+    return {n: Split(z[f"{n}/f0"], z[f"{n}/G"]) for n in names}
+
+
+def stage_fidelity(r: Runner, feats: FeatureSet, cal: dict, truths: dict[int, dict], test: dict[str, Split]) -> dict:
+    """Estimates at the calibrated λ vs real fine-tunes from θ* of further random subsets (never used to choose λ).
+
+    The truth is the mean over the training seeds (--truth-seeds) of the members' loss on their test split (the
+    estimator never saw those rows; ≈ 300 per dataset). The same estimates are also judged on the selection fold
+    and against each seed alone, and the seeds against each other (how fine any truth of one run can be)."""
     a = r.args
-    cal_subsets = calibration_subsets(list(feats.names), a.n_calibration, size=3, seed=1)
-    taken = {s.id for s in cal_subsets}
-    ev = [s for s in make_subsets(list(feats.names), n_random=min(a.n_fidelity + len(taken), _n_triples(feats)),
-                                  size=3, seed=2, include_singletons=False, include_pairs=False)
-          if s.id not in taken][:a.n_fidelity]
-    runs = {}
-    tmp = r.work.path("fidelity_adapters")
-    for i, s in enumerate(ev):  # truth on the selection fold: the rows the features' validation side holds
-        runs[s.id] = finetune(r.model, r.tok, r.by_name, s, r.config(0), a, tmp, init_adapter=meta,
-                              val_split="select")
-        print(f"  [{i + 1}/{len(ev)}] {','.join(s.members)} {runs[s.id]['train_s']:.1f} s", flush=True)
-    truth = {**{k: v["true"] for k, v in cal["runs"].items()}, **{k: v["true"] for k, v in runs.items()}}
-    lam_table = error_table(feats, truth, sorted(set(cal["grid"])), {"calibration": cal_subsets, "eval": ev})
+    cal_subsets, ev = fidelity_subsets(feats.names, a)
+    folds = {"select": feats, "test": FeatureSet(feats.train, test)}
+    seeds = sorted(truths)
+    truth = {fold: {f"s{k}": {sid: run[fold] for sid, run in truths[k]["runs"].items()} for k in seeds}
+             for fold in folds}
+    for by in truth.values():
+        by["mean"] = mean_truth([by[f"s{k}"] for k in seeds])
     lam = cal["lam"]  # the λ the affinity used: chosen on the calibration subsets only
-    zs = zero_shot(feats)
-    estimates(feats, ev, lam)  # warm-up
-    est, est_s, conv = estimates(feats, ev, lam)
-    pairs = pair_table(est, truth, zs, ev)
-    ft = sum(runs[s.id]["train_s"] for s in ev)
+    grid = sorted(set(cal["grid"]))
+    roles = {"calibration": cal_subsets, "eval": ev}
+    by_truth, noise, tables, pairs = {}, {}, {}, {}
+    for fold, fs in folds.items():
+        zs = zero_shot(fs)
+        estimates(fs, ev, lam)  # warm-up
+        est, est_s, conv = estimates(fs, ev, lam)
+        for ref, t in truth[fold].items():
+            pt = pair_table(est, t, zs, ev)
+            by_truth[f"{fold}/{ref}"] = {**metrics(pt), "spearman_loss_change": change_spearman(pt),
+                                         "zero_shot_baseline": metrics(pt, "zero_shot")}
+            if ref == "mean":
+                for k in seeds:
+                    pt[f"true_loss_s{k}"] = [truth[fold][f"s{k}"][sid][m]["loss"]
+                                             for sid, m in zip(pt["subset_id"], pt["dataset"])]
+                pairs[fold] = pt
+        if len(seeds) > 1:
+            noise[fold] = seed_spread({f"s{k}": truth[fold][f"s{k}"] for k in seeds}, ev)
+        for ref in ("s0", "mean") if "s0" in truth[fold] else ("mean",):
+            tables[f"{fold}/{ref}"] = error_table(fs, truth[fold][ref], grid, roles)
+    main = by_truth["test/mean"]
+    per_seed_ft = [sum(truths[k]["runs"][s.id]["train_s"] for s in ev) for k in seeds]
     feat_s = json.loads(r.work.path("features.json").read_text())["seconds"]
-    return {"lam": lam, "lam_source": cal["source"], "lam_table": lam_table,
-            "lam_hindsight": choose_lam(lam_table, "eval"), **metrics(pairs),
-            "spearman_loss_change": change_spearman(pairs), "zero_shot_baseline": metrics(pairs, "zero_shot"),
-            "pairs": pairs.to_dict(orient="records"), "truth": truth, "eval_subsets": [list(s.members) for s in ev],
-            "n_subsets": len(ev), "finetune_s": ft, "extract_s": feat_s,
-            "estimate_s": est_s, "speedup": ft / (feat_s + est_s), "converged": conv,
+    ft = float(np.mean(per_seed_ft))
+    return {"lam": lam, "lam_source": cal["source"],
+            "truth_definition": {"fold": "test", "reference": "mean over training seeds", "seeds": seeds,
+                                 "n_per_dataset": {n: sp.n for n, sp in test.items()}},
+            **{k: main[k] for k in ("mean_relative_error_loss", "median_relative_error_loss", "spearman_loss",
+                                    "mean_abs_error_accuracy", "spearman_loss_change", "zero_shot_baseline")},
+            "by_truth": by_truth, "truth_noise": noise, "lam_tables": tables,
+            "lam_table": tables["test/mean"], "lam_hindsight": choose_lam(tables["test/mean"], "eval"),
+            "lam_calibrated_on_this_truth": choose_lam(tables["test/mean"]),
+            "pairs": pairs["test"].to_dict(orient="records"), "pairs_select": pairs["select"].to_dict(orient="records"),
+            "truths": truth, "eval_subsets": [list(s.members) for s in ev],
+            "calibration_subsets": [list(s.members) for s in cal_subsets], "n_subsets": len(ev),
+            "finetune_s": ft, "finetune_s_note": "one seed's fine-tunes of the eval subsets (mean over seeds; the "
+            "seeds ran as parallel processes on one GPU)", "extract_s": feat_s, "estimate_s": est_s,
+            "speedup": ft / (feat_s + est_s), "converged": conv,
             "theta0": "meta-initialization (one adapter on all datasets, seed 0); real fine-tunes start from it"}
 
 
-def stage_truth_noise(r: Runner, meta: Path, fid: dict) -> dict:
-    """How far the truth itself moves: the first --n-fidelity-repeat fidelity subsets fine-tuned again with
-    training seed 1, scored like the estimates (mean relative loss error of the repeat against the seed-0 truth).
-    No estimator can be judged finer than this."""
-    subsets = [Subset.of(m) for m in fid["eval_subsets"][:r.args.n_fidelity_repeat]]
-    rows = []
-    for i, s in enumerate(subsets):
-        rep = finetune(r.model, r.tok, r.by_name, s, r.config(1), r.args, r.work.path("fidelity_repeat"),
-                       init_adapter=meta, val_split="select")
-        print(f"  [{i + 1}/{len(subsets)}] {','.join(s.members)} again with seed 1: {rep['train_s']:.1f} s", flush=True)
-        for m in s.members:
-            t, u = fid["truth"][s.id][m], rep["true"][m]
-            rows.append({"subset_id": s.id, "dataset": m, "true_loss": t["loss"], "repeat_loss": u["loss"],
-                         "true_accuracy": t["accuracy"], "repeat_accuracy": u["accuracy"]})
-    pairs = pd.DataFrame(rows)
-    return {"n_subsets": len(subsets), "seeds": [0, 1], **metrics(pairs, "repeat"), "pairs": rows}
-
-
 def stage_feature_dim(r: Runner, meta: Path, cal: dict, fid: dict) -> dict:
-    """Is d the estimator's limit? The fidelity stage's real fine-tunes (calibration + eval subsets) scored again
-    with features of other projection dimensions (--sweep-d) at the same θ*: per d, λ chosen on the calibration
-    subsets and the eval error there. Only reported: the affinity keeps --d."""
+    """Is d the estimator's limit? The fidelity stage's real fine-tunes (calibration + eval subsets; mean over
+    seeds, selection fold) scored again with features of other projection dimensions (--sweep-d) at the same θ*:
+    per d, λ chosen on the calibration subsets and the eval error there. Only reported: the affinity keeps --d."""
     a = r.args
-    cal_subsets = calibration_subsets(sorted(d.name for d in r.data), a.n_calibration, size=3, seed=1)  # as fidelity
-    ev = [Subset.of(m) for m in fid["eval_subsets"]]
+    cal_subsets, ev = fidelity_subsets(r.by_name, a)
     out = []
     for d in a.sweep_d:
         feats, secs = extract(r.model, r.tok, r.data, r.config(0), argparse.Namespace(**{**vars(a), "d": d}),
                               init_adapter=meta, val_split="select")
-        table = error_table(feats, fid["truth"], sorted(set(cal["grid"])), {"calibration": cal_subsets, "eval": ev})
+        table = error_table(feats, fid["truths"]["select"]["mean"], sorted(set(cal["grid"])),
+                            {"calibration": cal_subsets, "eval": ev})
         lam = choose_lam(table)
         at = next(row for row in table if row["lam"] == lam)
         out.append({"d": d, "extract_s": secs, "lam": lam, "calibration": at["calibration"], "eval": at["eval"],
                     "lam_hindsight": choose_lam(table, "eval"), "table": table})
         print(f"  d = {d}: λ {lam:g}, eval mean relative loss error {at['eval']['mean_relative_error_loss']:.3f}",
               flush=True)
-    return {"d_affinity": a.d, "sweep": out}
-
-
-def _n_triples(feats: FeatureSet) -> int:
-    from math import comb
-    return comb(len(feats.names), 3)
+    return {"d_affinity": a.d, "truth": "select/mean", "sweep": out}
 
 
 def stage_methods(r: Runner, seed: int, groups: list[list[str]], meta: Path, feats: FeatureSet) -> dict:
@@ -460,8 +520,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-calibration", type=int, default=3, help="random subsets fine-tuned to choose λ")
     p.add_argument("--sweep-d", type=int, nargs="*", default=[],
                    help="after fidelity: the same real fine-tunes scored with features of these dimensions")
-    p.add_argument("--n-fidelity-repeat", type=int, default=5,
-                   help="fidelity subsets fine-tuned again with another training seed: the truth's own noise")
+    p.add_argument("--truth-seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="training seeds of the fidelity truth: every fidelity subset is fine-tuned once per seed")
     p.add_argument("--weights-share", type=float, default=0.5, help="share of validation in the weights fold")
     p.add_argument("--boost-mode", choices=["ridge", "trained"], default="ridge")
     p.add_argument("--boost-rounds", type=int, default=3)
@@ -487,7 +547,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return a
 
 
-PER_RUN_STAGES = ("all", "methods", "selection", "fidelity", "approx", "stability")
+PER_RUN_STAGES = ("all", "methods", "selection", "truth", "fidelity", "approx", "stability")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -534,13 +594,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                   lambda s=s: stage_methods(r, s, groups, meta, feats))
             if "selection" in only:
                 res[f"selection_s{s}"] = work.stage(f"selection_s{s}", lambda s=s: stage_selection(r, choice, s))
-            if s == args.seeds[0] and "fidelity" in only:
-                res["fidelity"] = work.stage("fidelity", lambda: stage_fidelity(r, feats, meta, res["calibration"]))
-                if args.sweep_d:
-                    res["feature_dim"] = work.stage("feature_dim", lambda: stage_feature_dim(
-                        r, meta, res["calibration"], res["fidelity"]))
-                if args.n_fidelity_repeat:
-                    res["truth_noise"] = work.stage("truth_noise", lambda: stage_truth_noise(r, meta, res["fidelity"]))
+            if s == args.seeds[0] and only & {"truth", "fidelity"}:
+                truths = {k: work.stage(f"truth_s{k}", lambda k=k: stage_truth(r, meta, k)) for k in args.truth_seeds}
+                if "fidelity" in only:
+                    res["features_test"] = work.stage("features_test", lambda: stage_features_test(r, meta, feats))
+                    res["fidelity"] = work.stage("fidelity", lambda: stage_fidelity(
+                        r, feats, res["calibration"], truths, load_test_features(work)))
+                    if args.sweep_d:
+                        res["feature_dim"] = work.stage("feature_dim", lambda: stage_feature_dim(
+                            r, meta, res["calibration"], res["fidelity"]))
         if "approx" in only:
             res["approx"] = work.stage("approx", lambda: stage_approx(r, meta))
         if "stability" in only:

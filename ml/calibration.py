@@ -50,33 +50,53 @@ def calibration_subsets(names: Sequence[str], n: int, *, size: int = 3, seed: in
                         include_pairs=False)
 
 
+def member_ce(model, tokenizer, adapter_dir: Path | None,
+              folds: Mapping[str, Mapping[str, Sequence[TrainExample]]], members: Sequence[str], *,
+              batch_size: int = 32, max_length: int = 256) -> dict[str, dict[str, np.ndarray]]:
+    """{fold: {member: per-example cross-entropy over its label words}} of the model with `adapter_dir` applied
+    (once) on each member's examples of every fold. Per example, ce = log(1 + exp(−f)), f the gold log-odds."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with applied_adapter(model, adapter_dir) as pm:
+        for fold, val in folds.items():
+            out[fold] = {m: evaluate(pm, tokenizer, val[m], batch_size=batch_size, max_length=max_length)[0]
+                         for m in members}
+    return out
+
+
+def ce_summary(ce: np.ndarray) -> dict[str, float]:
+    """{loss, accuracy, n} of per-example cross-entropies: loss = mean ce; accuracy = mean(ce < ln 2) (f > 0)."""
+    return {"loss": float(ce.mean()), "accuracy": float((ce < LN2).mean()), "n": len(ce)}
+
+
 def member_losses(model, tokenizer, adapter_dir: Path | None, val: Mapping[str, Sequence[TrainExample]],
                   members: Sequence[str], *, batch_size: int = 32, max_length: int = 256) -> dict[str, dict]:
     """{member: {loss, accuracy, n}} of the model with `adapter_dir` applied on each member's validation examples:
     loss = mean cross-entropy over its label words = mean log(1 + exp(−f)); accuracy = mean(f > 0); n examples."""
-    out = {}
-    with applied_adapter(model, adapter_dir) as pm:
-        for m in members:
-            ce, _ = evaluate(pm, tokenizer, val[m], batch_size=batch_size, max_length=max_length)
-            out[m] = {"loss": float(ce.mean()), "accuracy": float((ce < LN2).mean()), "n": len(ce)}
-    return out
+    ce = member_ce(model, tokenizer, adapter_dir, {"val": val}, members, batch_size=batch_size,
+                   max_length=max_length)["val"]
+    return {m: ce_summary(c) for m, c in ce.items()}
 
 
 def finetune_subset(model, tokenizer, subset: Subset, train: Mapping[str, Sequence[TrainExample]],
                     val: Mapping[str, Sequence[TrainExample]], config: TrainConfig, out_dir: Path, *,
-                    init_adapter: Path | None = None, eval_batch_size: int = 32) -> dict[str, Any]:
+                    init_adapter: Path | None = None, eval_batch_size: int = 32,
+                    more_folds: Mapping[str, Mapping[str, Sequence[TrainExample]]] | None = None) -> dict[str, Any]:
     """Really fine-tune θ0 (fresh LoRA or init_adapter) on the subset's train examples; its members' real
-    validation loss/accuracy under "true", and the run's cost (steps, FLOPs, seconds).
+    validation loss/accuracy under "true", and the run's cost (steps, FLOPs, seconds). more_folds: further
+    {fold: {member: examples}} scored by the same fine-tune; then "ce" holds {fold: {member: per-example
+    cross-entropy}} for "val" and each of them (numpy arrays: the caller stores them).
 
     No checkpoint choice here: the estimator predicts the result of the recipe's run, not of its best epoch
     on data it was never shown."""
     examples = [e for m in subset.members for e in train[m]]
     res = train_adapter((model, tokenizer), examples, config, Path(out_dir), init_adapter=init_adapter)
     t = time.perf_counter()
-    true = member_losses(model, tokenizer, Path(out_dir), val, subset.members, batch_size=eval_batch_size,
-                         max_length=config.max_length)
-    return {"true": true, "train_s": res.seconds, "eval_s": time.perf_counter() - t, "steps": res.steps,
-            "flops": res.flops, "n_train": len(examples), "final_train_loss": res.final_loss}
+    ce = member_ce(model, tokenizer, Path(out_dir), {"val": val, **(more_folds or {})}, subset.members,
+                   batch_size=eval_batch_size, max_length=config.max_length)
+    out = {"true": {m: ce_summary(c) for m, c in ce["val"].items()}, "train_s": res.seconds,
+           "eval_s": time.perf_counter() - t, "steps": res.steps, "flops": res.flops, "n_train": len(examples),
+           "final_train_loss": res.final_loss}
+    return {**out, "ce": ce} if more_folds else out
 
 
 # -------------------------------------------------------------------------------------- estimate side
@@ -120,6 +140,27 @@ def metrics(pairs: pd.DataFrame, col: str = "est") -> dict[str, float]:
     return {"mean_relative_error_loss": float(rel.mean()), "median_relative_error_loss": float(np.median(rel)),
             "spearman_loss": float(rho),
             "mean_abs_error_accuracy": float(np.abs(pairs[f"{col}_accuracy"] - pairs["true_accuracy"]).mean())}
+
+
+def mean_truth(truths: Sequence[Truth]) -> dict[str, dict[str, dict[str, float]]]:
+    """The truth averaged over training seeds: per subset and member, the mean loss and accuracy of the runs
+    (each a Truth over the same subsets and members); n stays the examples' count."""
+    first = truths[0]
+    return {sid: {m: {"loss": float(np.mean([t[sid][m]["loss"] for t in truths])),
+                      "accuracy": float(np.mean([t[sid][m]["accuracy"] for t in truths])),
+                      "n": first[sid][m].get("n", 0)} for m in members} for sid, members in first.items()}
+
+
+def seed_spread(truths: Mapping[str, Truth], subsets: Sequence[Subset]) -> dict[str, float]:
+    """How far one run's truth is from another's: metrics() of every ordered pair of runs, one judged against the
+    other, averaged over the pairs (needs two runs at least). No estimator can be judged finer than this."""
+    keys = sorted(truths)
+    rows = [{"est_loss": truths[b][s.id][m]["loss"], "true_loss": truths[a][s.id][m]["loss"],
+             "est_accuracy": truths[b][s.id][m]["accuracy"], "true_accuracy": truths[a][s.id][m]["accuracy"]}
+            for a in keys for b in keys if a != b for s in subsets for m in s.members]
+    pairs = pd.DataFrame(rows)
+    out = {k: v for k, v in metrics(pairs).items() if k != "spearman_loss"}
+    return {**out, "runs": keys, "n_pairs": len(rows)}
 
 
 def change_spearman(pairs: pd.DataFrame) -> float:

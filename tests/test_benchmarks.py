@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -32,7 +33,7 @@ def test_suite_runs_every_stage_and_resumes(tmp_path, capsys, make_folder):
             "--seeds", "0", "1", "--n-random", "4", "--n-fidelity", "8", "--n-calibration", "1", "--epochs", "1",
             "--targets", "reviews", "missing_target", "--n-select", "4", "--approx-datasets", "1",
             "--approx-examples", "1", "--hidden-examples", "4", "--max-m", "2", "--n-bootstrap", "3",
-            "--n-fidelity-repeat", "2", "--sweep-d", "16"]
+            "--truth-seeds", "0", "1", "--sweep-d", "16"]
     res = suite.main(args)
     assert res["complete"]
     names = sorted(res["sizes"])
@@ -49,13 +50,25 @@ def test_suite_runs_every_stage_and_resumes(tmp_path, capsys, make_folder):
     groups = res["affinity"]["groups"]
     assert sorted(sum(groups, [])) == names and res["affinity"]["m"] == len(groups) == 2
     assert res["fidelity"]["n_subsets"] == 8 and len(res["fidelity"]["pairs"]) == 8 * 3
-    # the truth is a mean over the examples the estimates score: each member's selection fold (features' val side)
-    truth = res["fidelity"]["truth"]
-    assert all(v["n"] == res["sizes"][m]["select"] for t in truth.values() for m, v in t.items())
-    # the truth's own noise: the first subsets again with another seed, judged like the estimates
-    tn = res["truth_noise"]
-    assert tn["n_subsets"] == 2 and len(tn["pairs"]) == 2 * 3 and tn["mean_relative_error_loss"] >= 0
-    assert {q["subset_id"] for q in tn["pairs"]} <= set(truth)
+    fid = res["fidelity"]
+    assert fid["truth_definition"]["seeds"] == [0, 1] and fid["truth_definition"]["fold"] == "test"
+    # every truth is a mean over the rows the estimates score: the selection fold or the test split of the member
+    for fold in ("select", "test"):
+        for ref in ("s0", "s1", "mean"):
+            t = fid["truths"][fold][ref]
+            assert all(v["n"] == res["sizes"][m][fold] for tt in t.values() for m, v in tt.items())
+    # the mean truth is the mean of the seeds' truths; the headline is the estimates against it on the test split
+    p0 = fid["pairs"][0]
+    assert p0["true_loss"] == pytest.approx((p0["true_loss_s0"] + p0["true_loss_s1"]) / 2)
+    assert fid["mean_relative_error_loss"] == fid["by_truth"]["test/mean"]["mean_relative_error_loss"]
+    # the seeds judged against each other; the per-example cross-entropies stored give the same losses
+    tn = fid["truth_noise"]["test"]
+    assert tn["n_pairs"] == 2 * 8 * 3 and tn["mean_relative_error_loss"] >= 0
+    z = np.load(tmp_path / "work" / "truth_s1.npz")
+    sid, m = p0["subset_id"], p0["dataset"]
+    assert float(z[f"{sid}/{m}/test"].mean()) == pytest.approx(p0["true_loss_s1"], rel=1e-5)
+    assert len(z[f"{sid}/{m}/select"]) == res["sizes"][m]["select"]
+    assert res["features_test"]["train_relative_max_diff"] < 1e-3
     # the same fine-tunes scored with features of another dimension: λ chosen on the calibration subsets only
     (sweep,) = res["feature_dim"]["sweep"]
     assert sweep["d"] == 16 and sweep["lam"] in res["calibration"]["grid"]

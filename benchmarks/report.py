@@ -232,16 +232,24 @@ how far real subset fine-tunes move from θ* is what section 2 tests.
 
 def fidelity_section(s: dict, old: dict, fig: Path, out: dict, results: Path) -> str:
     fd = s["fidelity"]
-    p = pd.DataFrame(fd["pairs"])
+    p = pd.DataFrame(fd["pairs"])  # one row per (subset, member): the truth is the mean over seeds, test split
+    td, bt = fd["truth_definition"], fd["by_truth"]
+    seeds, ns = td["seeds"], len(td["seeds"])
+    n_test = float(np.mean(list(td["n_per_dataset"].values())))
+    n_sel = float(np.mean([v["select"] for v in s["sizes"].values()]))
     scatter_chart({"GradEx estimate at θ*": (p["true_loss"], p["est_loss"]),
                    "θ* unchanged (f = f0)": (p["true_loss"], p["zero_shot_loss"])}, fig / "fidelity.png",
-                  title=f"Estimated vs real fine-tuned validation loss ({len(p)} pairs)",
+                  title=f"Estimated vs real fine-tuned test loss ({len(p)} pairs, truth: mean of {ns} seeds)",
                   xlabel="true loss after fine-tuning from θ*", ylabel="estimated loss")
     keys = ("mean_relative_error_loss", "median_relative_error_loss", "spearman_loss", "mean_abs_error_accuracy",
             "spearman_loss_change")
     zs, ozs = fd["zero_shot_baseline"], old["zero_shot_baseline"]
     # the earlier run stores no change-Spearman for its baseline: f = f0 predicts no change at all
-    variants = {f"GradEx at meta-init θ* (this run, λ = {fd['lam']})": fd, "θ* unchanged, f = f0 (this run)": zs,
+    variants = {f"**GradEx at θ*, λ = {fd['lam']:g}: truth = mean of {ns} seeds, test split**": bt["test/mean"],
+                **{f"… truth = seed {k} alone, test split": bt[f"test/s{k}"] for k in seeds},
+                f"… truth = mean of {ns} seeds, selection fold": bt["select/mean"],
+                "… truth = seed 0 alone, selection fold (the measure before session 6)": bt["select/s0"],
+                "θ* unchanged, f = f0 (truth = seed mean, test split)": zs,
                 f"GradEx at fresh LoRA (earlier run, λ = {old['lam']})": old,
                 "base + fresh LoRA unchanged (earlier run)": ozs}
     rows = [[name] + [g3(v[k]) if k in v else "—" for k in keys] for name, v in variants.items()]
@@ -262,10 +270,29 @@ def fidelity_section(s: dict, old: dict, fig: Path, out: dict, results: Path) ->
     lam_note = ("that is also the best grid value in hindsight on the reported subsets" if lam_best["lam"] == fd["lam"]
                 else f"the hindsight-best grid value on the reported subsets is {lam_best['lam']} "
                      f"({lam_best['eval']['mean_relative_error_loss'] * 100:.1f}%)")
-    noise, noise_md = truth_noise_part(fd, s.get("truth_noise") or {})
+    recal = fd["lam_calibrated_on_this_truth"]
+    single = [bt[f"test/s{k}"]["mean_relative_error_loss"] for k in seeds]
+    noise = {fold: {"mean_relative_difference_loss": v["mean_relative_error_loss"],
+                    "median_relative_difference_loss": v["median_relative_error_loss"], "n_pairs": v["n_pairs"]}
+             for fold, v in fd.get("truth_noise", {}).items()}
+    noise_md = "" if not noise else f"""
+**How fine the truth is.** The seeds judged against each other (every ordered pair of seeds, the same measure the
+estimate is judged by) differ by **{noise['test']['mean_relative_difference_loss'] * 100:.1f}% mean /
+{noise['test']['median_relative_difference_loss'] * 100:.1f}% median on the test split** and by
+{noise['select']['mean_relative_difference_loss'] * 100:.1f}% / {noise['select']['median_relative_difference_loss'] * 100:.1f}%
+on the selection fold. A dataset's loss on ≈ {n_sel:.0f} selection-fold examples is carried by a few hard examples
+(intent, nyt_editorials and spam have mean losses near 0.2), so one fine-tune's truth there is as far from another seed's as
+the estimate is from either; on ≈ {n_test:.0f} test examples the seeds agree
+{'far more closely' if noise['test']['mean_relative_difference_loss'] < 0.7 * noise['select']['mean_relative_difference_loss'] else 'about as closely'},
+and the estimate's error is {bt['test/mean']['mean_relative_error_loss'] * 100:.1f}% against their mean
+({min(single) * 100:.1f}–{max(single) * 100:.1f}% against one seed alone). The features, θ*, λ and the seed-0
+fine-tunes are the ones the earlier measure used: "seed 0 alone, selection fold" is that measure again.
+"""
     dims, dims_md = feature_dim_part(s)
     out["fidelity"] = {"this_run": {k: fd[k] for k in keys}, "this_run_f0_baseline": zs, "lam": fd["lam"],
-                       "truth_noise": noise, "feature_dim": dims,
+                       "truth": {"fold": td["fold"], "seeds": seeds, "examples_per_dataset": n_test},
+                       "by_truth": {k: {kk: v[kk] for kk in keys} for k, v in bt.items()},
+                       "lam_calibrated_on_this_truth": recal, "truth_noise": noise, "feature_dim": dims,
                        "earlier_fresh_lora": {k: old[k] for k in keys}, "earlier_f0_baseline": ozs,
                        "earlier_lam": old["lam"], "earlier_lr": old["lr"],
                        "earlier_batch_size": old["finetune"]["batch_size"], "n_subsets": n, "n_pairs": len(p),
@@ -286,9 +313,11 @@ Paper: {CLAIM_FIDELITY}
 ![estimate vs true loss](report/fidelity.png)
 
 {n} random size-{len(p['members'][0])} subsets (λ picked on {s['args']['n_calibration']} further calibration
-subsets, not reported), each
-really fine-tuned from θ* with the run's recipe; one point per (subset, member dataset) = {len(p)} pairs, validation
-loss mean log(1+exp(−f)).
+subsets, not reported), each really fine-tuned from θ* with the run's recipe, once per training seed
+({', '.join(map(str, seeds))}). The truth of a (subset, member dataset) pair is the member's loss after fine-tuning,
+mean log(1+exp(−f)), averaged over the seeds, on the member's **test split** (≈ {n_test:.0f} examples that neither
+the estimator, nor λ, nor any checkpoint choice saw); one point per pair = {len(p)} pairs. The estimate is the
+affinity's estimator as it is (the same features, θ*, λ and w), scored on those examples.
 
 {md_table(['estimate', 'mean rel. loss error', 'median', 'Spearman (loss)', 'mean abs. accuracy error',
            'Spearman of the change'], rows)}
@@ -308,15 +337,14 @@ the same estimator was off by {old['mean_relative_error_loss'] * 100:.0f}% (Spea
 **starting at the meta-initialization is what brings the error down**, as GradEx prescribes (ACL 2025 linearizes at the
 base model: the setting of the "fresh LoRA" rows), but at θ* the real fine-tunes move a dataset's loss by
 {moved:.3f} on average, {'less than' if moved < err else 'about as much as' if moved < 1.5 * err else 'more than'} the
-estimate's own error ({err:.3f}; the estimated moves average {est_moved:.3f}). λ: calibration chose {fd['lam']}; {lam_note}.
-The estimate and the truth are means over the same examples, each dataset's selection fold (the rows the features'
-validation side holds; runs before session 5 took the truth on the whole validation split while the estimates scored
-its selection fold, and that mismatch alone put the error at 11.1%: the same θ*, features, λ and fine-tunes scored on
-the other examples, `results/suite_cuda.json` before commit b56f4b8){fold_note(results)}.
+estimate's own error ({err:.3f}; the estimated moves average {est_moved:.3f}). λ: calibration chose {fd['lam']:g}
+(one seed, selection fold, the pipeline's way); calibrated on this truth, the same calibration subsets choose
+{recal:g}; {lam_note}. Runs before session 5 took the truth on the whole validation split while the estimates scored
+its selection fold; that mismatch alone put the error at 11.1%{fold_note(results)}.
 {noise_md}{dims_md}
-Cost, for these {n} subsets: real fine-tuning {fd['finetune_s']:.0f} s vs features {fd['extract_s']:.1f} s (one-off)
-+ estimation {fd['estimate_s']:.3f} s → **{fd['speedup']:.1f}×** (earlier fresh-LoRA run: {old['speedup']:.1f}×, at
-{t['finetune_s_per_subset']:.1f} s of fine-tuning per subset vs {ft1:.1f} s here). Per extra subset: {ft1:.1f} s of
+Cost, for these {n} subsets: real fine-tuning {fd['finetune_s']:.0f} s (one seed) vs features {fd['extract_s']:.1f} s
+(one-off) + estimation {fd['estimate_s']:.3f} s → **{fd['speedup']:.1f}×** (earlier fresh-LoRA run: {old['speedup']:.1f}×,
+at {t['finetune_s_per_subset']:.1f} s of fine-tuning per subset vs {ft1:.1f} s here). Per extra subset: {ft1:.1f} s of
 fine-tuning vs
 {est1 * 1000:.1f} ms of estimation ({ft1 / est1:,.0f}×). The feature pass is paid once, so the speedup grows with the
 number of subsets: the paper's {PAPER_SPEEDUP:.0f}× would take ≈ {k_paper:.0f} subsets at this cost, and the
@@ -743,35 +771,6 @@ def fold_note(results: Path) -> str:
             f"`results/fold_check_cpu.json`)")
 
 
-def truth_noise_part(fd: dict, tn: dict) -> tuple[dict, str]:
-    """The truth's own noise: fidelity subsets fine-tuned again with another training seed (suite.py truth_noise),
-    and the estimate against the mean of the two seeds on those subsets."""
-    if not tn.get("pairs"):
-        return {}, ""
-    est = {(q["subset_id"], q["dataset"]): q["est_loss"] for q in fd["pairs"]}
-    rows = tn["pairs"]
-
-    def rel(e: float, t: float) -> float:
-        return abs(e - t) / t
-    vs_first = float(np.mean([rel(est[(q["subset_id"], q["dataset"])], q["true_loss"]) for q in rows]))
-    vs_mean = float(np.mean([rel(est[(q["subset_id"], q["dataset"])], (q["true_loss"] + q["repeat_loss"]) / 2)
-                             for q in rows]))
-    out = {"n_subsets": tn["n_subsets"], "n_pairs": len(rows), "seeds": tn["seeds"],
-           "mean_relative_difference_loss": tn["mean_relative_error_loss"],
-           "median_relative_difference_loss": tn["median_relative_error_loss"],
-           "estimate_vs_first_seed": vs_first, "estimate_vs_seed_mean": vs_mean}
-    md = f"""
-**How fine the truth is.** {tn['n_subsets']} of the subsets were fine-tuned again with training seed
-{tn['seeds'][1]}: the two real results differ by **{tn['mean_relative_error_loss'] * 100:.1f}% mean /
-{tn['median_relative_error_loss'] * 100:.1f}% median** relative loss ({len(rows)} pairs), the same measure the
-estimate is judged by. That is the truth's own noise at this size (≈ 50 selection-fold examples per dataset, 300
-training examples): an estimator cannot be shown closer than that to one fine-tune, and the estimate's
-{fd['mean_relative_error_loss'] * 100:.1f}% sits just above it. On those subsets the estimate is
-{vs_first * 100:.1f}% from seed {tn['seeds'][0]} and {vs_mean * 100:.1f}% from the mean of the two seeds.
-"""
-    return out, md
-
-
 def feature_dim_part(s: dict) -> tuple[list[dict], str]:
     """The same real fine-tunes scored with features of other projection dimensions (suite.py feature_dim)."""
     fdim = s.get("feature_dim")
@@ -781,8 +780,10 @@ def feature_dim_part(s: dict) -> tuple[list[dict], str]:
     def hindsight(table: list[dict]) -> tuple[float, float]:
         best = min((r for r in table if "eval" in r), key=lambda r: r["eval"]["mean_relative_error_loss"])
         return best["lam"], best["eval"]["mean_relative_error_loss"]
-    rows = [{"d": fdim["d_affinity"], "lam": fd["lam"], "eval_mean_relative_error_loss": fd["mean_relative_error_loss"],
-             "hindsight": hindsight(fd["lam_table"])}]
+    ref = fdim.get("truth", "select/mean")  # the sweep's features hold the selection fold: judged on it
+    rows = [{"d": fdim["d_affinity"], "lam": fd["lam"],
+             "eval_mean_relative_error_loss": fd["by_truth"][ref]["mean_relative_error_loss"],
+             "hindsight": hindsight(fd["lam_tables"][ref])}]
     rows += [{"d": x["d"], "lam": x["lam"], "eval_mean_relative_error_loss": x["eval"]["mean_relative_error_loss"],
               "hindsight": hindsight(x["table"])} for x in fdim["sweep"]]
     table = md_table(["d", "λ (chosen on the calibration subsets)", "mean rel. loss error (reported subsets)",
@@ -794,7 +795,7 @@ def feature_dim_part(s: dict) -> tuple[list[dict], str]:
                fdim["d_affinity"] else f"d = {best['d']} is closer; the affinity still uses d = {fdim['d_affinity']}")
     return rows, f"""
 **Is d the limit?** The same fine-tunes scored with features of other projection dimensions at the same θ* (λ chosen
-again on the calibration subsets): {verdict}.
+again on the calibration subsets; truth: the seed mean on the selection fold, the rows those features hold): {verdict}.
 
 {table}
 """
@@ -824,8 +825,12 @@ def differences(s: dict, out: dict) -> str:
           f"on {f['n_subsets']} subsets at λ = {f['lam']:g}; predicting no change: "
           f"{f0['mean_relative_error_loss'] * 100:.1f}% / {f0['median_relative_error_loss'] * 100:.1f}%; Spearman of "
           f"the loss change {fr['spearman_loss_change']:.2f}"
-          + (f"; two training seeds of the same fine-tune differ by "
-             f"{f['truth_noise']['mean_relative_difference_loss'] * 100:.1f}%" if f.get("truth_noise") else ""),
+          + f" (truth: mean of {len(f['truth']['seeds'])} training seeds on ≈ {f['truth']['examples_per_dataset']:.0f} "
+            f"test examples per dataset; against one seed alone "
+            + ", ".join(f"{f['by_truth'][f'test/s{k}']['mean_relative_error_loss'] * 100:.1f}%"
+                        for k in f["truth"]["seeds"])
+            + (f"; two seeds of the same fine-tune differ by {f['truth_noise']['test']['mean_relative_difference_loss'] * 100:.1f}%"
+               if f.get("truth_noise") else "") + ")",
           "reproduced" if fr["mean_relative_error_loss"] <= 0.05 and beats_f0 and fr["spearman_loss_change"] >= 0.5
           else "not reproduced" if not beats_f0 or fr["spearman_loss_change"] < 0.3 else "partly")
     claim("cost", f"{PAPER_SPEEDUP:.0f}× less cost than fine-tuning each subset",
@@ -866,10 +871,11 @@ must fight itself there, and it does (chance accuracy); the affinity between twi
 'did not separate every twin pair'}, and the ensemble beat the all-datasets adapter by
 **{pc['ensemble_minus_all_adapter'] * 100:+.0f} pt at {pc['flops_ratio']:.2f}× its training FLOPs**. Why the real
 suite differs: its datasets do not interfere much — one adapter on all beats one adapter per dataset by
-{real_gap:.1f} pt, so pooling helps more than separating — and the transfer differences between them are small
-against what the estimator resolves at θ* (loss-change Spearman {fr['spearman_loss_change']:.2f}; two training seeds of
-one fine-tune already differ by {f['truth_noise']['mean_relative_difference_loss'] * 100:.1f}%){'' if not st else
-f"; the partition built on them changes under a bootstrap of the subsets (ARI {st['ari_rechosen']['mean']:.2f})"}.
+{real_gap:.1f} pt, so pooling helps more than separating — and the transfer differences between them are small:
+fine-tuning θ* on a subset moves a member's test loss by {f['mean_abs_real_change']:.3f} on average, and the estimate
+resolves that move only in part (its error {f['mean_abs_error']:.3f}; loss-change Spearman
+{fr['spearman_loss_change']:.2f}){'' if not st else
+f"; the partition built on those differences changes under a bootstrap of the subsets (ARI {st['ari_rechosen']['mean']:.2f})"}.
 A twin's swapped labels flip the sign of its gradient features, a signal far above that noise.
 """
     return f"""## Where we differ from the papers: claim by claim
@@ -893,12 +899,15 @@ def reproduce(s: dict) -> str:
 # stability in a fourth); suite_cuda.json comes back in the call's files
 LIMIT=200 bash benchmarks/gpu/remote.sh run --only approx
 LIMIT=330 bash benchmarks/gpu/remote.sh suite3 --sweep-d 400 800    # and again (LIMIT=470) until every seed is done
-# the truth's noise (20 fidelity subsets again with seed 1) in a later machine session, the work folder parked again
-LIMIT=460 bash benchmarks/gpu/remote.sh run --only fidelity --n-fidelity-repeat 20 --sweep-d 400 800
-# the committed run's stability stage ran on the CPU, from the work folder the calls returned (work.tgz), and its
-# record and truth_noise's were added to suite_cuda.json (every other stage unchanged; records name their device)
+# the committed fidelity (session 6, a fresh machine with the shared stages parked): the truth's three training seeds
+# as parallel processes, then the features of the test split, the fidelity and the feature-dimension sweep; and the
+# selection stage's seeds; merged into suite_cuda.json with benchmarks/merge_stages.py (see its provenance)
+LIMIT=560 bash benchmarks/gpu/remote.sh fid3
+LIMIT=500 bash benchmarks/gpu/remote.sh run --seeds 0 --only fidelity --truth-seeds 0 1 2 --sweep-d 400 800
+LIMIT=430 bash benchmarks/gpu/remote.sh sel3
+# the committed run's stability stage ran on the CPU, from the work folder the calls returned (work.tgz)
 .venv/bin/python benchmarks/suite.py --device cpu --data <full pack> --work <unpacked work.tgz> --seeds 0 1 2 \\
-    --only all methods fidelity approx stability --sweep-d 400 800 --out /tmp/suite_cpu.json
+    --only all methods approx stability --out /tmp/suite_cpu.json
 # or everything in one process on any GPU machine with network, then render
 .venv/bin/python benchmarks/report.py --run -- --device cuda --data <full pack>
 ```

@@ -596,6 +596,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 res[f"selection_s{s}"] = work.stage(f"selection_s{s}", lambda s=s: stage_selection(r, choice, s))
             if s == args.seeds[0] and only & {"truth", "fidelity"}:
                 truths = {k: work.stage(f"truth_s{k}", lambda k=k: stage_truth(r, meta, k)) for k in args.truth_seeds}
+                res.update({f"truth_s{k}": v for k, v in truths.items()})
                 if "fidelity" in only:
                     res["features_test"] = work.stage("features_test", lambda: stage_features_test(r, meta, feats))
                     res["fidelity"] = work.stage("fidelity", lambda: stage_fidelity(

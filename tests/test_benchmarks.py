@@ -101,3 +101,24 @@ def test_suite_runs_every_stage_and_resumes(tmp_path, capsys, make_folder):
     per_seed = [pd.DataFrame(res[f"methods_s{s}"]["rows"])["ensemble"].mean() for s in (0, 1)]
     got = summary["methods"]["mean_accuracy"]["ensemble"]
     assert got["mean"] == pytest.approx(sum(per_seed) / 2) and got["std"] == pytest.approx(pd.Series(per_seed).std())
+
+
+def test_merge_stages_replaces_drops_and_judges_completeness(tmp_path):
+    import merge_stages
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "fidelity.json").write_text(json.dumps({"mean_relative_error_loss": 0.04}))
+    into = {"args": {"seeds": [0]}, "fidelity": {"mean_relative_error_loss": 0.07}, "truth_noise": {}, "provenance": "a"}
+    for k in ("zero_shot", "features", "calibration", "affinity", "choice", "approx", "stability", "all_s0",
+              "methods_s0"):
+        into[k] = {}
+    out = merge_stages.merge(into, work, ["fidelity"], ["truth_noise"], "b")
+    assert out["fidelity"] == {"mean_relative_error_loss": 0.04} and "truth_noise" not in out
+    assert out["provenance"] == "a; b" and not out["complete"]  # selection_s0 is missing
+    into["selection_s0"] = {}
+    assert merge_stages.merge(into, work, ["fidelity"], [], "c")["complete"]
+    with pytest.raises(FileNotFoundError, match="methods_s1"):
+        merge_stages.merge(into, work, ["methods_s1"], [], "d")
+    with pytest.raises(ValueError, match="not a stage name"):
+        merge_stages.merge(into, work, ["../fidelity"], [], "e")

@@ -12,6 +12,7 @@ from grouplora.ml.calibration import (Calibration, calibrate, calibration_subset
                                       member_estimates)
 from grouplora.ml.estimation import synthetic_features
 from grouplora.ml.folds import split_validation, weights_fold_mask
+from grouplora.ml.subsets import Subset
 
 GRID = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 1.0)
 
@@ -102,3 +103,18 @@ def test_validation_folds_are_disjoint_stratified_and_deterministic():
         weights_fold_mask(y, weights_share=1.0)
     with pytest.raises(ValueError):
         split_validation(items[:3], y)
+
+
+def test_the_seed_mean_truth_and_the_seeds_spread():
+    from grouplora.ml.calibration import mean_truth, seed_spread
+    s = Subset.of(["a", "b"])
+    runs = {"s0": {s.id: {"a": {"loss": 1.0, "accuracy": 0.5, "n": 10}, "b": {"loss": 0.2, "accuracy": 1.0, "n": 4}}},
+            "s1": {s.id: {"a": {"loss": 1.1, "accuracy": 0.7, "n": 10}, "b": {"loss": 0.2, "accuracy": 0.5, "n": 4}}}}
+    mean = mean_truth(list(runs.values()))
+    assert mean[s.id]["a"] == pytest.approx({"loss": 1.05, "accuracy": 0.6, "n": 10})
+    assert mean[s.id]["b"]["n"] == 4
+    # every ordered pair of runs: a's |1.1 - 1.0| / 1.0 and |1.0 - 1.1| / 1.1, b's 0 twice
+    spread = seed_spread(runs, [s])
+    assert spread["n_pairs"] == 4 and spread["runs"] == ["s0", "s1"]
+    assert spread["mean_relative_error_loss"] == pytest.approx((0.1 + 0.1 / 1.1) / 4)
+    assert spread["mean_abs_error_accuracy"] == pytest.approx((0.2 + 0.5) * 2 / 4)

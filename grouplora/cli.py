@@ -217,19 +217,30 @@ def ui_cmd(host: str, port: int, mlflow_port: int, device: str | None, dtype: st
               "--default-artifact-root", str(mlflow_dir / "artifacts")]
     click.echo(f"Dagster UI: http://{host}:{port}  (DAGSTER_HOME={home})")
     click.echo(f"MLflow UI:  http://{host}:{mlflow_port}  (store {mlflow_dir}); Ctrl-C stops both")
-    supervise([dagster, mlflow])
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # a wildcard bind answers on loopback too
+    supervise([dagster, mlflow], ready={"Dagster UI": f"http://{local}:{port}/server_info",
+                                        "MLflow UI": f"http://{local}:{mlflow_port}/health"})
 
 
-def supervise(cmds: list[list[str]]) -> None:
+def supervise(cmds: list[list[str]], ready: dict[str, str] | None = None) -> None:
     """Run servers until Ctrl-C or SIGTERM, then pass SIGINT on to each (dagster dev shuts its daemon and
-    webserver down on SIGINT) and wait; whatever is still up after 30 s is killed."""
+    webserver down on SIGINT) and wait; whatever is still up after 30 s is killed. ready: {name: url} to report
+    once each answers (the servers take seconds to tens of seconds to start)."""
+    from grouplora.orchestration.servers import answers
+
     # A shell without job control starts background jobs with SIGINT ignored, and children inherit that:
     # restore the defaults here and in the children, or Ctrl-C/kill -INT would leave servers running.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     procs = [subprocess.Popen(c, preexec_fn=_default_signals) for c in cmds]
+    pending, t0 = dict(ready or {}), time.monotonic()
     try:
         while all(p.poll() is None for p in procs):
+            for name, url in list(pending.items()):
+                if answers(url, timeout=1.0):
+                    click.echo(f"{name} is up ({time.monotonic() - t0:.0f} s)")
+                    sys.stdout.flush()  # a log file is block-buffered
+                    del pending[name]
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass

@@ -10,10 +10,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from grouplora.orchestration.servers import free_port, wait_http
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,27 +23,6 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 CHAIN = ["dataset", "gradient_features", "subset_estimates", "subset_affinity", "task_partition", "adapter", "ensemble"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"`grouplora ui` exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"{url} did not answer within {timeout:.0f}s")
 
 
 def page_text_with(page, names: list[str], timeout: float) -> str:
@@ -88,8 +68,8 @@ def test_ui_shows_the_asset_chain_and_the_champion(project):
                           cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     dagster_url, mlflow_url = f"http://127.0.0.1:{dagster_port}", f"http://127.0.0.1:{mlflow_port}"
     try:
-        wait_http(f"{dagster_url}/server_info", 180, ui)
-        wait_http(f"{mlflow_url}/health", 120, ui)
+        wait_http(f"{dagster_url}/server_info", 180, [ui])
+        wait_http(f"{mlflow_url}/health", 120, [ui])
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             try:
@@ -136,6 +116,8 @@ def test_ui_shows_the_asset_chain_and_the_champion(project):
         log.close()
         shutil.copy(tmp_path / "ui.log", ARTIFACTS / "ui.log")
     assert code == 0, f"`grouplora ui` exited with {code}"
+    said = (tmp_path / "ui.log").read_text()  # it told the user when each server answered
+    assert "Dagster UI is up" in said and "MLflow UI is up" in said, said[-3000:]
     for port in (dagster_port, mlflow_port):  # both servers are gone
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers after shutdown"

@@ -8,10 +8,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -30,6 +28,7 @@ from grouplora.ml.ensemble import AdapterSpec, DatasetSpec, Ensemble, predict, r
 from grouplora.ml.model import label_token_ids, load_base_model, model_fingerprint  # noqa: E402
 from grouplora.ml.prompts import render  # noqa: E402
 from grouplora.ml.training import TrainConfig, TrainExample, train_adapter  # noqa: E402
+from grouplora.orchestration.servers import free_port, wait_http  # noqa: E402
 from grouplora.orchestration.registry import (ENSEMBLE_JSON, MODEL_CODE, load_for_prediction,  # noqa: E402
                                               log_ensemble, promote)
 from grouplora.registry_cli import predict as predict_cmd  # noqa: E402
@@ -267,12 +266,6 @@ def test_predict_from_a_fresh_interpreter(registry, tmp_path):
 # ------------------------------------------------------------------------------------------- serving
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, dict | str]:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -304,18 +297,10 @@ def server(registry):
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if http(url + "/ping", timeout=5)[0] == 200:
-                    break
-            except OSError:  # not listening yet
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"no answer on {url}/ping after 300 s:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
+        try:
+            wait_http(url + "/ping", 300, [proc])
+        except (RuntimeError, TimeoutError) as e:
+            pytest.fail(f"{e}:\n{log.read_text()[-3000:]}")
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

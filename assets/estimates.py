@@ -61,19 +61,20 @@ def subset_estimates(context: dg.AssetExecutionContext, store: ArtifactStore, wa
 
 def verify_forward(store: ArtifactStore, base_model: BaseModelResource, settings: GradientSettings,
                    subsets: list[tuple[int, Subset]], W: np.ndarray, feature_settings: dict) -> pd.DataFrame:
-    """Re-score a few subsets' member datasets with the real model at θ0 + P w (mode 'forward')."""
-    model, tokenizer = base_model.with_lora(settings)
-    projection = Projection.for_model(model, d=settings.d, seed=settings.seed)
-    if projection.checksum() != feature_settings["projection_checksum"]:
-        raise dg.Failure("the projection differs from the one the features were taken with; re-materialize them")
+    """Re-score a few subsets' member datasets with the real model at θ0 + P w (mode 'forward'). θ0's LoRA goes on
+    the process-wide cached base for the block and comes off again (no copy of the model)."""
     rows = []
-    for k, subset in subsets:
-        for name in subset.members:
-            df = store.rows(name, FOLD_SELECT)  # the rows the estimates were scored on
-            card = store.card(name)
-            out = forward_scores(model, tokenizer, projection, W[k], df["prompt"].tolist(), df["label_id"].tolist(),
-                                 label_token_ids(tokenizer, card["label_words"]), batch_size=base_model.batch_size,
-                                 max_length=base_model.max_length)
-            rows.append({"subset_id": subset.id, "members": list(subset.members), "kind": subset.kind,
-                         "dataset": name, "in_subset": True, **out, "mode": "forward"})
+    with base_model.lora(settings) as (model, tokenizer):
+        projection = Projection.for_model(model, d=settings.d, seed=settings.seed)
+        if projection.checksum() != feature_settings["projection_checksum"]:
+            raise dg.Failure("the projection differs from the one the features were taken with; re-materialize them")
+        for k, subset in subsets:
+            for name in subset.members:
+                df = store.rows(name, FOLD_SELECT)  # the rows the estimates were scored on
+                card = store.card(name)
+                out = forward_scores(model, tokenizer, projection, W[k], df["prompt"].tolist(),
+                                     df["label_id"].tolist(), label_token_ids(tokenizer, card["label_words"]),
+                                     batch_size=base_model.batch_size, max_length=base_model.max_length)
+                rows.append({"subset_id": subset.id, "members": list(subset.members), "kind": subset.kind,
+                             "dataset": name, "in_subset": True, **out, "mode": "forward"})
     return pd.DataFrame(rows)

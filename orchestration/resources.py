@@ -7,7 +7,6 @@ Definitions once can run projects with other GROUPLORA_* settings (tests do).
 """
 
 
-import copy
 import os
 import random
 import time
@@ -167,24 +166,12 @@ class BaseModelResource(dg.ConfigurableResource):
         """The tokenizer alone (a CPU step needs no weights)."""
         return _load_tokenizer(self.model_name())
 
-    def with_lora(self, gradient_settings: GradientSettings, init_adapter: str | None = None) -> tuple[Any, Any]:
-        """θ0: a private copy of the base model with fresh LoRA (B = 0) or a saved adapter: `init_adapter` when
-        given, else gradient_settings.init_adapter (e.g. the meta-initialization)."""
-        from grouplora.ml.lora import add_lora, load_adapter
-
-        model, tokenizer = self.load()
-        model = copy.deepcopy(model)  # peft edits the model in place; the process-wide cached base stays clean
-        init = init_adapter or gradient_settings.init_adapter
-        if init:
-            return load_adapter(model, init), tokenizer
-        s = gradient_settings
-        return add_lora(model, r=s.lora_r, alpha=s.lora_alpha, target_modules=s.modules(), seed=s.seed), tokenizer
-
     @contextmanager
     def lora(self, gradient_settings: GradientSettings, init_adapter: str | None = None) -> Iterator[tuple[Any, Any]]:
-        """(θ0, tokenizer) for the block: with_lora's model, but LoRA put on the process-wide cached base itself
-        (ml.lora.lora_on: no deep copy) and taken off again afterwards, so the next step in this process finds
-        the base as it was loaded."""
+        """(θ0, tokenizer) for the block: base + fresh LoRA (B = 0) or a saved adapter (`init_adapter` when given,
+        else gradient_settings.init_adapter, e.g. the meta-initialization), put on the process-wide cached base
+        itself (ml.lora.lora_on: no deep copy) and taken off again afterwards, so the next step in this process
+        finds the base as it was loaded."""
         from grouplora.ml.lora import lora_on
 
         model, tokenizer = self.load()

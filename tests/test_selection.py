@@ -185,8 +185,8 @@ def test_selection_through_dagster_and_the_cli(project, monkeypatch):
     # meta features: taken at that adapter, with the lora_A gradients (a fresh LoRA's projection has B only)
     side = json.loads((storage / "features_meta" / "reviews.json").read_text())
     assert side["include_a"] is True and side["theta0_fingerprint"] == record["fingerprint"]
-    fresh_model, _ = resources["base_model"].with_lora(resources["gradient_settings"])
-    fresh = Projection.for_model(fresh_model, d=side["d"], seed=side["seed"])
+    with resources["base_model"].lora(resources["gradient_settings"]) as (fresh_model, _):
+        fresh = Projection.for_model(fresh_model, d=side["d"], seed=side["seed"])
     assert side["matrices"] == 2 * len(fresh.names)
     assert side["projection_checksum"] != fresh.checksum()
     assert not (storage / "features").exists()  # the base features were not needed

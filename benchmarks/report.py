@@ -230,7 +230,7 @@ how far real subset fine-tunes move from θ* is what section 2 tests.
 """
 
 
-def fidelity_section(s: dict, old: dict, fig: Path, out: dict, results: Path) -> str:
+def fidelity_section(s: dict, old: dict, fig: Path, out: dict, results: Path, logs: Path) -> str:
     fd = s["fidelity"]
     p = pd.DataFrame(fd["pairs"])  # one row per (subset, member): the truth is the mean over seeds, test split
     td, bt = fd["truth_definition"], fd["by_truth"]
@@ -275,13 +275,20 @@ def fidelity_section(s: dict, old: dict, fig: Path, out: dict, results: Path) ->
     noise = {fold: {"mean_relative_difference_loss": v["mean_relative_error_loss"],
                     "median_relative_difference_loss": v["median_relative_error_loss"], "n_pairs": v["n_pairs"]}
              for fold, v in fd.get("truth_noise", {}).items()}
+    hard = hardest_share(logs, k=3)
+    top = sorted(hard.get("select", {}), key=lambda d: -hard["select"][d])[:4]
+    hard_md = ("" if not top else f" (the 3 hardest of a member's selection-fold examples carry "
+               + ", ".join(f"{hard['select'][d] * 100:.0f}%" for d in top) + f" of its loss on {', '.join(top)}; "
+               + ", ".join(f"{hard['test'][d] * 100:.0f}%" for d in top) + " of the test split's: "
+               f"`{logs.name}/truth_s*.npz`)")
+    out["fidelity_hardest3_share"] = hard
     noise_md = "" if not noise else f"""
 **How fine the truth is.** The seeds judged against each other (every ordered pair of seeds, the same measure the
 estimate is judged by) differ by **{noise['test']['mean_relative_difference_loss'] * 100:.1f}% mean /
 {noise['test']['median_relative_difference_loss'] * 100:.1f}% median on the test split** and by
 {noise['select']['mean_relative_difference_loss'] * 100:.1f}% / {noise['select']['median_relative_difference_loss'] * 100:.1f}%
-on the selection fold. A dataset's loss on ≈ {n_sel:.0f} selection-fold examples is carried by a few hard examples
-(intent, nyt_editorials and spam have mean losses near 0.2), so one fine-tune's truth there is as far from another seed's as
+on the selection fold. A dataset's loss on ≈ {n_sel:.0f} selection-fold examples can be carried by a few hard
+examples{hard_md}, so one fine-tune's truth there is as far from another seed's as
 the estimate is from either; on ≈ {n_test:.0f} test examples the seeds agree
 {'far more closely' if noise['test']['mean_relative_difference_loss'] < 0.7 * noise['select']['mean_relative_difference_loss'] else 'about as closely'},
 and the estimate's error is {bt['test/mean']['mean_relative_error_loss'] * 100:.1f}% against their mean
@@ -771,6 +778,23 @@ def fold_note(results: Path) -> str:
             f"`results/fold_check_cpu.json`)")
 
 
+def hardest_share(folder: Path, k: int = 3) -> dict[str, dict[str, float]]:
+    """{fold: {dataset: share of a member's loss its k hardest examples carry}}, averaged over the fidelity runs
+    (every subset and seed) from the per-example cross-entropies suite.py stores (truth_s<seed>.npz); {} if none."""
+    shares: dict[tuple[str, str], list[float]] = {}
+    for path in sorted(folder.glob("truth_s*.npz")):
+        z = np.load(path)
+        for key in z.files:
+            _, dataset, fold = key.split("/")
+            ce = np.sort(z[key])[::-1]
+            if ce.sum() > 0:
+                shares.setdefault((fold, dataset), []).append(float(ce[:k].sum() / ce.sum()))
+    out: dict[str, dict[str, float]] = {}
+    for (fold, dataset), v in sorted(shares.items()):
+        out.setdefault(fold, {})[dataset] = float(np.mean(v))
+    return out
+
+
 def feature_dim_part(s: dict) -> tuple[list[dict], str]:
     """The same real fine-tunes scored with features of other projection dimensions (suite.py feature_dim)."""
     fdim = s.get("feature_dim")
@@ -937,7 +961,7 @@ def render(suite: Path, results: Path, out_dir: Path) -> dict:
     fig = out_dir / "report"
     fig.mkdir(parents=True, exist_ok=True)
     summary: dict = {}
-    md = [header(s, summary), approx_section(s, fig, summary), fidelity_section(s, old, fig, summary, results),
+    md = [header(s, summary), approx_section(s, fig, summary), fidelity_section(s, old, fig, summary, results, suite.with_suffix('')),
           affinity_section(s, fig, summary), methods_section(s, fig, summary), memory_section(results, summary),
           selection_section(sel, fig, summary, sel_src) if seeds_of(sel, "selection") else "",
           speed_section(results, s, summary), positive_control_section(results, fig, summary),

@@ -266,7 +266,7 @@ def stage_truth(r: Runner, meta: Path, seed: int) -> dict:
     from θ* (the recipe's run, no checkpoint choice), each member scored on its selection fold (the rows the
     features' validation side holds) and on its test split. Per-example cross-entropies go to truth_s<seed>.npz
     (keys <subset id>/<dataset>/<fold>), so other estimators can be judged later without a GPU."""
-    cal, ev = fidelity_subsets(r.by_name, r.args)
+    cal, ev = fidelity_subsets(list(r.by_name), r.args)
     arrays, runs = {}, {}
     for i, s in enumerate([*cal, *ev]):
         data = [r.by_name[m] for m in s.members]
@@ -356,8 +356,7 @@ def stage_fidelity(r: Runner, feats: FeatureSet, cal: dict, truths: dict[int, di
             "pairs": pairs["test"].to_dict(orient="records"), "pairs_select": pairs["select"].to_dict(orient="records"),
             "truths": truth, "eval_subsets": [list(s.members) for s in ev],
             "calibration_subsets": [list(s.members) for s in cal_subsets], "n_subsets": len(ev),
-            "finetune_s": ft, "finetune_s_note": "one seed's fine-tunes of the eval subsets (mean over seeds; the "
-            "seeds ran as parallel processes on one GPU)", "extract_s": feat_s, "estimate_s": est_s,
+            "finetune_s": ft, "finetune_s_note": "one seed's fine-tunes of the eval subsets (the mean over the seeds)", "extract_s": feat_s, "estimate_s": est_s,
             "speedup": ft / (feat_s + est_s), "converged": conv,
             "theta0": "meta-initialization (one adapter on all datasets, seed 0); real fine-tunes start from it"}
 
@@ -367,7 +366,7 @@ def stage_feature_dim(r: Runner, meta: Path, cal: dict, fid: dict) -> dict:
     seeds, selection fold) scored again with features of other projection dimensions (--sweep-d) at the same θ*:
     per d, λ chosen on the calibration subsets and the eval error there. Only reported: the affinity keeps --d."""
     a = r.args
-    cal_subsets, ev = fidelity_subsets(r.by_name, a)
+    cal_subsets, ev = fidelity_subsets(list(r.by_name), a)
     out = []
     for d in a.sweep_d:
         feats, secs = extract(r.model, r.tok, r.data, r.config(0), argparse.Namespace(**{**vars(a), "d": d}),

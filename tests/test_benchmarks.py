@@ -4,6 +4,7 @@ folder: every stage runs, a rerun resumes from the cached stages, and the result
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -91,7 +92,12 @@ def test_suite_runs_every_stage_and_resumes(tmp_path, capsys, make_folder):
     assert json.loads((tmp_path / "suite.json").read_text())["complete"]
     # the report renders from that JSON: every section, its pictures, and numbers recomputed from the rows
     import report
+    (tmp_path / "suite").mkdir()  # the per-example truths beside the suite JSON, as results/suite_cuda/ holds them
+    for f in (tmp_path / "work").glob("truth_s*.npz"):
+        shutil.copy(f, tmp_path / "suite" / f.name)
     summary = report.main(["--suite", str(tmp_path / "suite.json"), "--out", str(tmp_path / "report")])
+    hard = summary["fidelity_hardest3_share"]
+    assert set(hard) == {"select", "test"} and all(0 < v <= 1 for by in hard.values() for v in by.values())
     text = (tmp_path / "report" / "REPORT.md").read_text()
     for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## Where we differ"):
         assert heading in text

@@ -8,7 +8,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
-import urllib.error
 import urllib.request
 from typing import Sequence
 
@@ -25,7 +24,7 @@ def answers(url: str, timeout: float = 5.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.status == 200
-    except (OSError, urllib.error.HTTPError):
+    except OSError:  # refused, reset, timed out, or an HTTP error status (HTTPError is an OSError)
         return False
 
 

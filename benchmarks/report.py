@@ -931,10 +931,10 @@ def reproduce(s: dict) -> str:
 # render this report from the committed JSONs (CPU, seconds)
 .venv/bin/python benchmarks/report.py
 # the GPU run (about {out_minutes(s)} min of stages on one {gpu}), through the device tool after the park calls
-# (benchmarks/README.md, "The GPU run"): the shared stages, then the seeds as parallel processes (+ fidelity, approx,
+# (benchmarks/README.md, "The GPU run"): the shared stages, then the seeds as parallel processes (+ approx,
 # stability in a fourth); suite_cuda.json comes back in the call's files
 LIMIT=200 bash benchmarks/gpu/remote.sh run --only approx
-LIMIT=330 bash benchmarks/gpu/remote.sh suite3 --sweep-d 400 800    # and again (LIMIT=470) until every seed is done
+LIMIT=330 bash benchmarks/gpu/remote.sh suite3    # and again (LIMIT=470) until every seed is done
 # the committed fidelity (session 6, a fresh machine with the shared stages parked): the truth's three training seeds
 # as parallel processes, then the features of the test split, the fidelity and the feature-dimension sweep; and the
 # selection stage's seeds; merged into suite_cuda.json with benchmarks/merge_stages.py (see its provenance)
